@@ -20,6 +20,22 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "text-classification": ("tests.tiny_models.text", "build_text_classification"),
     "text-generation": ("tests.tiny_models.text", "build_text_generation"),
     "feature-extraction": ("tests.tiny_models.text", "build_feature_extraction"),
+    "token-classification": ("tests.tiny_models.text", "build_token_classification"),
+    "fill-mask": ("tests.tiny_models.text", "build_fill_mask"),
+    "zero-shot-classification": ("tests.tiny_models.text", "build_zero_shot"),
+    "summarization": ("tests.tiny_models.text", "build_summarization"),
+    "question-answering": ("tests.tiny_models.text", "build_question_answering"),
+    "image-classification": ("tests.tiny_models.vision", "build_image_classification"),
+    "image-feature-extraction": ("tests.tiny_models.vision", "build_image_feature_extraction"),
+    "zero-shot-image-classification": ("tests.tiny_models.vision", "build_zero_shot_image_classification"),
+    "object-detection": ("tests.tiny_models.vision", "build_object_detection"),
+    "image-segmentation": ("tests.tiny_models.vision", "build_image_segmentation"),
+    "depth-estimation": ("tests.tiny_models.vision", "build_depth_estimation"),
+    "vqa-vilt": ("tests.tiny_models.vision", "build_vqa_vilt"),
+    "vqa-blip": ("tests.tiny_models.vision", "build_vqa_blip"),
+    "asr-ctc": ("tests.tiny_models.audio", "build_asr_ctc"),
+    "asr-whisper": ("tests.tiny_models.audio", "build_asr_whisper"),
+    "audio-classification": ("tests.tiny_models.audio", "build_audio_classification"),
 }
 
 KINDS = tuple(sorted(_BUILDERS))
