@@ -1,0 +1,128 @@
+"""Pydantic models of the fleet configuration (``config/fleet.toml``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class Limits(BaseModel):
+    """Caps on what one job may ask; enforced by the client and again by the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_inputs_per_job: int = Field(default=100_000, gt=0)
+    max_payload_bytes: int = Field(default=64 * 2**20, gt=0)
+    max_input_chars: int = Field(default=1_000_000, gt=0)
+    max_new_tokens: int = Field(default=2048, gt=0)
+    max_num_return_sequences: int = Field(default=16, gt=0)
+    max_top_k: int = Field(default=1000, gt=0)
+    claim_check_bytes: int = Field(default=256 * 1024, gt=0)
+    """Inputs bigger than this are stored once in Redis and referenced (claim check)."""
+    payload_ttl_s: int = Field(default=86_400, gt=0)
+
+
+class MediaSettings(BaseModel):
+    """Where image and audio inputs may come from, and how big they may be."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allow_private_hosts: list[str] = Field(default_factory=list)
+    data_root: Path | None = None
+    max_bytes: int = Field(default=20 * 2**20, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_audio_seconds: float = Field(default=4 * 3600.0, gt=0)
+
+
+class FlowerSettings(BaseModel):
+    """Flower's address and basic-auth credentials (``user:password`` pairs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str = "127.0.0.1"
+    port: int = 5555
+    basic_auth: list[str] = Field(default_factory=list)
+
+
+class Deployment(BaseModel):
+    """One pipeline (task + model) behind one Celery queue.
+
+    Construction options map one-to-one onto ``transformers.pipeline(...)``:
+    ``device``, ``device_map``, ``dtype``, ``batch_size``, ``model_kwargs``
+    (a ``quantization_config`` table becomes a ``BitsAndBytesConfig``),
+    ``pipeline_kwargs`` and ``trust_remote_code``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    task: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    device: int | Literal["cpu", "cuda", "mps"] | None = None
+    device_map: str | dict[str, Any] | None = None
+    dtype: str | None = None
+    batch_size: int | None = Field(default=None, gt=0)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pipeline_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_remote_code: bool = False
+    max_batch_size: int = Field(default=32, gt=0, le=4096)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
+    chunk_size: int | None = Field(default=None, gt=0)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    warmup: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}")
+        return value
+
+
+class FleetConfig(BaseModel):
+    """The whole fleet: broker, result store, deployments, limits and security."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    result_ttl_s: int = Field(default=86_400, gt=0)
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+    worker_metrics_port: int | None = None
+    log_json: bool = False
+    limits: Limits = Field(default_factory=Limits)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    deployments: list[Deployment] = Field(default_factory=list)
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "FleetConfig":
+        names = [d.name for d in self.deployments]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def deployment(self, name: str) -> Deployment:
+        """The deployment called ``name``; raises KeyError listing the known ones."""
+        for deployment in self.deployments:
+            if deployment.name == name:
+                return deployment
+        raise KeyError(f"no deployment {name!r}; configured: {', '.join(d.name for d in self.deployments)}")

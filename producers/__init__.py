@@ -1,0 +1,33 @@
+"""pipefleet's client library: what web backends import. Never imports torch or transformers."""
+
+from producers.client import FleetClient
+from producers.errors import (ChunkFailed, ConfigError, FleetUnavailable, InvalidInput, InvalidParams, JobCancelled,
+                              JobError, JobRejected, JobTimeout, MediaError, OutOfMemory, PayloadTooLarge,
+                              PipefleetError, UnknownDeployment)
+from producers.job import Job
+from producers.pipeline import FleetPipeline, pipeline
+from producers.schemas import DeploymentInfo, JobState, JobStatus
+
+__all__ = [
+    "ChunkFailed",
+    "ConfigError",
+    "DeploymentInfo",
+    "FleetClient",
+    "FleetPipeline",
+    "FleetUnavailable",
+    "InvalidInput",
+    "InvalidParams",
+    "Job",
+    "JobCancelled",
+    "JobError",
+    "JobRejected",
+    "JobState",
+    "JobStatus",
+    "JobTimeout",
+    "MediaError",
+    "OutOfMemory",
+    "PayloadTooLarge",
+    "PipefleetError",
+    "UnknownDeployment",
+    "pipeline",
+]

@@ -1,0 +1,56 @@
+"""Names shared by producers, tasks and workers: Redis keys, queues, task names, defaults."""
+
+from __future__ import annotations
+
+KEY_PREFIX = "pipefleet"
+"""Prefix of every Redis key pipefleet writes itself (Celery's own keys keep theirs)."""
+
+AD_KEY_PREFIX = f"{KEY_PREFIX}:ad:"
+"""``pipefleet:ad:<deployment>:<worker>``: one deployment advertisement, with a TTL."""
+
+PROGRESS_KEY_PREFIX = f"{KEY_PREFIX}:progress:"
+"""``pipefleet:progress:<job_id>``: items done so far (INCRBY), for chunked jobs."""
+
+JOB_KEY_PREFIX = f"{KEY_PREFIX}:job:"
+"""``pipefleet:job:<job_id>``: the record of a chunked job (total, chunk ids)."""
+
+CANCEL_KEY_PREFIX = f"{KEY_PREFIX}:cancel:"
+"""``pipefleet:cancel:<job_id>``: set when a job is cancelled; workers skip it."""
+
+PAYLOAD_KEY_PREFIX = f"{KEY_PREFIX}:payload:"
+"""``pipefleet:payload:<uuid>``: a large input stored once (claim check)."""
+
+QUEUE_PREFIX = "pipefleet."
+"""Each deployment consumes the Celery queue ``pipefleet.<deployment>``."""
+
+INFER_TASK = "pipefleet.infer"
+"""Celery name of the task that runs one job (or one chunk) on a deployment."""
+
+ASSEMBLE_TASK = "pipefleet.assemble"
+"""Celery name of the chord callback that puts a chunked job's result together."""
+
+SPLIT_TASK = "pipefleet.split"
+"""Celery name of the task that splits one long input (audio) into windows."""
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+"""Broker used when neither config nor environment name one."""
+
+DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
+"""Result backend used when neither config nor environment name one."""
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""How often a worker refreshes its advertisements."""
+
+HEARTBEAT_TTL_S = 15
+"""Advertisements expire this long after the last heartbeat (dead workers vanish)."""
+
+PRIORITY_STEPS = (0, 3, 6, 9)
+"""Redis priority sub-queues; 0 is the most urgent, as in Celery's Redis transport."""
+
+DEFAULT_PRIORITY = 6
+"""Priority of a job that does not ask for one; interactive jobs can overtake it."""
+
+
+def queue_name(deployment: str) -> str:
+    """The Celery queue a deployment consumes."""
+    return f"{QUEUE_PREFIX}{deployment}"

@@ -1,0 +1,113 @@
+"""Find live deployments from what workers advertise in Redis."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from producers.constants import AD_KEY_PREFIX
+from producers.errors import UnknownDeployment
+from producers.schemas import DeploymentAd, DeploymentInfo
+
+logger = logging.getLogger(__name__)
+
+
+def read_ads(redis: Any) -> list[DeploymentAd]:
+    """Every live advertisement (one per deployment per worker)."""
+    keys = list(redis.scan_iter(match=f"{AD_KEY_PREFIX}*", count=1000))
+    if not keys:
+        return []
+    ads = []
+    for raw in redis.mget(keys):
+        if raw is None:
+            continue
+        try:
+            ads.append(DeploymentAd.model_validate_json(raw))
+        except ValidationError as error:
+            logger.warning("ignoring a malformed advertisement: %s", error)
+    return ads
+
+
+def group_ads(ads: list[DeploymentAd]) -> list[DeploymentInfo]:
+    """One :class:`DeploymentInfo` per deployment name, listing its workers."""
+    by_name: dict[str, list[DeploymentAd]] = {}
+    for ad in ads:
+        by_name.setdefault(ad.name, []).append(ad)
+    infos = []
+    for name, group in sorted(by_name.items()):
+        first = max(group, key=lambda ad: ad.heartbeat_at)
+        infos.append(DeploymentInfo(
+            name=name, task=first.task, model=first.model, revision=first.revision, queue=first.queue,
+            workers=sorted(ad.worker for ad in group), devices=sorted({ad.device for ad in group}),
+            max_batch_size=first.max_batch_size, chunk_size=first.chunk_size,
+            max_inputs_per_job=first.max_inputs_per_job, max_payload_bytes=first.max_payload_bytes,
+            claim_check_bytes=first.claim_check_bytes, payload_ttl_s=first.payload_ttl_s,
+        ))
+    return infos
+
+
+def _describe(infos: list[DeploymentInfo]) -> str:
+    if not infos:
+        return "no deployment is live (is a worker running against this broker?)"
+    return "live deployments: " + "; ".join(f"{i.name} ({i.task}, {i.model})" for i in infos)
+
+
+def match_deployment(infos: list[DeploymentInfo], *, task: str | None, model: str | None,
+                     deployment: str | None, revision: str | None = None) -> DeploymentInfo:
+    """The deployment a request names; raises :class:`UnknownDeployment` listing the live ones."""
+    if deployment is not None:
+        candidates = [i for i in infos if i.name == deployment]
+    else:
+        if task is None and model is None:
+            raise UnknownDeployment("name a deployment, or a task and a model; " + _describe(infos))
+        candidates = [i for i in infos
+                      if (task is None or _same_task(i.task, task)) and (model is None or i.model == model)]
+    if revision is not None:
+        candidates = [i for i in candidates if i.revision == revision]
+    if task is not None and deployment is not None:
+        candidates = [i for i in candidates if _same_task(i.task, task)]
+    if model is not None and deployment is not None:
+        candidates = [i for i in candidates if i.model == model]
+    if not candidates:
+        wanted = ", ".join(f"{k}={v!r}" for k, v in
+                           (("deployment", deployment), ("task", task), ("model", model), ("revision", revision))
+                           if v is not None)
+        raise UnknownDeployment(f"no live deployment serves {wanted}; {_describe(infos)}")
+    if len(candidates) > 1:
+        raise UnknownDeployment(
+            f"several deployments match ({', '.join(c.name for c in candidates)}); pass deployment=<name>")
+    return candidates[0]
+
+
+_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
+
+
+def _same_task(served: str, asked: str) -> bool:
+    return _ALIASES.get(served, served) == _ALIASES.get(asked, asked)
+
+
+class DeploymentCache:
+    """Advertisements read at most once per ``ttl_s``, re-read on a miss."""
+
+    def __init__(self, redis: Any, ttl_s: float = 2.0) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._infos: list[DeploymentInfo] = []
+        self._read_at = float("-inf")
+
+    def get(self, *, fresh: bool = False) -> list[DeploymentInfo]:
+        """The live deployments, from cache unless stale or ``fresh``."""
+        if fresh or time.monotonic() - self._read_at > self.ttl_s:
+            self._infos = group_ads(read_ads(self.redis))
+            self._read_at = time.monotonic()
+        return self._infos
+
+    def match(self, **request: Any) -> DeploymentInfo:
+        """Resolve a request, re-reading Redis once before giving up."""
+        try:
+            return match_deployment(self.get(), **request)
+        except UnknownDeployment:
+            return match_deployment(self.get(fresh=True), **request)

@@ -1,0 +1,131 @@
+"""A handle on one submitted job: status, result, cancel, and their async twins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from producers.codec import decode_output
+from producers.constants import CANCEL_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
+from producers.errors import ERRORS_BY_NAME, JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.schemas import JobState, JobStatus
+
+if TYPE_CHECKING:
+    from producers.client import FleetClient
+
+_CELERY_TO_STATE = {
+    "PENDING": JobState.PENDING,
+    "RECEIVED": JobState.PENDING,
+    "STARTED": JobState.RUNNING,
+    "PROGRESS": JobState.RUNNING,
+    "RETRY": JobState.RUNNING,
+    "SUCCESS": JobState.SUCCESS,
+    "FAILURE": JobState.FAILURE,
+    "REVOKED": JobState.CANCELLED,
+}
+
+
+def error_from_meta(result: Any) -> PipefleetError:
+    """The pipefleet error a failed task's stored exception stands for."""
+    if isinstance(result, PipefleetError):
+        return result
+    if isinstance(result, BaseException):
+        name = type(result).__name__
+        message = str(result.args[0]) if len(result.args) == 1 else str(result)
+        if name in ERRORS_BY_NAME:
+            return ERRORS_BY_NAME[name](message)
+        if name in ("TaskRevokedError", "Terminated"):
+            return JobCancelled(message or "the job was cancelled")
+        return JobError(f"{name}: {message}")
+    if isinstance(result, dict) and "exc_type" in result:
+        cls = ERRORS_BY_NAME.get(result["exc_type"], JobError)
+        message = result.get("exc_message")
+        message = message[0] if isinstance(message, list) and len(message) == 1 else message
+        return cls(str(message))
+    return JobError(str(result))
+
+
+class Job:
+    """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
+
+    def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self._total = total
+        self._chunked = chunked
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def _record(self) -> dict[str, Any] | None:
+        raw = self.client.redis.get(f"{JOB_KEY_PREFIX}{self.id}")
+        return json.loads(raw) if raw else None
+
+    def status(self) -> JobStatus:
+        """State, progress (``done``/``total`` items) and the error if it failed."""
+        meta = self.client.celery.backend.get_task_meta(self.id)
+        state = _CELERY_TO_STATE.get(meta.get("status"), JobState.PENDING)
+        total, done = self._total, 0
+        record = self._record() if self._chunked is not False else None
+        if record is not None:
+            total = record.get("total", total)
+            done = int(self.client.redis.get(f"{PROGRESS_KEY_PREFIX}{self.id}") or 0)
+            if state is JobState.PENDING and done:
+                state = JobState.RUNNING
+            if state is JobState.PENDING and self.client.redis.exists(f"{CANCEL_KEY_PREFIX}{self.id}"):
+                state = JobState.CANCELLED
+        result = meta.get("result")
+        if state is JobState.RUNNING and isinstance(result, dict) and "done" in result:
+            done, total = result["done"], result.get("total", total)
+        error = error_type = None
+        if state is JobState.SUCCESS:
+            if isinstance(result, dict):
+                total = total or result.get("n_items", 0)
+            done = total
+        elif state in (JobState.FAILURE, JobState.CANCELLED):
+            exc = error_from_meta(result) if state is JobState.FAILURE else JobCancelled("the job was cancelled")
+            error, error_type = str(exc), type(exc).__name__
+        return JobStatus(job_id=self.id, state=state, done=done, total=total, error=error, error_type=error_type)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the output; raises the worker's error, or JobTimeout after ``timeout`` seconds."""
+        async_result = self.client.celery.AsyncResult(self.id)
+        try:
+            value = async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            raise JobTimeout(f"job {self.id} did not finish within {timeout} s") from None
+        state = async_result.state
+        if state == "SUCCESS":
+            return decode_output(value["outputs"] if isinstance(value, dict) and "outputs" in value else value)
+        if state == "REVOKED":
+            raise JobCancelled(f"job {self.id} was cancelled")
+        raise error_from_meta(value)
+
+    def cancel(self) -> None:
+        """Cancel the job: queued parts never run, parts waiting in a batcher are skipped."""
+        self.client._cancel(self.id)
+
+    def wait_until(self, predicate, *, timeout: float = 10.0, interval: float = 0.05) -> JobStatus:
+        """Poll :meth:`status` until ``predicate(status)`` holds; returns the last status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status) or time.monotonic() > deadline:
+                return status
+            time.sleep(interval)
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """Async :meth:`result` for asyncio backends."""
+        return await asyncio.to_thread(self.result, timeout)
+
+    async def astatus(self) -> JobStatus:
+        """Async :meth:`status`."""
+        return await asyncio.to_thread(self.status)
+
+    async def acancel(self) -> None:
+        """Async :meth:`cancel`."""
+        await asyncio.to_thread(self.cancel)

@@ -1,0 +1,94 @@
+"""``producers.pipeline(...)``: a stand-in for ``transformers.pipeline`` that runs on the fleet.
+
+    pipe = pipeline("text-classification", model="distilbert/...")
+    pipe("I love this")                       # same output as in-process
+    pipe(["good", "bad"], batch_size=2)
+    for out in pipe(texts_generator()): ...  # streamed, bounded in flight
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Iterable, Iterator
+
+from producers.client import FleetClient
+from producers.job import Job
+
+DEFAULT_TIMEOUT_S = 600.0
+"""How long a blocking call waits for its result by default."""
+
+
+def _is_stream(inputs: Any) -> bool:
+    if isinstance(inputs, (types.GeneratorType, Iterator)):
+        return True
+    kind = type(inputs)
+    return kind.__module__.startswith("datasets") or kind.__name__ in ("KeyDataset", "Dataset", "IterableDataset")
+
+
+class FleetPipeline:
+    """Called like a transformers Pipeline; every call is a job on the fleet."""
+
+    def __init__(self, task: str | None = None, model: str | None = None, *, client: FleetClient | None = None,
+                 deployment: str | None = None, revision: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 **default_params: Any) -> None:
+        self.client = client or FleetClient.from_env()
+        self.info = self.client.resolve(task=task, model=model, deployment=deployment, revision=revision)
+        self.task = self.info.task
+        self.model = model or self.info.model
+        self.revision = revision
+        self.timeout_s = timeout_s
+        self.default_params = default_params
+
+    def __repr__(self) -> str:
+        return f"FleetPipeline(task={self.task!r}, deployment={self.info.name!r})"
+
+    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
+        merged = {**self.default_params, **params}
+        for local_only in ("batch_size", "num_workers"):
+            merged.pop(local_only, None)
+        return merged
+
+    @staticmethod
+    def _gather_kwargs_input(inputs: Any, params: dict[str, Any], task: str) -> Any:
+        # In-process pipelines also accept their input as keywords (QA: question=, context=; VQA: image=, question=).
+        if inputs is not None:
+            return inputs
+        keys = {"question-answering": ("question", "context"), "visual-question-answering": ("image", "question"),
+                "document-question-answering": ("image", "question")}.get(task, ())
+        if keys and all(k in params for k in keys):
+            values = [params.pop(k) for k in keys]
+            if isinstance(values[0], list):
+                return [dict(zip(keys, row)) for row in zip(*values)]
+            return dict(zip(keys, values))
+        raise TypeError(f"{task} pipeline needs inputs")
+
+    def submit(self, inputs: Any = None, *, priority: int | None = None, timeout_s: float | None = None,
+               chunk_size: int | None = None, partial: bool = False, **params: Any) -> Job:
+        """Enqueue one call without waiting; returns its :class:`Job`."""
+        inputs = self._gather_kwargs_input(inputs, params, self.task)
+        return self.client.submit(inputs=inputs, params=self._params(params), deployment=self.info.name,
+                                  model=self.model, revision=self.revision, priority=priority, timeout_s=timeout_s,
+                                  chunk_size=chunk_size, partial=partial)
+
+    def __call__(self, inputs: Any = None, *args: Any, batch_size: int | None = None, **params: Any) -> Any:
+        """Run ``inputs`` on the fleet and return what ``transformers.pipeline`` would."""
+        if args:  # positional extras, e.g. zero-shot's candidate_labels
+            if self.task == "zero-shot-classification" and "candidate_labels" not in params:
+                params["candidate_labels"] = args[0]
+            else:
+                raise TypeError(f"unexpected positional arguments {args!r}")
+        if inputs is not None and _is_stream(inputs):
+            return self.client.map(inputs, deployment=self.info.name, params=self._params(params),
+                                   chunk_size=batch_size or None)
+        job = self.submit(inputs, **params)
+        return job.result(timeout=self.timeout_s)
+
+    def map(self, iterable: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
+        """Stream ``iterable`` through the fleet; see :meth:`FleetClient.map`."""
+        return self.client.map(iterable, deployment=self.info.name, **kwargs)
+
+
+def pipeline(task: str | None = None, model: str | None = None, *, client: FleetClient | None = None,
+             **kwargs: Any) -> FleetPipeline:
+    """Like ``transformers.pipeline(task, model=...)``, but every call runs on the fleet."""
+    return FleetPipeline(task, model, client=client, **kwargs)

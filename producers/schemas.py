@@ -1,0 +1,137 @@
+"""Typed messages that cross a process boundary: job specs, results, advertisements.
+
+Each model is validated once where it enters a process (the client before it
+enqueues, the worker when a message arrives) and travels as plain JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands, as ``job.status().state`` reports it."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
+
+
+class PayloadRef(BaseModel):
+    """A claim check: inputs stored once in Redis, referenced by key and slice."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    start: int = 0
+    stop: int | None = None
+
+
+class JobSpec(BaseModel):
+    """What a job asks a deployment to do; the body of every ``infer`` message.
+
+    ``inputs`` is a list of JSON inputs, or a :class:`PayloadRef` to them.
+    ``single`` records whether the caller passed one input (not a list), so the
+    result has the same shape as the in-process call.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: str = Field(min_length=1, max_length=200)
+    inputs: list[Any] | PayloadRef
+    params: dict[str, Any] = Field(default_factory=dict)
+    single: bool = False
+    job_id: str | None = None
+    chunk_index: int | None = None
+    offset: int = 0
+    partial: bool = False
+    deadline_ts: float | None = None
+    model: str | None = None
+    revision: str | None = None
+
+
+class ItemError(BaseModel):
+    """One item's failure, returned in place when a job asks for partial results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str
+    type: str
+    index: int
+
+
+class ResultEnvelope(BaseModel):
+    """What an ``infer`` task returns: outputs in input order, plus provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: Any
+    deployment: str
+    worker: str = ""
+    n_items: int = 0
+    offset: int = 0
+    chunk_index: int | None = None
+
+
+class DeploymentAd(BaseModel):
+    """A worker's advertisement of one deployment it serves, refreshed by heartbeat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    task: str
+    model: str
+    revision: str | None = None
+    worker: str
+    device: str
+    queue: str
+    max_batch_size: int = 1
+    chunk_size: int | None = None
+    max_inputs_per_job: int | None = None
+    max_payload_bytes: int | None = None
+    claim_check_bytes: int | None = None
+    payload_ttl_s: int = 86_400
+    pid: int = 0
+    in_flight: int = 0
+    pending_items: int = 0
+    started_at: float = Field(default_factory=time.time)
+    heartbeat_at: float = Field(default_factory=time.time)
+
+
+class DeploymentInfo(BaseModel):
+    """A live deployment as a client sees it: what it serves and which workers serve it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: str
+    model: str
+    revision: str | None = None
+    queue: str
+    workers: list[str]
+    devices: list[str]
+    max_batch_size: int = 1
+    chunk_size: int | None = None
+    max_inputs_per_job: int | None = None
+    max_payload_bytes: int | None = None
+    claim_check_bytes: int | None = None
+    payload_ttl_s: int = 86_400
+
+
+class JobStatus(BaseModel):
+    """A snapshot of one job: state, progress counts and the error if it failed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    state: JobState
+    done: int = 0
+    total: int = 0
+    error: str | None = None
+    error_type: str | None = None

@@ -1,0 +1,31 @@
+"""The Celery app shared by ``tasks/`` and ``worker/``, configured from the fleet config."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.models import FleetConfig
+from producers.celery_app import celery_settings
+
+app = Celery("pipefleet", set_as_current=True)
+"""The worker-side Celery app; tasks register on it, :func:`configure_app` sets it up."""
+
+
+def configure_app(config: FleetConfig) -> Celery:
+    """Apply the fleet's broker, result and reliability settings to :data:`app`."""
+    app.conf.update(celery_settings(
+        broker_url=config.broker_url,
+        result_backend=config.result_backend,
+        result_ttl_s=config.result_ttl_s,
+        visibility_timeout_s=config.visibility_timeout_s,
+    ))
+    app.conf.update(
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_track_started=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    import tasks.infer  # noqa: F401  (registers the tasks on the app)
+
+    return app

@@ -1,0 +1,3 @@
+"""The ``pipefleet worker`` process: deployments, batching, advertisement, metrics."""
+
+__all__: list[str] = []

@@ -1,0 +1,282 @@
+"""Dynamic batching: many jobs' items, one forward pass.
+
+Each job thread hands its items to its deployment's :class:`Batcher` and waits
+on one future per item. One :class:`DeviceRunner` thread per device runs the
+batches of every batcher on that device, so forward passes of deployments
+sharing a GPU never overlap.
+
+Flush rule, per group of items that share the same call params:
+
+1. flush ``max_batch_size`` items as soon as that many are pending;
+2. flush whatever is pending as soon as no further item is coming
+   (``more_coming()`` is false: every job this worker reserved has handed its
+   items over and the broker queue has nothing ready), so an idle fleet adds
+   no batching delay;
+3. otherwise flush when the oldest pending item has waited ``max_batch_wait_ms``.
+
+At least one item is always flushed. Items of cancelled or expired jobs are
+dropped before the forward pass. When a batched call raises, the batch is
+rerun one job at a time so only the guilty job fails; on out-of-memory the
+batch is halved, down to one item, before the job fails with
+:class:`~producers.errors.OutOfMemory`. The runner loop survives any error.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from producers.errors import JobCancelled, JobTimeout, OutOfMemory
+from worker.metrics import DeploymentMetrics
+
+logger = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[Any], dict[str, Any]], list[Any]]
+
+
+@dataclass(eq=False)
+class PendingItem:
+    """One input waiting for a forward pass, with the future its job waits on."""
+
+    job_id: str
+    index: int
+    payload: Any
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    partial: bool = False
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors, whatever wraps them."""
+    if isinstance(error, MemoryError):
+        return True
+    if type(error).__name__ == "OutOfMemoryError":
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+class Batcher:
+    """Pending items of one deployment, grouped by call params; see the module docstring."""
+
+    def __init__(self, name: str, run_batch: RunBatch, *, max_batch_size: int, max_batch_wait_ms: float,
+                 more_coming: Callable[[], bool] = lambda: False,
+                 is_cancelled: Callable[[str], bool] = lambda job_id: False,
+                 metrics: DeploymentMetrics | None = None) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_ms / 1000.0
+        self.more_coming = more_coming
+        self.is_cancelled = is_cancelled
+        self.metrics = metrics or DeploymentMetrics(name)
+        self._groups: "collections.OrderedDict[str, tuple[dict, collections.deque[PendingItem]]]" = (
+            collections.OrderedDict())
+        self._runner: DeviceRunner | None = None
+
+    def attach(self, runner: "DeviceRunner") -> None:
+        """Bind this batcher to the runner of its device."""
+        self._runner = runner
+
+    def submit(self, job_id: str, payloads: list[Any], params: dict[str, Any], *,
+               deadline: float | None = None, partial: bool = False) -> list[Future]:
+        """Queue a job's items; returns one future per item, in order."""
+        if self._runner is None:
+            raise RuntimeError(f"batcher {self.name} is not attached to a device runner")
+        items = [PendingItem(job_id, i, payload, deadline=deadline, partial=partial)
+                 for i, payload in enumerate(payloads)]
+        key = _params_key(params)
+        with self._runner.condition:
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = (dict(params), collections.deque())
+            group[1].extend(items)
+            self._runner.condition.notify()
+        return [item.future for item in items]
+
+    def pending_count(self) -> int:
+        """Items waiting for a forward pass (call with the runner's lock held or accept a race)."""
+        return sum(len(items) for _, items in self._groups.values())
+
+    def _oldest(self) -> tuple[float, str] | None:
+        oldest = None
+        for key, (_, items) in self._groups.items():
+            if items and (oldest is None or items[0].enqueued_at < oldest[0]):
+                oldest = (items[0].enqueued_at, key)
+        return oldest
+
+    def take_ready(self, now: float) -> tuple[tuple[dict, list[PendingItem]] | None, float | None]:
+        """Under the runner's lock: a batch ready to run, else when to look again."""
+        oldest = self._oldest()
+        if oldest is None:
+            return None, None
+        enqueued_at, key = oldest
+        params, items = self._groups[key]
+        full = len(items) >= self.max_batch_size
+        waited_out = now - enqueued_at >= self.max_batch_wait_s
+        if not (full or waited_out or not self.more_coming()):
+            return None, enqueued_at + self.max_batch_wait_s
+        batch = [items.popleft() for _ in range(min(len(items), self.max_batch_size))]
+        if not items:
+            del self._groups[key]
+        return (params, batch), None
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every pending item (used when the worker stops for good)."""
+        for _, items in self._groups.values():
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        self._groups.clear()
+
+    def execute(self, params: dict[str, Any], batch: list[PendingItem]) -> None:
+        """Run one batch with cancellation, isolation and OOM back-off; never raises."""
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():
+                continue
+            if self.is_cancelled(item.job_id):
+                item.future.set_exception(JobCancelled(f"job {item.job_id} was cancelled"))
+            elif item.deadline is not None and now > item.deadline:
+                item.future.set_exception(JobTimeout(f"job {item.job_id} passed its deadline before it ran"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        self.metrics.observe_queue_wait([now - item.enqueued_at for item in live])
+        self._run_isolated(params, live, first_size=len(live))
+
+    def _run_isolated(self, params: dict[str, Any], batch: list[PendingItem], *, first_size: int) -> None:
+        try:
+            self._run_with_backoff(params, batch, first_size=first_size)
+        except Exception as error:
+            jobs = list(dict.fromkeys(item.job_id for item in batch))
+            if len(jobs) > 1:
+                logger.info("deployment %s: batch of %d items from %d jobs failed (%s); rerunning job by job",
+                            self.name, len(batch), len(jobs), error)
+                for job_id in jobs:
+                    self._run_isolated(params, [i for i in batch if i.job_id == job_id], first_size=first_size)
+            elif len(batch) > 1 and batch[0].partial:
+                for item in batch:
+                    self._run_isolated(params, [item], first_size=first_size)
+            else:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+
+    def _run_with_backoff(self, params: dict[str, Any], batch: list[PendingItem], *, first_size: int) -> None:
+        try:
+            outputs = self._forward(params, batch)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self.metrics.oom_splits += 1
+            _release_cached_memory()
+            if len(batch) == 1:
+                raise OutOfMemory(
+                    f"out of memory on deployment {self.name} even at batch size 1 "
+                    f"(back-off started at batch size {first_size}): {error}"
+                ) from error
+            half = len(batch) // 2
+            logger.warning("deployment %s: out of memory at batch size %d; retrying as %d + %d",
+                           self.name, len(batch), half, len(batch) - half)
+            self._run_with_backoff(params, batch[:half], first_size=first_size)
+            self._run_with_backoff(params, batch[half:], first_size=first_size)
+            return
+        for item, output in zip(batch, outputs):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    def _forward(self, params: dict[str, Any], batch: list[PendingItem]) -> list[Any]:
+        started = time.perf_counter()
+        outputs = self.run_batch([item.payload for item in batch], params)
+        elapsed = time.perf_counter() - started
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"deployment {self.name}: the pipeline returned {len(outputs)} outputs "
+                               f"for {len(batch)} inputs")
+        self.metrics.observe_batch(len(batch), elapsed)
+        return outputs
+
+
+def _release_cached_memory() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class DeviceRunner:
+    """The one inference thread of a device: runs ready batches of its batchers in turn."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.condition = threading.Condition()
+        self.batchers: list[Batcher] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"pipefleet-device-{device}", daemon=True)
+
+    def add(self, batcher: Batcher) -> None:
+        """Serve ``batcher`` on this device."""
+        batcher.attach(self)
+        self.batchers.append(batcher)
+
+    def start(self) -> None:
+        """Start the inference thread."""
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Re-evaluate flush rules now (a job handed over, or the queue changed)."""
+        with self.condition:
+            self.condition.notify()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop after the batch in flight; pending items are failed as cancelled."""
+        with self.condition:
+            self._stopping = True
+            self.condition.notify()
+        self._thread.join(timeout_s)
+
+    def _next_batch(self) -> tuple[Batcher, dict, list[PendingItem]] | None:
+        with self.condition:
+            while not self._stopping:
+                now = time.monotonic()
+                wake_at = None
+                ordered = sorted(self.batchers, key=lambda b: (b._oldest() or (float("inf"),))[0])
+                for batcher in ordered:
+                    ready, look_again_at = batcher.take_ready(now)
+                    if ready is not None:
+                        return batcher, ready[0], ready[1]
+                    if look_again_at is not None:
+                        wake_at = look_again_at if wake_at is None else min(wake_at, look_again_at)
+                self.condition.wait(None if wake_at is None else max(0.0, wake_at - now))
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            picked = self._next_batch()
+            if picked is None:
+                break
+            batcher, params, batch = picked
+            try:
+                batcher.execute(params, batch)
+            except Exception as error:  # the loop must never die, and no future may hang
+                logger.exception("device %s: unexpected error in the inference loop", self.device)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+        for batcher in self.batchers:
+            batcher.fail_all(JobCancelled("the worker is shutting down"))

@@ -1,0 +1,86 @@
+"""Check a job's JSON inputs and turn them into what the pipeline takes.
+
+Media never reaches ``transformers`` as a URL or a path: the worker fetches
+and decodes it itself under the fleet's :class:`worker.media.MediaPolicy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from producers.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TASKS = frozenset({
+    "image-classification", "object-detection", "image-segmentation", "depth-estimation",
+    "image-feature-extraction", "zero-shot-image-classification", "mask-generation",
+    "zero-shot-object-detection", "image-to-text",
+})
+AUDIO_TASKS = frozenset({
+    "automatic-speech-recognition", "audio-classification", "zero-shot-audio-classification",
+})
+#: Tasks whose input is a dict with an image under one of these keys.
+IMAGE_DICT_TASKS = {"visual-question-answering": ("image",), "document-question-answering": ("image",),
+                    "image-text-to-text": ("images", "image")}
+
+
+def _check_text(value: Any, *, index: int, max_chars: int, where: str = "input") -> None:
+    if len(value) > max_chars:
+        raise InvalidInput(f"{where} {index} has {len(value)} characters; the limit is {max_chars}")
+
+
+def _check_json_text_input(value: Any, *, index: int, max_chars: int) -> None:
+    if isinstance(value, str):
+        _check_text(value, index=index, max_chars=max_chars)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str):
+                _check_text(item, index=index, max_chars=max_chars, where=f"input {key!r} of item")
+            elif isinstance(item, list) and all(isinstance(x, str) for x in item):
+                for text in item:
+                    _check_text(text, index=index, max_chars=max_chars)
+            elif item is not None and not isinstance(item, (int, float, bool)):
+                raise InvalidInput(f"input {index}: field {key!r} must be text, got {type(item).__name__}")
+        return
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for message in value:  # a chat: [{"role": ..., "content": ...}, ...]
+            if not isinstance(message.get("role"), str) or "content" not in message:
+                raise InvalidInput(f"input {index}: chat messages need 'role' and 'content'")
+        return
+    raise InvalidInput(
+        f"input {index} must be text, a dict of text fields or a chat, got {type(value).__name__}"
+    )
+
+
+def prepare_inputs(task: str, inputs: list[Any], *, policy: Callable[[], Any], sampling_rate: int | None,
+                   max_chars: int) -> list[Any]:
+    """Validate each input for ``task`` and decode its media; raises InvalidInput/MediaError.
+
+    ``policy`` returns the deployment's media policy; it is only asked for media tasks.
+    """
+    if task in IMAGE_TASKS or task in AUDIO_TASKS or task in IMAGE_DICT_TASKS:
+        from worker import media
+
+        policy = policy()
+
+    prepared = []
+    for index, value in enumerate(inputs):
+        if task in IMAGE_TASKS:
+            prepared.append(media.decode_image(value, policy))
+        elif task in AUDIO_TASKS:
+            prepared.append(media.decode_audio(value, policy, sampling_rate or 16_000))
+        elif task in IMAGE_DICT_TASKS:
+            if not isinstance(value, dict):
+                raise InvalidInput(f"input {index} must be a dict with {IMAGE_DICT_TASKS[task][0]!r} and 'question'")
+            item = dict(value)
+            for key in IMAGE_DICT_TASKS[task]:
+                if key in item and item[key] is not None:
+                    item[key] = media.decode_image(item[key], policy)
+            prepared.append(item)
+        else:
+            _check_json_text_input(value, index=index, max_chars=max_chars)
+            prepared.append(value)
+    return prepared

@@ -1,0 +1,171 @@
+"""Start a worker process: load deployments, wire Celery signals, consume their queues."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+
+import redis as redis_lib
+from celery import signals
+from celery.worker import state as worker_state
+
+from config import FleetConfig, load_config
+from producers.constants import PRIORITY_STEPS, QUEUE_PREFIX, queue_name
+from producers.errors import ConfigError
+from producers.schemas import DeploymentAd
+from worker.advertise import Advertiser
+from worker.logs import configure_logging
+from worker.runtime import Runtime, set_runtime
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_CONCURRENCY = 512
+"""Upper bound of the default job-thread count."""
+
+
+def default_concurrency(config: FleetConfig, names: list[str]) -> int:
+    """Job threads: twice the sum of ``max_batch_size``, so one batch fills while another runs."""
+    total = sum(config.deployment(name).max_batch_size for name in names)
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * total))
+
+
+def _priority_queue_keys(name: str) -> list[str]:
+    base = queue_name(name)
+    return [base] + [f"{base}\x06\x16{step}" for step in PRIORITY_STEPS if step]
+
+
+def _deployment_of(request) -> str | None:
+    routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
+    return routing_key[len(QUEUE_PREFIX):] if routing_key.startswith(QUEUE_PREFIX) else None
+
+
+def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
+    @signals.task_received.connect(weak=False)
+    def _received(request=None, **_):
+        deployment = _deployment_of(request)
+        if deployment in runtime.deployments:
+            runtime.tracker.received(deployment, request.id)
+
+    def _gone(request=None, **_):
+        deployment = _deployment_of(request)
+        if deployment is not None and request is not None:
+            runtime.tracker.handed_over(deployment, request.id)
+            runtime.wake(deployment)
+
+    for signal in (signals.task_revoked, signals.task_rejected, signals.task_unknown):
+        signal.connect(_gone, weak=False)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_):
+        advertiser.start()
+        logger.info("worker %s ready: serving %s", runtime.worker_name, ", ".join(runtime.deployments))
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _shutting_down(**_):
+        advertiser.stop()
+
+
+def _make_ads(runtime: Runtime):
+    pid = os.getpid()
+    started = time.time()
+
+    def make() -> list[DeploymentAd]:
+        ads = []
+        for name, served in runtime.deployments.items():
+            d = served.config
+            ads.append(DeploymentAd(
+                name=name, task=d.task, model=d.model, revision=d.revision, worker=runtime.worker_name,
+                device=served.device, queue=queue_name(name), max_batch_size=d.max_batch_size,
+                chunk_size=d.chunk_size, max_inputs_per_job=runtime.config.limits.max_inputs_per_job,
+                max_payload_bytes=runtime.config.limits.max_payload_bytes,
+                claim_check_bytes=runtime.config.limits.claim_check_bytes,
+                payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
+                in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
+                pending_items=served.batcher.pending_count(),
+            ))
+        return ads
+
+    return make
+
+
+def load_deployments(config: FleetConfig, names: list[str], runtime: Runtime) -> None:
+    """Load and warm every selected deployment; raises ConfigError on the first failure."""
+    from worker.loading import load_pipeline
+    from worker.warmup import warm_up
+
+    for name in names:
+        deployment = config.deployment(name)
+        started = time.perf_counter()
+        pipe = load_pipeline(deployment)
+        if deployment.warmup:
+            warm_up(name, deployment.task, pipe)
+        runtime.add(deployment, pipe, load_s=time.perf_counter() - started)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Load the deployments, then run a Celery worker (threads pool) on their queues."""
+    configure_logging(args.loglevel, json_lines=args.log_json)
+    try:
+        config = load_config(args.config)
+        names = args.deployment or [d.name for d in config.deployments]
+        for name in names:
+            config.deployment(name)
+    except (ConfigError, KeyError) as error:
+        print(f"pipefleet worker: {error}", file=sys.stderr)
+        return 2
+    if not names:
+        print("pipefleet worker: the config has no deployments", file=sys.stderr)
+        return 2
+    if args.check:
+        from worker.health import check
+
+        return check(config, names, args.name)
+    worker_name = args.name or f"pipefleet-{socket.gethostname()}-{os.getpid()}"
+    runtime = Runtime(config, worker_name)
+    try:
+        load_deployments(config, names, runtime)
+    except ConfigError as error:
+        print(f"pipefleet worker: {error}", file=sys.stderr)
+        return 3
+    runtime.redis = redis_lib.Redis.from_url(config.broker_url)
+    queue_keys = {name: _priority_queue_keys(name) for name in names}
+
+    def queue_has_ready(name: str) -> bool:
+        try:
+            pipe = runtime.redis.pipeline(transaction=False)
+            for key in queue_keys[name]:
+                pipe.llen(key)
+            return any(pipe.execute())
+        except redis_lib.RedisError:
+            return False
+
+    runtime.queue_has_ready = queue_has_ready
+    runtime.is_cancelled = lambda job_id: job_id in worker_state.revoked
+    set_runtime(runtime)
+    runtime.start()
+
+    from tasks.app import configure_app
+
+    app = configure_app(config)
+    advertiser = Advertiser(runtime.redis, _make_ads(runtime))
+    _wire_signals(runtime, advertiser)
+    metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port
+    if metrics_port:
+        from worker.prometheus import serve_metrics
+
+        serve_metrics(runtime, metrics_port)
+    concurrency = args.concurrency or default_concurrency(config, names)
+    worker = app.Worker(
+        pool="threads", concurrency=concurrency, queues=[queue_name(n) for n in names],
+        hostname=f"{worker_name}@{socket.gethostname()}", prefetch_multiplier=1, without_gossip=True,
+        loglevel=args.loglevel, optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        runtime.stop()
+    return worker.exitcode or 0

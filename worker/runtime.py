@@ -1,0 +1,166 @@
+"""The worker process's state: served deployments, their batchers and device runners."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from config.models import Deployment, FleetConfig
+from producers.errors import UnknownDeployment
+from worker.batcher import Batcher, DeviceRunner
+from worker.metrics import DeploymentMetrics
+from worker.shapes import batch_outputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedDeployment:
+    """One loaded deployment on this worker."""
+
+    config: Deployment
+    pipeline: Any
+    batcher: Batcher
+    device: str
+    metrics: DeploymentMetrics
+    sampling_rate: int | None = None
+
+
+@dataclass
+class JobTracker:
+    """Which jobs this worker holds that have not handed their items to a batcher yet."""
+
+    waiting: dict[str, set[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def received(self, deployment: str, job_id: str) -> None:
+        """A message for ``deployment`` arrived (it will hand items over soon)."""
+        with self.lock:
+            self.waiting.setdefault(deployment, set()).add(job_id)
+
+    def handed_over(self, deployment: str, job_id: str) -> None:
+        """The job's items are in the batcher, or it ended without reaching it."""
+        with self.lock:
+            self.waiting.get(deployment, set()).discard(job_id)
+
+    def any_waiting(self, deployment: str) -> bool:
+        """True while some received job of ``deployment`` has not handed over."""
+        return bool(self.waiting.get(deployment))
+
+
+def device_label(pipe: Any, deployment: Deployment) -> str:
+    """A stable name for the device a pipeline runs on (one inference thread each)."""
+    if deployment.device_map is not None:
+        return "device_map"
+    return str(getattr(pipe, "device", "cpu"))
+
+
+class Runtime:
+    """Everything a job thread needs: deployments by name, limits, media policy."""
+
+    def __init__(self, config: FleetConfig, worker_name: str) -> None:
+        self.config = config
+        self.worker_name = worker_name
+        self.deployments: dict[str, ServedDeployment] = {}
+        self.runners: dict[str, DeviceRunner] = {}
+        self.tracker = JobTracker()
+        self.queue_has_ready: Any = lambda deployment: False
+        self.is_cancelled: Any = lambda job_id: False
+        self.redis: Any = None
+        self._media_policies: dict[str, Any] = {}
+
+    def media_policy(self, deployment: Deployment) -> Any:
+        """The media policy of one deployment: fleet settings plus its own allowed hosts."""
+        policy = self._media_policies.get(deployment.name)
+        if policy is None:
+            from worker.media import MediaPolicy
+
+            media = self.config.media
+            policy = MediaPolicy(
+                allowed_hosts=frozenset(media.allowed_hosts) | frozenset(deployment.allowed_hosts),
+                allow_private_hosts=frozenset(media.allow_private_hosts), data_root=media.data_root,
+                max_bytes=media.max_bytes, timeout_s=media.timeout_s, max_image_pixels=media.max_image_pixels,
+                max_audio_seconds=media.max_audio_seconds,
+            )
+            self._media_policies[deployment.name] = policy
+        return policy
+
+    def add(self, deployment: Deployment, pipe: Any, load_s: float) -> ServedDeployment:
+        """Serve a loaded pipeline: create its batcher on its device's runner."""
+        import torch
+
+        device = device_label(pipe, deployment)
+        metrics = DeploymentMetrics(deployment.name)
+        metrics.model_load_s = load_s
+        name, task = deployment.name, deployment.task
+
+        def run_batch(payloads: list[Any], params: dict[str, Any]) -> list[Any]:
+            params = dict(params)
+            seed = params.pop("seed", None)
+            if seed is not None:
+                from transformers import set_seed
+
+                set_seed(seed)
+            with torch.inference_mode():
+                raw = pipe(payloads, batch_size=len(payloads), **params)
+            return batch_outputs(task, payloads, raw)
+
+        def more_coming() -> bool:
+            return self.tracker.any_waiting(name) or self.queue_has_ready(name)
+
+        batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
+                          max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
+                          is_cancelled=lambda job_id: self.is_cancelled(job_id), metrics=metrics)
+        runner = self.runners.get(device)
+        if runner is None:
+            runner = self.runners[device] = DeviceRunner(device)
+        runner.add(batcher)
+        extractor = getattr(pipe, "feature_extractor", None)
+        served = ServedDeployment(deployment, pipe, batcher, device, metrics,
+                                  sampling_rate=getattr(extractor, "sampling_rate", None))
+        self.deployments[name] = served
+        return served
+
+    def start(self) -> None:
+        """Start one inference thread per device."""
+        for runner in self.runners.values():
+            runner.start()
+
+    def stop(self) -> None:
+        """Stop the inference threads after their batch in flight."""
+        for runner in self.runners.values():
+            runner.stop()
+
+    def served(self, name: str) -> ServedDeployment:
+        """The deployment called ``name``; raises :class:`UnknownDeployment` otherwise."""
+        try:
+            return self.deployments[name]
+        except KeyError:
+            raise UnknownDeployment(
+                f"worker {self.worker_name} does not serve deployment {name!r}; "
+                f"it serves: {', '.join(sorted(self.deployments)) or 'nothing'}"
+            ) from None
+
+    def wake(self, deployment: str) -> None:
+        """Let the deployment's runner re-check its flush rule."""
+        served = self.deployments.get(deployment)
+        if served is not None:
+            self.runners[served.device].wake()
+
+
+_runtime: Runtime | None = None
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install the process-wide runtime (the worker does this once at start-up)."""
+    global _runtime
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime; only set inside a ``pipefleet worker`` process."""
+    if _runtime is None:
+        raise RuntimeError("no pipefleet runtime: this code runs inside 'pipefleet worker'")
+    return _runtime

@@ -1,0 +1,39 @@
+"""Give batched per-item outputs the exact shape ``pipe(inputs)`` returns in-process.
+
+The fleet always runs a *list* of items through the pipeline, because items
+of many jobs share one call. A few pipelines reshape their result in
+``__call__`` depending on how they were called; this module undoes and redoes
+those quirks so the fleet's result equals the in-process one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: ``pipe([x])`` returns ``pipe([x])[0]`` for these tasks (a list of one is unwrapped).
+UNWRAP_LIST_OF_ONE = frozenset({"fill-mask", "keypoint-matching", "table-question-answering"})
+
+#: ``pipe("text")`` returns ``[output]`` unless ``top_k`` is passed.
+WRAP_SINGLE_TEXT = frozenset({"text-classification", "sentiment-analysis"})
+
+
+def batch_outputs(task: str, payloads: list[Any], raw: Any) -> list[Any]:
+    """Turn the result of ``pipe(payloads)`` into one output per payload."""
+    if task in UNWRAP_LIST_OF_ONE and len(payloads) == 1:
+        return [raw]
+    if not isinstance(raw, list):
+        raw = list(raw)
+    return raw
+
+
+def job_result(task: str, inputs: list[Any], outputs: list[Any], *, single: bool,
+               params: dict[str, Any]) -> Any:
+    """The job's result as the in-process call would shape it."""
+    if single:
+        output = outputs[0]
+        if task in WRAP_SINGLE_TEXT and "top_k" not in params and isinstance(inputs[0], str):
+            return [output]
+        return output
+    if task in UNWRAP_LIST_OF_ONE and len(outputs) == 1:
+        return outputs[0]
+    return outputs
