@@ -144,7 +144,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.pinned_sock = socket.create_connection((self._address, self.port), self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -156,7 +156,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.pinned_sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def _too_large(size: int, policy: MediaPolicy, what: str) -> MediaError:
@@ -203,7 +203,8 @@ def _fetch_once(url: str, policy: MediaPolicy, deadline: float) -> tuple[int, st
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MediaError(f"timed out after {policy.timeout_s}s fetching {shown}")
-            connection.sock.settimeout(remaining)
+            # http.client drops connection.sock once the response owns it; the deadline still applies.
+            connection.pinned_sock.settimeout(remaining)
             chunk = response.read1(READ_CHUNK_BYTES)
             if not chunk:
                 break
