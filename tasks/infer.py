@@ -7,6 +7,7 @@ own outputs, so every job keeps its own ack, result, revoke and Flower entry.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import wait
@@ -72,8 +73,8 @@ def _sanitize(served: ServedDeployment, call_params: dict[str, Any]) -> None:
     except Exception as error:
         from producers.errors import InvalidParams
 
-        raise InvalidParams(f"deployment {served.config.name!r} ({served.config.task}) refuses the params: "
-                            f"{type(error).__name__}: {error}") from None
+        raise InvalidParams(f"deployment {served.config.name!r} ({served.config.task}) refuses the params "
+                            f"{json.dumps(call_params, default=str)}: {type(error).__name__}: {error}") from None
 
 
 def _collect(job: JobSpec, futures: list, deadline_mono: float | None) -> list[Any]:

@@ -151,6 +151,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from tasks.app import configure_app
 
     app = configure_app(config)
+    import worker.control  # noqa: F401  (registers the remote-control commands)
     advertiser = Advertiser(runtime.redis, _make_ads(runtime))
     _wire_signals(runtime, advertiser)
     metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port

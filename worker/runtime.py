@@ -11,7 +11,7 @@ from config.models import Deployment, FleetConfig
 from producers.errors import UnknownDeployment
 from worker.batcher import Batcher, DeviceRunner
 from worker.metrics import DeploymentMetrics
-from worker.shapes import batch_outputs
+from worker.shapes import batch_outputs, trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Runtime:
                 set_seed(seed)
             with torch.inference_mode():
                 raw = pipe(payloads, batch_size=len(payloads), **params)
-            return batch_outputs(task, payloads, raw)
+            return trim_padding(task, pipe, payloads, batch_outputs(task, payloads, raw), params)
 
         def more_coming() -> bool:
             return self.tracker.any_waiting(name) or self.queue_has_ready(name)

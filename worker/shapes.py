@@ -26,6 +26,35 @@ def batch_outputs(task: str, payloads: list[Any], raw: Any) -> list[Any]:
     return raw
 
 
+def _token_count(pipe: Any, text: Any, params: dict[str, Any]) -> int:
+    tokenize_kwargs = dict(params.get("tokenize_kwargs") or {})
+    if "truncation" in params:
+        tokenize_kwargs["truncation"] = params["truncation"]
+    return len(pipe.tokenizer(text, **tokenize_kwargs)["input_ids"])
+
+
+def _trim(output: Any, length: int, left: bool) -> Any:
+    # Feature-extraction output is [tokens x hidden] inside a batch dimension of one.
+    rows = output[0]
+    trimmed = rows[len(rows) - length:] if left else rows[:length]
+    if hasattr(output, "shape"):
+        return trimmed.unsqueeze(0) if hasattr(trimmed, "unsqueeze") else trimmed[None]
+    return [trimmed]
+
+
+def trim_padding(task: str, pipe: Any, payloads: list[Any], outputs: list[Any], params: dict[str, Any]) -> list[Any]:
+    """Drop the padding positions batching added to feature-extraction outputs.
+
+    Unbatched, ``pipe(text)`` returns one vector per real token; in a padded
+    batch every item gets the longest item's length. The fleet returns what
+    the unbatched call does.
+    """
+    if task != "feature-extraction" or len(payloads) < 2 or getattr(pipe, "tokenizer", None) is None:
+        return outputs
+    left = getattr(pipe.tokenizer, "padding_side", "right") == "left"
+    return [_trim(output, _token_count(pipe, payload, params), left) for payload, output in zip(payloads, outputs)]
+
+
 def job_result(task: str, inputs: list[Any], outputs: list[Any], *, single: bool,
                params: dict[str, Any]) -> Any:
     """The job's result as the in-process call would shape it."""

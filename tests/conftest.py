@@ -1,0 +1,101 @@
+"""Shared fixtures: a real redis-server, tiny offline models, real worker processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests import tiny_models
+from tests.fleet import RedisServer, WorkerProcess, start_worker, write_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the whole session."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``model_dir(kind)``: the path of a tiny offline model, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = tiny_models.build(kind, root / kind.replace("/", "_"))
+        return built[kind]
+
+    return get
+
+
+class Fleet:
+    """Writes fleet configs and starts workers against one Redis; stops them all at teardown."""
+
+    def __init__(self, server: RedisServer, directory: Path, db_pair: tuple[int, int] = (0, 1)) -> None:
+        self.server = server
+        self.directory = directory
+        self.broker_url = f"{server.url}/{db_pair[0]}"
+        self.result_backend = f"{server.url}/{db_pair[1]}"
+        self.workers: list[WorkerProcess] = []
+        self._configs = 0
+
+    def config(self, deployments: list[dict[str, Any]], **settings: Any) -> Path:
+        """Write a config with these deployments and settings; returns its path."""
+        self._configs += 1
+        return write_config(self.directory / f"fleet{self._configs}.toml", broker_url=self.broker_url,
+                            result_backend=self.result_backend, deployments=deployments, **settings)
+
+    def worker(self, config_path: Path, **kwargs: Any) -> WorkerProcess:
+        """Start a worker on ``config_path`` and wait until it is consuming."""
+        kwargs.setdefault("redis_client", self.server.client(int(self.broker_url.rsplit("/", 1)[1])))
+        worker = start_worker(config_path, self.directory, **kwargs)
+        self.workers.append(worker)
+        return worker
+
+    def client(self, **kwargs: Any):
+        """A :class:`producers.FleetClient` for this fleet."""
+        from producers import FleetClient
+
+        return FleetClient(self.broker_url, self.result_backend, discovery_ttl_s=0.5, **kwargs)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose workers live for one test."""
+    instance = Fleet(redis_server, tmp_path)
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A fleet whose workers live for one test module."""
+    instance = Fleet(redis_server, tmp_path_factory.mktemp("fleet"))
+    yield instance
+    instance.stop()
