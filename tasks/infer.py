@@ -25,6 +25,7 @@ from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
 from tasks.app import app
 from worker.inputs import prepare_inputs
 from worker.params import pipeline_call_params, validate_params
+from worker.pooling import check_pooling, pool_output
 from worker.runtime import ServedDeployment, get_runtime
 from worker.shapes import job_result
 
@@ -118,6 +119,7 @@ def infer(self, spec: dict) -> dict:
             inputs = _resolve_inputs(job, runtime)
             params = validate_params(job.params, runtime.config.limits)
             call_params = pipeline_call_params(params)
+            check_pooling(served.config.task, params)
             _sanitize(served, call_params)
             prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
                                       sampling_rate=served.sampling_rate,
@@ -132,7 +134,12 @@ def infer(self, spec: dict) -> dict:
             if isinstance(deployment_name, str):
                 runtime.tracker.handed_over(deployment_name, job_id)
                 runtime.wake(deployment_name)
-        outputs = [encode_output(o) for o in _collect(job, futures, deadline_mono)]
+        outputs = _collect(job, futures, deadline_mono)
+        if "pool" in params or "normalize" in params:
+            outputs = [o if isinstance(o, dict) and "error" in o else
+                       pool_output(o, pool=params.get("pool"), normalize=params.get("normalize", False))
+                       for o in outputs]
+        outputs = [encode_output(o) for o in outputs]
     except JobCancelled:
         if served is not None:
             served.metrics.observe_job("CANCELLED")

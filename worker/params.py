@@ -18,7 +18,7 @@ DENIED_PARAMS = frozenset({
 })
 
 #: Params pipefleet itself understands, removed before the pipeline call.
-FLEET_PARAMS = frozenset({"seed", "batch_size"})
+FLEET_PARAMS = frozenset({"seed", "batch_size", "pool", "normalize"})
 
 _CAPPED = {
     "max_new_tokens": "max_new_tokens",
