@@ -11,6 +11,7 @@ from config.models import Deployment, FleetConfig
 from producers.errors import UnknownDeployment
 from worker.batcher import Batcher, DeviceRunner
 from worker.metrics import DeploymentMetrics
+from worker.stages import is_stage_batch, run_stage
 from worker.shapes import batch_outputs, trim_padding
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,30 @@ class JobTracker:
     def any_waiting(self, deployment: str) -> bool:
         """True while some received job of ``deployment`` has not handed over."""
         return bool(self.waiting.get(deployment))
+
+
+def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int) -> list[Any]:
+    """Run each payload as ``set_seed(seed); pipe(payload, **params)`` does in-process.
+
+    Sampling consumes the global RNG, so a batched call cannot reproduce the
+    unbatched one; seeded items run one at a time and their output does not
+    depend on which other jobs shared the batch.
+    """
+    from transformers import set_seed
+    from transformers.pipelines.base import ChunkPipeline
+
+    outputs = []
+    for payload in payloads:
+        set_seed(seed)
+        if isinstance(pipe, ChunkPipeline):
+            outputs.extend(pipe([payload], batch_size=1, **params))
+            continue
+        # pipe(payload) minus the per-task reshaping of __call__, which worker.shapes redoes per job.
+        preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
+        outputs.append(pipe.run_single(payload, {**pipe._preprocess_params, **preprocess},
+                                       {**pipe._forward_params, **forward},
+                                       {**pipe._postprocess_params, **postprocess}))
+    return outputs
 
 
 def device_label(pipe: Any, deployment: Deployment) -> str:
@@ -97,12 +122,14 @@ class Runtime:
         name, task = deployment.name, deployment.task
 
         def run_batch(payloads: list[Any], params: dict[str, Any]) -> list[Any]:
+            if is_stage_batch(params):
+                with torch.inference_mode():
+                    return run_stage(pipe, payloads, params)
             params = dict(params)
             seed = params.pop("seed", None)
             if seed is not None:
-                from transformers import set_seed
-
-                set_seed(seed)
+                with torch.inference_mode():
+                    return run_seeded(pipe, payloads, params, seed)
             with torch.inference_mode():
                 raw = pipe(payloads, batch_size=len(payloads), **params)
             return trim_padding(task, pipe, payloads, batch_outputs(task, payloads, raw), params)

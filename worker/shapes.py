@@ -16,6 +16,14 @@ UNWRAP_LIST_OF_ONE = frozenset({"fill-mask", "keypoint-matching", "table-questio
 #: ``pipe("text")`` returns ``[output]`` unless ``top_k`` is passed.
 WRAP_SINGLE_TEXT = frozenset({"text-classification", "sentiment-analysis"})
 
+#: pipefleet's v4 seq2seq pipelines (``translation_xx_to_yy`` aliases too, see :func:`is_seq2seq`).
+SEQ2SEQ_TASKS = frozenset({"summarization", "translation", "text2text-generation"})
+
+
+def is_seq2seq(task: str) -> bool:
+    """Tasks whose ``pipe(text)`` gives a list of records, unwrapped for a list of texts if each has one."""
+    return task in SEQ2SEQ_TASKS or task.startswith("translation_")
+
 
 def batch_outputs(task: str, payloads: list[Any], raw: Any) -> list[Any]:
     """Turn the result of ``pipe(payloads)`` into one output per payload."""
@@ -23,6 +31,9 @@ def batch_outputs(task: str, payloads: list[Any], raw: Any) -> list[Any]:
         return [raw]
     if not isinstance(raw, list):
         raw = list(raw)
+    if is_seq2seq(task):
+        # Per item, always what pipe(text) returns; job_result unwraps again as the job's own call would.
+        return [output if isinstance(output, list) else [output] for output in raw]
     return raw
 
 
@@ -65,4 +76,7 @@ def job_result(task: str, inputs: list[Any], outputs: list[Any], *, single: bool
         return output
     if task in UNWRAP_LIST_OF_ONE and len(outputs) == 1:
         return outputs[0]
+    if is_seq2seq(task) and all(isinstance(i, str) for i in inputs) and all(
+            isinstance(o, list) and len(o) == 1 for o in outputs):
+        return [output[0] for output in outputs]
     return outputs
