@@ -1,0 +1,199 @@
+"""The batcher's flush rule, isolation, OOM back-off and resilience, in-process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from producers.errors import JobCancelled, JobTimeout, OutOfMemory
+from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
+
+
+class Recorder:
+    """A run_batch function that records batch sizes and echoes inputs doubled."""
+
+    def __init__(self, *, fail_on=None, oom_above=None, delay_s=0.0):
+        self.sizes: list[int] = []
+        self.fail_on = fail_on
+        self.oom_above = oom_above
+        self.delay_s = delay_s
+
+    def __call__(self, payloads, params):
+        self.sizes.append(len(payloads))
+        time.sleep(self.delay_s)
+        if self.oom_above is not None and len(payloads) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        if self.fail_on is not None and self.fail_on in payloads:
+            raise ValueError(f"bad input {self.fail_on!r}")
+        return [p * 2 for p in payloads]
+
+
+def make(run, *, max_batch_size=4, max_batch_wait_ms=50.0, more_coming=lambda: False, **kwargs):
+    batcher = Batcher("test", run, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
+                      more_coming=more_coming, **kwargs)
+    runner = DeviceRunner("cpu")
+    runner.add(batcher)
+    runner.start()
+    return batcher, runner
+
+
+def results(futures, timeout=5):
+    return [f.result(timeout=timeout) for f in futures]
+
+
+def test_items_of_many_jobs_share_batches_up_to_the_max():
+    run = Recorder()
+    coming = threading.Event()
+    coming.set()
+    batcher, runner = make(run, max_batch_size=4, max_batch_wait_ms=5000, more_coming=coming.is_set)
+    futures = [batcher.submit(f"job{i}", [i], {}) for i in range(10)]
+    coming.clear()
+    runner.wake()
+    assert [results(f) for f in futures] == [[2 * i] for i in range(10)]
+    assert run.sizes == [4, 4, 2]
+    runner.stop()
+
+
+def test_a_single_item_is_not_held_for_the_window_when_nothing_else_is_coming():
+    run = Recorder()
+    batcher, runner = make(run, max_batch_wait_ms=10_000)
+    started = time.monotonic()
+    assert results(batcher.submit("solo", [21], {})) == [42]
+    assert time.monotonic() - started < 5
+    runner.stop()
+
+
+def test_window_bounds_the_wait_while_more_is_said_to_come():
+    run = Recorder()
+    batcher, runner = make(run, max_batch_wait_ms=100, more_coming=lambda: True)
+    assert results(batcher.submit("j", [1, 2], {})) == [2, 4]
+    assert run.sizes == [2]
+    runner.stop()
+
+
+def test_different_params_never_share_a_batch():
+    seen = []
+
+    def run(payloads, params):
+        seen.append((params["k"], len(payloads)))
+        return payloads
+
+    coming = threading.Event()
+    coming.set()
+    batcher, runner = make(run, max_batch_size=8, max_batch_wait_ms=5000, more_coming=coming.is_set)
+    a = [batcher.submit(f"a{i}", ["x"], {"k": 1}) for i in range(3)]
+    b = [batcher.submit(f"b{i}", ["y"], {"k": 2}) for i in range(2)]
+    coming.clear()
+    runner.wake()
+    assert [results(f) for f in a + b] == [["x"]] * 3 + [["y"]] * 2
+    assert sorted(seen) == [(1, 3), (2, 2)]
+    runner.stop()
+
+
+def test_a_failing_batch_is_rerun_job_by_job_so_only_the_guilty_job_fails():
+    run = Recorder(fail_on=13)
+    coming = threading.Event()
+    coming.set()
+    batcher, runner = make(run, max_batch_size=8, max_batch_wait_ms=5000, more_coming=coming.is_set)
+    good = [batcher.submit(f"good{i}", [i], {}) for i in range(3)]
+    bad = batcher.submit("bad", [13], {})
+    coming.clear()
+    runner.wake()
+    assert [results(f) for f in good] == [[0], [2], [4]]
+    with pytest.raises(ValueError, match="bad input 13"):
+        bad[0].result(timeout=5)
+    assert run.sizes[0] == 4
+    runner.stop()
+
+
+def test_partial_jobs_get_per_item_errors():
+    run = Recorder(fail_on=13)
+    batcher, runner = make(run)
+    futures = batcher.submit("p", [1, 13, 3], {}, partial=True)
+    assert futures[0].result(timeout=5) == 2 and futures[2].result(timeout=5) == 6
+    assert isinstance(futures[1].exception(timeout=5), ValueError)
+    runner.stop()
+
+
+def test_out_of_memory_halves_the_batch_down_to_what_fits():
+    run = Recorder(oom_above=2)
+    coming = threading.Event()
+    coming.set()
+    batcher, runner = make(run, max_batch_size=8, max_batch_wait_ms=5000, more_coming=coming.is_set)
+    futures = [batcher.submit(f"j{i}", [i], {}) for i in range(8)]
+    coming.clear()
+    runner.wake()
+    assert [results(f) for f in futures] == [[2 * i] for i in range(8)]
+    assert run.sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert batcher.metrics.oom_splits == 3
+    runner.stop()
+
+
+def test_out_of_memory_at_batch_size_one_fails_that_job_with_a_clear_error():
+    run = Recorder(oom_above=0)
+    batcher, runner = make(run)
+    future = batcher.submit("huge", [1, 2], {})[0]
+    with pytest.raises(OutOfMemory, match="out of memory .* batch size 1 .*started at batch size 2"):
+        future.result(timeout=5)
+    runner.stop()
+
+
+def test_cancelled_and_expired_items_are_dropped_before_the_forward_pass():
+    run = Recorder()
+    cancelled = {"gone"}
+    batcher, runner = make(run, is_cancelled=cancelled.__contains__)
+    gone = batcher.submit("gone", [1], {})[0]
+    late = batcher.submit("late", [2], {}, deadline=time.monotonic() - 1)[0]
+    kept = batcher.submit("kept", [3], {})[0]
+    assert kept.result(timeout=5) == 6
+    assert isinstance(gone.exception(timeout=5), JobCancelled)
+    assert isinstance(late.exception(timeout=5), JobTimeout)
+    assert sum(run.sizes) == 1
+    runner.stop()
+
+
+def test_wrong_output_count_fails_the_batch_and_the_loop_survives():
+    calls = []
+
+    def run(payloads, params):
+        calls.append(len(payloads))
+        return payloads[:-1] if payloads[0] == "short" else payloads
+
+    batcher, runner = make(run)
+    with pytest.raises(RuntimeError, match="returned 1 outputs for 2 inputs"):
+        batcher.submit("a", ["short", "x"], {})[0].result(timeout=5)
+    assert batcher.submit("b", ["fine"], {})[0].result(timeout=5) == "fine"
+    runner.stop()
+
+
+def test_deployments_on_one_device_never_overlap():
+    active, overlaps = [0], [0]
+    lock = threading.Lock()
+
+    def run(payloads, params):
+        with lock:
+            active[0] += 1
+            overlaps[0] = max(overlaps[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return payloads
+
+    runner = DeviceRunner("cuda:0")
+    batchers = [Batcher(f"d{i}", run, max_batch_size=2, max_batch_wait_ms=1) for i in range(3)]
+    for batcher in batchers:
+        runner.add(batcher)
+    runner.start()
+    futures = [f for i in range(12) for f in batchers[i % 3].submit(f"j{i}", [i], {})]
+    assert [f.result(timeout=10) for f in futures] == list(range(12))
+    assert overlaps[0] == 1
+    runner.stop()
+
+
+def test_out_of_memory_detection():
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("out of memory"))
