@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -106,6 +108,10 @@ class FleetConfig(BaseModel):
     visibility_timeout_s: int = Field(default=3600, gt=0)
     worker_metrics_port: int | None = None
     log_json: bool = False
+    heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
+    """How often a worker refreshes its advertisements."""
+    heartbeat_ttl_s: int = Field(default=HEARTBEAT_TTL_S, gt=0)
+    """A worker silent this long vanishes from discovery and ``pipefleet fleet``."""
     limits: Limits = Field(default_factory=Limits)
     media: MediaSettings = Field(default_factory=MediaSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)

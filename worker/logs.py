@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any, Callable
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -37,3 +38,32 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Celery's own success line carries the whole return value; log_job_outcomes() says it cheaply.
+    logging.getLogger("celery.app.trace").setLevel(max(logging.WARNING, root.level))
+
+
+def log_job_outcomes(deployment_of: Callable[[Any], str | None]) -> None:
+    """Log one line per finished job: job id, deployment, final state, items and duration.
+
+    ``deployment_of(request)`` names the deployment of a task request.
+    """
+    from celery import signals
+
+    started: dict[str, float] = {}
+    job_logger = logging.getLogger("pipefleet.jobs")
+
+    @signals.task_prerun.connect(weak=False)
+    def _prerun(task_id=None, **_):
+        started[task_id] = time.perf_counter()
+
+    @signals.task_postrun.connect(weak=False)
+    def _postrun(task_id=None, task=None, retval=None, state=None, **_):
+        began = started.pop(task_id, None)
+        if not job_logger.isEnabledFor(logging.INFO):
+            return
+        duration_s = round(time.perf_counter() - began, 6) if began is not None else None
+        n_items = retval.get("n_items") if isinstance(retval, dict) else None
+        deployment = deployment_of(getattr(task, "request", None))
+        job_logger.info("job %s on %s: %s in %ss", task_id, deployment, state, duration_s,
+                        extra={"job_id": task_id, "deployment": deployment, "state": state,
+                               "n_items": n_items, "duration_s": duration_s})

@@ -18,7 +18,7 @@ from producers.constants import PRIORITY_STEPS, QUEUE_PREFIX, queue_name
 from producers.errors import ConfigError
 from producers.schemas import DeploymentAd
 from worker.advertise import Advertiser
-from worker.logs import configure_logging
+from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
 
     for signal in (signals.task_revoked, signals.task_rejected, signals.task_unknown):
         signal.connect(_gone, weak=False)
+    log_job_outcomes(_deployment_of)
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_):
@@ -120,6 +121,8 @@ def run_worker(args: argparse.Namespace) -> int:
     if not names:
         print("pipefleet worker: the config has no deployments", file=sys.stderr)
         return 2
+    if config.log_json and not args.log_json:
+        configure_logging(args.loglevel, json_lines=True)
     if args.check:
         from worker.health import check
 
@@ -152,7 +155,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
     app = configure_app(config)
     import worker.control  # noqa: F401  (registers the remote-control commands)
-    advertiser = Advertiser(runtime.redis, _make_ads(runtime))
+    advertiser = Advertiser(runtime.redis, _make_ads(runtime), interval_s=config.heartbeat_interval_s,
+                            ttl_s=config.heartbeat_ttl_s)
     _wire_signals(runtime, advertiser)
     metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port
     if metrics_port:

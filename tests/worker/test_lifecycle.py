@@ -1,0 +1,71 @@
+"""Worker lifecycle: health check, warm shutdown during a batch, heartbeat expiry after SIGKILL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from producers.fleet import fleet_snapshot
+from tests.fleet import REPO_ROOT, wait_for_worker, worker_env
+
+SLOW = "tests.slow_pipelines.SlowTextClassificationPipeline"
+HEARTBEAT_TTL_S = 2
+
+
+@pytest.fixture(scope="module")
+def two_workers(module_fleet, model_dir):
+    model = str(model_dir("text-classification"))
+    config = module_fleet.config(
+        [{"name": "lc-slow", "task": "text-classification", "model": model, "max_batch_size": 4,
+          "max_batch_wait_ms": 50, "pipeline_kwargs": {"pipeline_class": SLOW}}],
+        heartbeat_ttl_s=HEARTBEAT_TTL_S, heartbeat_interval_s=0.5,
+    )
+    env = {"PIPEFLEET_TEST_FORWARD_SLEEP_S": "0.5"}
+    first = module_fleet.worker(config, deployments=["lc-slow"], env=env, args=["--concurrency", "4"], wait=False)
+    second = module_fleet.worker(config, deployments=["lc-slow"], env=env, args=["--concurrency", "4"])
+    wait_for_worker(first, module_fleet.server.client(0))
+    return {"config": config, "first": first, "second": second}
+
+
+def _check(config, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "--name", name, "--check"],
+                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=60)
+
+
+def test_health_check_passes_for_a_live_worker_and_fails_otherwise(two_workers):
+    healthy = _check(two_workers["config"], two_workers["first"].name)
+    assert healthy.returncode == 0, healthy.stderr
+    assert "healthy" in healthy.stdout
+    missing = _check(two_workers["config"], "no-such-worker")
+    assert missing.returncode == 1 and "lc-slow" in missing.stderr
+
+
+def test_sigterm_during_a_batch_loses_no_job(module_fleet, two_workers):
+    first, second = two_workers["first"], two_workers["second"]
+    with module_fleet.client() as client:
+        jobs = [client.submit(deployment="lc-slow", inputs=[f"job {i}"]) for i in range(24)]
+        time.sleep(0.8)  # both workers are inside a slow forward pass now
+        assert first.terminate(timeout_s=60) == 0, first.log()[-3000:]
+        results = [job.result(timeout=90) for job in jobs]
+        served_by = [client.celery.backend.get_task_meta(job.id)["result"]["worker"] for job in jobs]
+    assert len(results) == len(jobs) and all(isinstance(r, list) and r[0]["label"] for r in results)
+    assert first.name in served_by and second.name in served_by
+    log = first.log()
+    assert "ran a batch" in log
+    assert not [job for job in jobs if job.status().state.value != "SUCCESS"]
+
+
+def test_a_killed_worker_vanishes_from_discovery_and_fleet(module_fleet, two_workers):
+    second = two_workers["second"]
+    with module_fleet.client() as client:
+        assert any(second.name in info.workers for info in client.deployments())
+        second.kill()
+        deadline = time.monotonic() + HEARTBEAT_TTL_S + 5
+        while time.monotonic() < deadline and any(second.name in i.workers for i in client.deployments()):
+            time.sleep(0.2)
+        assert not any(second.name in info.workers for info in client.deployments())
+        assert second.name not in [w.name for w in fleet_snapshot(client).workers]
+    assert _check(two_workers["config"], second.name).returncode == 1
