@@ -89,7 +89,9 @@ def decode_output(value: Any) -> Any:
             from PIL import Image
         except ImportError:
             return raw
-        return Image.open(io.BytesIO(raw))
+        with Image.open(io.BytesIO(raw)) as image:
+            # A plain Image, as the pipeline made it (a PngImageFile never compares equal to one).
+            return image.copy()
     return {k: decode_output(v) for k, v in value.items()}
 
 

@@ -119,6 +119,9 @@ def infer(self, spec: dict) -> dict:
             inputs = _resolve_inputs(job, runtime)
             params = validate_params(job.params, runtime.config.limits)
             call_params = pipeline_call_params(params)
+            if served.config.task == "image-feature-extraction" and isinstance(params.get("pool"), bool):
+                # That pipeline's own ``pool`` flag (the model's pooler output), not the fleet's pooling.
+                call_params["pool"] = params.pop("pool")
             check_pooling(served.config.task, params)
             _sanitize(served, call_params)
             prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),

@@ -9,7 +9,7 @@ from typing import Any
 
 from config.models import Deployment, FleetConfig
 from producers.errors import UnknownDeployment
-from worker.batcher import Batcher, DeviceRunner
+from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
 from worker.metrics import DeploymentMetrics
 from worker.stages import is_stage_batch, run_stage
 from worker.shapes import batch_outputs, trim_padding
@@ -131,7 +131,16 @@ class Runtime:
                 with torch.inference_mode():
                     return run_seeded(pipe, payloads, params, seed)
             with torch.inference_mode():
-                raw = pipe(payloads, batch_size=len(payloads), **params)
+                try:
+                    raw = pipe(payloads, batch_size=len(payloads), **params)
+                except RuntimeError as error:
+                    if len(payloads) < 2 or is_out_of_memory(error):
+                        raise
+                    # Items whose tensors differ in shape (images a processor does not resize to one size)
+                    # cannot share a forward pass; run them one by one, as in-process batch_size=1 does.
+                    logger.debug("deployment %s: batch of %d failed (%s); running items singly",
+                                 name, len(payloads), error)
+                    raw = pipe(payloads, batch_size=1, **params)
             return trim_padding(task, pipe, payloads, batch_outputs(task, payloads, raw), params)
 
         def more_coming() -> bool:
