@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import redis as redis_lib
 
@@ -155,8 +155,11 @@ class FleetClient:
         chunk = chunk_size or info.chunk_size
         spec = JobSpec(deployment=info.name, inputs=encoded, params=params, single=single, job_id=job_id,
                        partial=partial, deadline_ts=deadline_ts, model=model, revision=revision)
+        from producers.chunking import submit_chunked, submit_split, wants_split
+
+        if wants_split(info.task, params, single=single):
+            return self._redis_call(submit_split, self, info, spec, priority=priority, payload_bytes=size)
         if not single and chunk is not None and len(encoded) > chunk:
-            from producers.chunking import submit_chunked
 
             return self._redis_call(submit_chunked, self, info, spec, chunk_size=chunk, priority=priority,
                                     payload_bytes=size)
@@ -177,6 +180,24 @@ class FleetClient:
             options["expires"] = deadline_ts - time.time()
         self._redis_call(self.celery.send_task, INFER_TASK, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
                          **options)
+
+    def map(self, iterable: Any, task: str | None = None, model: str | None = None, *, deployment: str | None = None,
+            params: dict[str, Any] | None = None, chunk_size: int | None = None, max_in_flight: int = 4,
+            progress: bool = False, timeout_s: float | None = None, column: str | None = None,
+            revision: str | None = None, priority: int | None = None) -> Iterator[Any]:
+        """Stream ``iterable`` through a deployment; yields one output per input, in input order.
+
+        Inputs are sent in jobs of ``chunk_size`` (default 64) with at most
+        ``max_in_flight`` jobs outstanding, so a generator of any length never
+        sits in memory or in Redis at once. ``iterable`` may be a list, a
+        generator, or a ``datasets.Dataset`` (pass ``column=``, or a KeyDataset).
+        ``progress=True`` shows a tqdm bar; ``timeout_s`` bounds each chunk's wait.
+        """
+        from producers.streaming import stream
+
+        return stream(self, iterable, task=task, model=model, deployment=deployment, revision=revision,
+                      params=params, chunk_size=chunk_size, max_in_flight=max_in_flight, progress=progress,
+                      timeout_s=timeout_s, column=column, priority=priority)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job by id (from any process)."""

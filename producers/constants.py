@@ -32,6 +32,9 @@ ASSEMBLE_TASK = "pipefleet.assemble"
 SPLIT_TASK = "pipefleet.split"
 """Celery name of the task that splits one long input (audio) into windows."""
 
+FORWARD_TASK = "pipefleet.forward"
+"""Celery name of the task that runs one window's forward pass of a distributed chunk pipeline."""
+
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 """Broker used when neither config nor environment name one."""
 

@@ -49,6 +49,13 @@ def error_from_meta(result: Any) -> PipefleetError:
     return JobError(str(result))
 
 
+def _is_chord_error(result: Any) -> bool:
+    """True when a chord callback failed because one of its chunks did (Celery's ChordError)."""
+    if isinstance(result, dict):
+        return result.get("exc_type") == "ChordError"
+    return type(result).__name__ == "ChordError"
+
+
 class Job:
     """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
 
@@ -87,7 +94,12 @@ class Job:
                 total = total or result.get("n_items", 0)
             done = total
         elif state in (JobState.FAILURE, JobState.CANCELLED):
-            exc = error_from_meta(result) if state is JobState.FAILURE else JobCancelled("the job was cancelled")
+            if state is JobState.FAILURE:
+                exc = self._error(result)
+                if isinstance(exc, JobCancelled):
+                    state = JobState.CANCELLED
+            else:
+                exc = JobCancelled("the job was cancelled")
             error, error_type = str(exc), type(exc).__name__
         return JobStatus(job_id=self.id, state=state, done=done, total=total, error=error, error_type=error_type)
 
@@ -103,7 +115,25 @@ class Job:
             return decode_output(value["outputs"] if isinstance(value, dict) and "outputs" in value else value)
         if state == "REVOKED":
             raise JobCancelled(f"job {self.id} was cancelled")
-        raise error_from_meta(value)
+        raise self._error(value)
+
+    def _error(self, result: Any) -> PipefleetError:
+        """The job's error; for a chunked job, the failing chunk's own error (ChunkFailed naming it)."""
+        if not _is_chord_error(result):
+            return error_from_meta(result)
+        if self.client.redis.exists(f"{CANCEL_KEY_PREFIX}{self.id}"):
+            return JobCancelled(f"job {self.id} was cancelled")
+        record = self._record() or {}
+        backend = self.client.celery.backend
+        revoked = False
+        for chunk_id in record.get("chunk_ids", []):
+            meta = backend.get_task_meta(chunk_id)
+            if meta.get("status") == "FAILURE":
+                return error_from_meta(meta.get("result"))
+            revoked = revoked or meta.get("status") == "REVOKED"
+        if revoked:
+            return JobCancelled(f"job {self.id} was cancelled")
+        return error_from_meta(result)
 
     def cancel(self) -> None:
         """Cancel the job: queued parts never run, parts waiting in a batcher are skipped."""

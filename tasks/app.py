@@ -27,5 +27,7 @@ def configure_app(config: FleetConfig) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     import tasks.infer  # noqa: F401  (registers the tasks on the app)
+    import tasks.assemble  # noqa: F401
+    import tasks.split  # noqa: F401
 
     return app

@@ -23,6 +23,7 @@ from producers.errors import (InvalidInput, JobCancelled, JobError, JobTimeout, 
 from producers.payloads import load_payload
 from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
 from tasks.app import app
+from tasks.chunks import chunk_failed, record_progress
 from worker.inputs import prepare_inputs
 from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output
@@ -94,6 +95,8 @@ def _collect(job: JobSpec, futures: list, deadline_mono: float | None) -> list[A
         if isinstance(error, (JobCancelled, JobTimeout)):
             raise error
         if not job.partial:
+            if job.chunk_index is not None:
+                raise chunk_failed(job, error, item=index)
             if isinstance(error, PipefleetError):
                 raise error
             raise JobError(f"{type(error).__name__}: {error}") from error
@@ -108,7 +111,7 @@ def infer(self, spec: dict) -> dict:
     runtime = get_runtime()
     job_id = self.request.id
     deployment_name = spec.get("deployment") if isinstance(spec, dict) else None
-    served = None
+    served = job = None
     try:
         try:
             job = parse_spec(spec)
@@ -131,8 +134,9 @@ def infer(self, spec: dict) -> dict:
             if job.deadline_ts is not None:
                 deadline_mono = time.monotonic() + (job.deadline_ts - time.time())
             batch_params = dict(call_params, **({"seed": params["seed"]} if "seed" in params else {}))
+            # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
             futures = served.batcher.submit(job_id, prepared, batch_params, deadline=deadline_mono,
-                                            partial=job.partial)
+                                            partial=job.partial or job.chunk_index is not None)
         finally:
             if isinstance(deployment_name, str):
                 runtime.tracker.handed_over(deployment_name, job_id)
@@ -151,6 +155,8 @@ def infer(self, spec: dict) -> dict:
     except Exception as error:
         if served is not None:
             served.metrics.observe_job("FAILURE")
+        if job is not None and job.chunk_index is not None:
+            raise chunk_failed(job, error) from None
         if not isinstance(error, PipefleetError):
             logger.exception("job %s on %s failed unexpectedly", job_id, deployment_name)
             raise JobError(f"{type(error).__name__}: {error}") from None
@@ -160,5 +166,7 @@ def infer(self, spec: dict) -> dict:
         result = job_result(served.config.task, inputs, outputs, single=job.single, params=call_params)
     else:
         result = outputs
+        record_progress(runtime.redis, job.job_id or job_id, job.chunk_index, len(outputs),
+                        ttl_s=runtime.config.result_ttl_s)
     return ResultEnvelope(outputs=result, deployment=job.deployment, worker=runtime.worker_name,
                           n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index).model_dump()

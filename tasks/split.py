@@ -1,0 +1,144 @@
+"""Distributed chunk pipelines: ``ChunkPipeline.run_single`` as a Celery chord.
+
+``split`` runs the pipeline's own ``preprocess`` on one input (ASR cuts long
+audio with ``chunk_length_s``/``stride_length_s`` exactly as in-process;
+zero-shot yields one premise/hypothesis pair per candidate label). Each
+window is stored once in Redis and becomes one ``forward`` task, so windows
+spread over every worker of the deployment. The chord callback
+(``tasks.assemble``) runs the pipeline's ``postprocess`` over all window
+outputs. The split task replaces itself with that chord, so the callback
+inherits its task id: the job id.
+
+Windows and window outputs cross workers as JSON (see :mod:`tasks.tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from celery import chord
+from celery.exceptions import Ignore
+
+from producers.constants import (ASSEMBLE_TASK, CANCEL_KEY_PREFIX, FORWARD_TASK, JOB_KEY_PREFIX, SPLIT_TASK,
+                                 queue_name)
+from producers.errors import InvalidInput, JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.payloads import load_payload, store_payload
+from producers.schemas import PayloadRef, ResultEnvelope
+from tasks.app import app
+from tasks.chunks import record_progress
+from tasks.infer import _check_model, _resolve_inputs, _sanitize, parse_spec
+from tasks.tensors import decode_model_io, encode_model_io
+from worker.inputs import prepare_inputs
+from worker.params import pipeline_call_params, validate_params
+from worker.runtime import get_runtime
+from worker.stages import stage_params
+
+logger = logging.getLogger(__name__)
+
+
+def _wait(future: Any, deadline_ts: float | None) -> Any:
+    timeout = None if deadline_ts is None else max(0.0, deadline_ts - time.time())
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise JobTimeout("the job passed its deadline") from None
+
+
+def _fail(error: Exception, job_id: str, what: str) -> Exception:
+    if isinstance(error, PipefleetError):
+        return error
+    logger.exception("%s %s failed unexpectedly", what, job_id)
+    return JobError(f"{type(error).__name__}: {error}")
+
+
+@app.task(name=SPLIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def split(self, spec: dict) -> dict:
+    """Cut one input into windows and replace this task by the chord that runs them."""
+    runtime = get_runtime()
+    job_id = self.request.id
+    deployment_name = spec.get("deployment") if isinstance(spec, dict) else None
+    try:
+        try:
+            job = parse_spec(spec)
+            if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job_id}"):
+                raise JobCancelled(f"job {job_id} was cancelled")
+            served = runtime.served(job.deployment)
+            _check_model(job, served)
+            inputs = _resolve_inputs(job, runtime)
+            if len(inputs) != 1:
+                raise InvalidInput(f"a split job takes exactly one input, got {len(inputs)}")
+            call_params = pipeline_call_params(validate_params(job.params, runtime.config.limits))
+            _sanitize(served, call_params)
+            prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
+                                      sampling_rate=served.sampling_rate,
+                                      max_chars=runtime.config.limits.max_input_chars)
+            [future] = served.batcher.submit(job_id, prepared, stage_params("preprocess", call_params))
+        finally:
+            if isinstance(deployment_name, str):
+                runtime.tracker.handed_over(deployment_name, job_id)
+                runtime.wake(deployment_name)
+        windows = _wait(future, job.deadline_ts)
+        if not windows:
+            raise InvalidInput("the input is too short to cut into windows")
+        encoded = [encode_model_io(window) for window in windows]
+    except JobCancelled:
+        self.backend.mark_as_revoked(job_id, "cancelled", request=self.request)
+        raise Ignore()
+    except Exception as error:
+        raise _fail(error, job_id, "split of job") from None
+
+    limits = runtime.config.limits
+    refs = [store_payload(runtime.redis, [window], ttl_s=limits.payload_ttl_s) for window in encoded]
+    queue = queue_name(job.deployment)
+    priority = (self.request.delivery_info or {}).get("priority")
+    window_ids = [f"{job_id}:window:{index}" for index in range(len(refs))]
+    options: dict[str, Any] = {"queue": queue, "shadow": f"forward:{job.deployment}"}
+    if priority is not None:
+        options["priority"] = priority
+    header = [
+        app.signature(FORWARD_TASK, kwargs={"deployment": job.deployment, "job_id": job_id, "index": index,
+                                            "window": ref.model_dump(), "params": call_params,
+                                            "deadline_ts": job.deadline_ts},
+                      task_id=task_id, **options)
+        for index, (ref, task_id) in enumerate(zip(refs, window_ids))
+    ]
+    body = app.signature(ASSEMBLE_TASK, kwargs={
+        "deployment": job.deployment, "task": served.config.task, "kind": "pipeline", "params": call_params,
+        "total": len(refs), "payload_keys": [ref.key for ref in refs],
+    }, queue=queue, shadow=f"assemble:{job.deployment}")
+    record = {"total": len(refs), "chunk_ids": window_ids, "deployment": job.deployment, "unit": "windows"}
+    runtime.redis.set(f"{JOB_KEY_PREFIX}{job_id}", json.dumps(record), ex=runtime.config.result_ttl_s)
+    logger.info("job %s: %d windows spread over deployment %s", job_id, len(refs), job.deployment)
+    return self.replace(chord(header, body))
+
+
+@app.task(name=FORWARD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def forward(self, *, deployment: str, job_id: str, index: int, window: dict, params: dict,
+            deadline_ts: float | None = None) -> dict:
+    """Run one window's forward pass through the deployment's batcher; returns its outputs as JSON."""
+    runtime = get_runtime()
+    task_id = self.request.id
+    try:
+        try:
+            if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job_id}"):
+                raise JobCancelled(f"job {job_id} was cancelled")
+            served = runtime.served(deployment)
+            [encoded] = load_payload(runtime.redis, PayloadRef.model_validate(window))
+            model_inputs = decode_model_io(encoded)
+            [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params))
+        finally:
+            runtime.tracker.handed_over(deployment, task_id)
+            runtime.wake(deployment)
+        outputs = encode_model_io(_wait(future, deadline_ts))
+    except JobCancelled:
+        self.backend.mark_as_revoked(task_id, "cancelled", request=self.request)
+        raise Ignore()
+    except Exception as error:
+        raise _fail(error, task_id, "window") from None
+    record_progress(runtime.redis, job_id, index, 1, ttl_s=runtime.config.result_ttl_s)
+    return ResultEnvelope(outputs=outputs, deployment=deployment, worker=runtime.worker_name, n_items=1,
+                          chunk_index=index).model_dump()
