@@ -69,3 +69,20 @@ def test_a_killed_worker_vanishes_from_discovery_and_fleet(module_fleet, two_wor
         assert not any(second.name in info.workers for info in client.deployments())
         assert second.name not in [w.name for w in fleet_snapshot(client).workers]
     assert _check(two_workers["config"], second.name).returncode == 1
+
+
+def test_warm_shutdown_hands_unstarted_jobs_back_to_the_queue(module_fleet, two_workers):
+    config = two_workers["config"]
+    redis = module_fleet.server.client(0)
+    lone = module_fleet.worker(config, deployments=["lc-slow"], args=["--concurrency", "2"],
+                               env={"PIPEFLEET_TEST_FORWARD_SLEEP_S": "1.0"})
+    with module_fleet.client() as client:
+        jobs = [client.submit(deployment="lc-slow", inputs=[f"lone {i}"]) for i in range(8)]
+        time.sleep(1.0)
+        assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
+        finished = [job for job in jobs if job.status().state.value == "SUCCESS"]
+        queued = sum(redis.llen(key) for key in (b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*")))
+        assert 1 <= len(finished) < len(jobs)
+        assert queued == len(jobs) - len(finished), "every unfinished job is back in the queue"
+        assert redis.hlen("unacked") == 0
+    redis.delete(b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
