@@ -107,6 +107,8 @@ class FleetConfig(BaseModel):
     result_ttl_s: int = Field(default=86_400, gt=0)
     visibility_timeout_s: int = Field(default=3600, gt=0)
     worker_metrics_port: int | None = None
+    task_events: bool = False
+    """Send Celery task events from the start; Flower switches them on by itself while it watches."""
     log_json: bool = False
     heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
     """How often a worker refreshes its advertisements."""

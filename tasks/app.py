@@ -24,6 +24,8 @@ def configure_app(config: FleetConfig) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_track_started=False,
+        worker_send_task_events=config.task_events,
+        task_send_sent_event=config.task_events,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     import tasks.infer  # noqa: F401  (registers the tasks on the app)
