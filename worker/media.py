@@ -369,6 +369,9 @@ def _finish_audio(samples: np.ndarray, rate: int, policy: MediaPolicy, sampling_
 
 def _array_audio(value: dict, policy: MediaPolicy, sampling_rate: int) -> dict:
     rate = value.get("sampling_rate")
+    if rate is None and set(value) == {"array"}:
+        # A bare array (the client's encoding of pipe(numpy_array)) is at the model's rate, as in-process.
+        rate = sampling_rate
     if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
         raise MediaError(f"'sampling_rate' must be a positive integer, got {rate!r}")
     raw = value["array"] if "array" in value else value["raw"]

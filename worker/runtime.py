@@ -12,7 +12,7 @@ from producers.errors import UnknownDeployment
 from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
 from worker.metrics import DeploymentMetrics
 from worker.stages import is_stage_batch, run_stage
-from worker.shapes import batch_outputs, trim_padding
+from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,21 @@ class Runtime:
             if seed is not None:
                 with torch.inference_mode():
                     return run_seeded(pipe, payloads, params, seed)
+            groups = padding_free_groups(task, pipe, payloads)
+            if len(groups) > 1:
+                outputs: list[Any] = [None] * len(payloads)
+                for group in groups:
+                    for index, output in zip(group, run_batch([payloads[i] for i in group], params)):
+                        outputs[index] = output
+                return outputs
+
+            def fresh() -> list[Any]:
+                # Some pipelines pop keys from dict inputs (ASR), and a failed batch runs again.
+                return [dict(p) if isinstance(p, dict) else p for p in payloads]
+
             with torch.inference_mode():
                 try:
-                    raw = pipe(payloads, batch_size=len(payloads), **params)
+                    raw = pipe(fresh(), batch_size=len(payloads), **params)
                 except RuntimeError as error:
                     if len(payloads) < 2 or is_out_of_memory(error):
                         raise
@@ -140,7 +152,7 @@ class Runtime:
                     # cannot share a forward pass; run them one by one, as in-process batch_size=1 does.
                     logger.debug("deployment %s: batch of %d failed (%s); running items singly",
                                  name, len(payloads), error)
-                    raw = pipe(payloads, batch_size=1, **params)
+                    raw = pipe(fresh(), batch_size=1, **params)
             return trim_padding(task, pipe, payloads, batch_outputs(task, payloads, raw), params)
 
         def more_coming() -> bool:

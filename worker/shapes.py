@@ -37,6 +37,23 @@ def batch_outputs(task: str, payloads: list[Any], raw: Any) -> list[Any]:
     return raw
 
 
+def padding_free_groups(task: str, pipe: Any, payloads: list[Any]) -> list[list[int]]:
+    """Indices of the payloads that may share one forward pass, in groups.
+
+    A CTC speech model decodes its padding frames too, so a short clip batched
+    with a long one gets extra text; such clips batch only with clips of the
+    same length. Everything else is one group.
+    """
+    everything = [list(range(len(payloads)))]
+    if task != "automatic-speech-recognition" or getattr(pipe, "type", None) not in ("ctc", "ctc_with_lm"):
+        return everything
+    groups: dict[int, list[int]] = {}
+    for index, payload in enumerate(payloads):
+        raw = payload.get("raw") if isinstance(payload, dict) else None
+        groups.setdefault(-1 if raw is None else len(raw), []).append(index)
+    return list(groups.values())
+
+
 def _token_count(pipe: Any, text: Any, params: dict[str, Any]) -> int:
     tokenize_kwargs = dict(params.get("tokenize_kwargs") or {})
     if "truncation" in params:
