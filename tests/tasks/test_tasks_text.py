@@ -29,6 +29,10 @@ DEPLOYMENTS = {
     "tt-fe": ("feature-extraction", "feature-extraction"),
     "tt-tok": ("token-classification", "token-classification"),
     "tt-fill": ("fill-mask", "fill-mask"),
+    "tt-t2t": ("text2text-generation", "summarization"),
+    "tt-tr": ("translation", "summarization"),
+    "tt-ner": ("ner", "token-classification"),
+    "tt-sent": ("sentiment-analysis", "text-classification"),
 }
 
 
@@ -72,6 +76,15 @@ CASES = [
     ("tt-sum", ARTICLE, {}),
     ("tt-sum", [ARTICLE, TEXTS[1]], {"num_beams": 2, "max_new_tokens": 6}),
     ("tt-sum", ARTICLE, {"min_length": 8, "max_length": 12}),
+    # text2text-generation and translation (pipefleet's v4 pipelines, on the tiny T5).
+    ("tt-t2t", ARTICLE, {"max_new_tokens": 5}),
+    ("tt-t2t", [ARTICLE, TEXTS[0]], {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 4}),
+    ("tt-tr", TEXTS[1], {}),
+    ("tt-tr", TEXTS[:2], {"max_new_tokens": 4}),
+    # The task aliases ner and sentiment-analysis.
+    ("tt-ner", "Alice lives in Paris", {"aggregation_strategy": "simple"}),
+    ("tt-sent", TEXTS[2], {}),
+    ("tt-sent", TEXTS[:2], {}),
     # question-answering: one, a list, top_k, long context with doc_stride.
     ("tt-qa", {"question": "where does alice live?", "context": CONTEXT}, {}),
     ("tt-qa", [{"question": "who visited rome?", "context": CONTEXT},
