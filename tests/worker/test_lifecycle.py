@@ -9,9 +9,10 @@ import time
 import pytest
 
 from producers.fleet import fleet_snapshot
+from tests.fault_pipelines import SLOW_MARKER, SLOW_S_ENV
 from tests.fleet import REPO_ROOT, wait_for_worker, worker_env
 
-SLOW = "tests.slow_pipelines.SlowTextClassificationPipeline"
+SLOW = "tests.fault_pipelines.SlowTextClassification"
 HEARTBEAT_TTL_S = 2
 
 
@@ -23,7 +24,7 @@ def two_workers(module_fleet, model_dir):
           "max_batch_wait_ms": 50, "pipeline_kwargs": {"pipeline_class": SLOW}}],
         heartbeat_ttl_s=HEARTBEAT_TTL_S, heartbeat_interval_s=0.5,
     )
-    env = {"PIPEFLEET_TEST_FORWARD_SLEEP_S": "0.5"}
+    env = {SLOW_S_ENV: "0.5"}
     first = module_fleet.worker(config, deployments=["lc-slow"], env=env, args=["--concurrency", "4"], wait=False)
     second = module_fleet.worker(config, deployments=["lc-slow"], env=env, args=["--concurrency", "4"])
     wait_for_worker(first, module_fleet.server.client(0))
@@ -46,7 +47,7 @@ def test_health_check_passes_for_a_live_worker_and_fails_otherwise(two_workers):
 def test_sigterm_during_a_batch_loses_no_job(module_fleet, two_workers):
     first, second = two_workers["first"], two_workers["second"]
     with module_fleet.client() as client:
-        jobs = [client.submit(deployment="lc-slow", inputs=[f"job {i}"]) for i in range(24)]
+        jobs = [client.submit(deployment="lc-slow", inputs=[f"{SLOW_MARKER} job {i}"]) for i in range(24)]
         time.sleep(0.8)  # both workers are inside a slow forward pass now
         assert first.terminate(timeout_s=60) == 0, first.log()[-3000:]
         results = [job.result(timeout=90) for job in jobs]
@@ -75,9 +76,9 @@ def test_warm_shutdown_hands_unstarted_jobs_back_to_the_queue(module_fleet, two_
     config = two_workers["config"]
     redis = module_fleet.server.client(0)
     lone = module_fleet.worker(config, deployments=["lc-slow"], args=["--concurrency", "2"],
-                               env={"PIPEFLEET_TEST_FORWARD_SLEEP_S": "1.0"})
+                               env={SLOW_S_ENV: "1.0"})
     with module_fleet.client() as client:
-        jobs = [client.submit(deployment="lc-slow", inputs=[f"lone {i}"]) for i in range(8)]
+        jobs = [client.submit(deployment="lc-slow", inputs=[f"{SLOW_MARKER} lone {i}"]) for i in range(8)]
         time.sleep(1.0)
         assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
         finished = [job for job in jobs if job.status().state.value == "SUCCESS"]
