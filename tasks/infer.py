@@ -17,7 +17,7 @@ from celery.exceptions import Ignore
 from pydantic import ValidationError
 
 from producers.codec import encode_output
-from producers.constants import CANCEL_KEY_PREFIX, INFER_TASK
+from producers.constants import INFER_TASK
 from producers.errors import (InvalidInput, JobCancelled, JobError, JobTimeout, PayloadTooLarge,
                               PipefleetError, UnknownDeployment)
 from producers.payloads import load_payload
@@ -115,8 +115,6 @@ def infer(self, spec: dict) -> dict:
     try:
         try:
             job = parse_spec(spec)
-            if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job.job_id or job_id}"):
-                raise JobCancelled(f"job {job.job_id or job_id} was cancelled")
             served = runtime.served(job.deployment)
             _check_model(job, served)
             inputs = _resolve_inputs(job, runtime)
@@ -136,6 +134,7 @@ def infer(self, spec: dict) -> dict:
             batch_params = dict(call_params, **({"seed": params["seed"]} if "seed" in params else {}))
             # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
             futures = served.batcher.submit(job_id, prepared, batch_params, deadline=deadline_mono,
+                                            cancel_id=job.job_id,
                                             partial=job.partial or job.chunk_index is not None)
         finally:
             if isinstance(deployment_name, str):

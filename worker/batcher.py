@@ -51,6 +51,8 @@ class PendingItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None
     partial: bool = False
+    cancel_id: str | None = None
+    """The id a client cancels by (a chunked job's id for its chunks); defaults to ``job_id``."""
 
 
 def _params_key(params: dict[str, Any]) -> str:
@@ -72,14 +74,14 @@ class Batcher:
 
     def __init__(self, name: str, run_batch: RunBatch, *, max_batch_size: int, max_batch_wait_ms: float,
                  more_coming: Callable[[], bool] = lambda: False,
-                 is_cancelled: Callable[[str], bool] = lambda job_id: False,
+                 find_cancelled: Callable[[list[PendingItem]], set[str]] = lambda items: set(),
                  metrics: DeploymentMetrics | None = None) -> None:
         self.name = name
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000.0
         self.more_coming = more_coming
-        self.is_cancelled = is_cancelled
+        self.find_cancelled = find_cancelled
         self.metrics = metrics or DeploymentMetrics(name)
         self._groups: "collections.OrderedDict[str, tuple[dict, collections.deque[PendingItem]]]" = (
             collections.OrderedDict())
@@ -90,11 +92,11 @@ class Batcher:
         self._runner = runner
 
     def submit(self, job_id: str, payloads: list[Any], params: dict[str, Any], *,
-               deadline: float | None = None, partial: bool = False) -> list[Future]:
+               deadline: float | None = None, partial: bool = False, cancel_id: str | None = None) -> list[Future]:
         """Queue a job's items; returns one future per item, in order."""
         if self._runner is None:
             raise RuntimeError(f"batcher {self.name} is not attached to a device runner")
-        items = [PendingItem(job_id, i, payload, deadline=deadline, partial=partial)
+        items = [PendingItem(job_id, i, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
                  for i, payload in enumerate(payloads)]
         key = _params_key(params)
         with self._runner.condition:
@@ -143,12 +145,12 @@ class Batcher:
     def execute(self, params: dict[str, Any], batch: list[PendingItem]) -> None:
         """Run one batch with cancellation, isolation and OOM back-off; never raises."""
         now = time.monotonic()
+        waiting = [item for item in batch if not item.future.done()]
+        cancelled = self.find_cancelled(waiting) if waiting else set()
         live = []
-        for item in batch:
-            if item.future.done():
-                continue
-            if self.is_cancelled(item.job_id):
-                item.future.set_exception(JobCancelled(f"job {item.job_id} was cancelled"))
+        for item in waiting:
+            if item.job_id in cancelled:
+                item.future.set_exception(JobCancelled(f"job {item.cancel_id or item.job_id} was cancelled"))
             elif item.deadline is not None and now > item.deadline:
                 item.future.set_exception(JobTimeout(f"job {item.job_id} passed its deadline before it ran"))
             else:
