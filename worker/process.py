@@ -14,7 +14,7 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from config import FleetConfig, load_config
-from producers.constants import PRIORITY_STEPS, QUEUE_PREFIX, queue_name
+from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, queue_name
 from producers.errors import ConfigError
 from producers.schemas import DeploymentAd
 from worker.advertise import Advertiser
@@ -22,6 +22,13 @@ from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
 
 logger = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""How long a job thread may hold the GIL before the inference thread gets it back.
+
+Eager PyTorch releases the GIL around every op; with CPython's default 5 ms
+interval, dozens of busy job threads stall the device thread between ops.
+"""
 
 MAX_DEFAULT_CONCURRENCY = 512
 """Upper bound of the default job-thread count."""
@@ -110,6 +117,7 @@ def load_deployments(config: FleetConfig, names: list[str], runtime: Runtime) ->
 def run_worker(args: argparse.Namespace) -> int:
     """Load the deployments, then run a Celery worker (threads pool) on their queues."""
     configure_logging(args.loglevel, json_lines=args.log_json)
+    sys.setswitchinterval(float(os.environ.get("PIPEFLEET_SWITCH_INTERVAL_S", GIL_SWITCH_INTERVAL_S)))
     try:
         config = load_config(args.config)
         names = args.deployment or [d.name for d in config.deployments]
@@ -147,7 +155,19 @@ def run_worker(args: argparse.Namespace) -> int:
             return False
 
     runtime.queue_has_ready = queue_has_ready
-    runtime.is_cancelled = lambda job_id: job_id in worker_state.revoked
+    def find_cancelled(items) -> set[str]:
+        # One round trip per batch, not per job: revoked ids are in memory, cancel flags in Redis.
+        gone = {item.job_id for item in items if item.job_id in worker_state.revoked}
+        parents = list(dict.fromkeys(item.cancel_id or item.job_id for item in items))
+        try:
+            flags = runtime.redis.mget([f"{CANCEL_KEY_PREFIX}{parent}" for parent in parents])
+        except redis_lib.RedisError as error:
+            logger.warning("cannot read cancel flags (%s); running the batch", error)
+            return gone
+        flagged = {parent for parent, flag in zip(parents, flags) if flag}
+        return gone | {item.job_id for item in items if (item.cancel_id or item.job_id) in flagged}
+
+    runtime.find_cancelled = find_cancelled
     set_runtime(runtime)
     runtime.start()
 

@@ -92,7 +92,7 @@ class Runtime:
         self.runners: dict[str, DeviceRunner] = {}
         self.tracker = JobTracker()
         self.queue_has_ready: Any = lambda deployment: False
-        self.is_cancelled: Any = lambda job_id: False
+        self.find_cancelled: Any = lambda items: set()
         self.redis: Any = None
         self._media_policies: dict[str, Any] = {}
 
@@ -160,7 +160,7 @@ class Runtime:
 
         batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
                           max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
-                          is_cancelled=lambda job_id: self.is_cancelled(job_id), metrics=metrics)
+                          find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics)
         runner = self.runners.get(device)
         if runner is None:
             runner = self.runners[device] = DeviceRunner(device)
