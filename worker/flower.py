@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     port = flower_app.start_http_server()
     logger.info("Flower on http://%s:%s (broker %s, auth %s)", options.address, port,
                 app.connection().as_uri(), "basic" if pairs else "OFF")
+    # Workers send task events only while someone watches; Flower's own timer first asks after 5 s.
+    flower_app.io_loop.add_callback(flower_app.events.on_enable_events)
     try:
         flower_app.start()
     except (KeyboardInterrupt, SystemExit):

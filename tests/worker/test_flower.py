@@ -37,6 +37,20 @@ def _wait_until(predicate, timeout_s: float = 30, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _flower_sees_a_probe(client, base: str) -> bool:
+    """Workers send task events only once Flower has asked; a probe job shows when they do."""
+    import json
+
+    probe = client.submit(deployment="fl-tc", inputs="probe")
+    probe.result(timeout=60)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if probe.id in json.loads(_get(f"{base}/api/tasks")[1]):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 @pytest.fixture(scope="module")
 def served(module_fleet, model_dir):
     model = str(model_dir("text-classification"))
@@ -89,6 +103,7 @@ def test_jobs_show_by_deployment_with_readable_args(module_fleet, served, flower
     import json
 
     with module_fleet.client() as client:
+        _wait_until(lambda: _flower_sees_a_probe(client, flower), 40, "Flower to receive task events")
         jobs = [client.submit(deployment="fl-tc", inputs=[f"flower job {i}", "second"]) for i in range(3)]
         for job in jobs:
             job.result(timeout=60)
