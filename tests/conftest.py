@@ -81,8 +81,13 @@ class Fleet:
         return FleetClient(self.broker_url, self.result_backend, discovery_ttl_s=0.5, **kwargs)
 
     def stop(self) -> None:
+        """Kill the workers and withdraw their advertisements, so later tests never see them."""
+        redis_client = self.server.client(int(self.broker_url.rsplit("/", 1)[1]))
         for worker in self.workers:
             worker.kill()
+            stale = redis_client.keys(f"pipefleet:ad:*:{worker.name}")
+            if stale:
+                redis_client.delete(*stale)
 
 
 @pytest.fixture
