@@ -129,7 +129,8 @@ def forward(self, *, deployment: str, job_id: str, index: int, window: dict, par
             served = runtime.served(deployment)
             [encoded] = load_payload(runtime.redis, PayloadRef.model_validate(window))
             model_inputs = decode_model_io(encoded)
-            [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params))
+            [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params),
+                                             cancel_id=job_id)
         finally:
             runtime.tracker.handed_over(deployment, task_id)
             runtime.wake(deployment)

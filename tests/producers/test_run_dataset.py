@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +25,11 @@ def rows(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def model(module_fleet, model_dir):
-    path = str(model_dir(TASK))
+def model(module_fleet, model_dir, tmp_path_factory):
+    # A model path of its own: --task/--model must match only this module's deployment, not stale ads
+    # of other modules' workers serving the same tiny model.
+    path = str(tmp_path_factory.mktemp("ds-model") / "text-classification")
+    shutil.copytree(model_dir(TASK), path)
     config = module_fleet.config([{"name": "ds-tc", "task": TASK, "model": path, "max_batch_size": 16}])
     module_fleet.worker(config, deployments=["ds-tc"])
     return path

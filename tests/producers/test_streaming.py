@@ -129,7 +129,7 @@ def test_map_accepts_a_dataset_column_and_shows_progress(client, model, capsys):
 
 def test_pipeline_streams_generators_like_in_process(client, model):
     inputs = texts(40)
-    pipe = fleet_pipeline("text-classification", model=model, client=client)
+    pipe = fleet_pipeline("text-classification", model=model, client=client, deployment=DEPLOYMENT)
 
     def data():
         yield from inputs

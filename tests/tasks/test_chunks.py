@@ -40,7 +40,7 @@ def test_thousand_inputs_in_chunks_of_37_come_back_in_order(client, model):
     inputs = texts(1000)
     job = client.submit(deployment=DEPLOYMENT, inputs=inputs, chunk_size=37)
     result = job.result(timeout=120)
-    assert_same(result, local_pipeline("text-classification", model)(inputs))
+    assert_same(result, local_pipeline("text-classification", model)(inputs, batch_size=64))
     record = job._record()
     assert record["total"] == 1000 and len(record["chunk_ids"]) == 28
     workers = {client.celery.backend.get_task_meta(cid)["result"]["worker"] for cid in record["chunk_ids"]}
