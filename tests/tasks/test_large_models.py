@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.oracle import assert_same, local_pipeline
+from tests.tasks.private_models import private_models
 
 TEXTS = ["the cat sat on the mat", "a stormy night over the sea", "I love this film"]
 #: bfloat16 keeps 8 bits of mantissa; the fleet and in-process run the same kernels, but batching differs.
@@ -18,9 +19,11 @@ FLOAT16_TOLERANCE = 5e-3
 
 
 @pytest.fixture(scope="module")
-def cpu_fleet(module_fleet, model_dir):
+def cpu_fleet(module_fleet, model_dir, tmp_path_factory):
     """One CPU worker: a bfloat16, a float16 and a device_map="auto" deployment."""
-    tc, gen = str(model_dir("text-classification")), str(model_dir("text-generation"))
+    paths = private_models(model_dir, tmp_path_factory.mktemp("models-large"),
+                           {"tc": "text-classification", "gen": "text-generation"})
+    tc, gen = paths["tc"], paths["gen"]
     config = module_fleet.config([
         {"name": "lm-bf16", "task": "text-classification", "model": tc, "dtype": "bfloat16"},
         {"name": "lm-f16", "task": "text-classification", "model": tc, "dtype": "float16"},

@@ -19,6 +19,7 @@ import soundfile
 from producers import pipeline as fleet_pipeline
 from producers.errors import InvalidParams, JobError, MediaError, PipefleetError
 from tests.oracle import assert_same, local_pipeline
+from tests.tasks.private_models import private_models
 from tests.tasks.media_server import media_settings, serve_directory
 from tests.tiny_models.audio import SAMPLING_RATE
 
@@ -54,9 +55,10 @@ def base_url(data_root):
 
 
 @pytest.fixture(scope="module")
-def models(module_fleet, model_dir, data_root):
+def models(module_fleet, model_dir, data_root, tmp_path_factory):
     """Start one worker serving every audio deployment; returns deployment -> model path."""
-    paths = {name: str(model_dir(kind)) for name, (_, kind) in DEPLOYMENTS.items()}
+    paths = private_models(model_dir, tmp_path_factory.mktemp("models-audio"),
+                           {name: kind for name, (_, kind) in DEPLOYMENTS.items()})
     config = module_fleet.config([
         {"name": name, "task": task, "model": paths[name], "max_batch_size": 8}
         for name, (task, _) in DEPLOYMENTS.items()
