@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Iterator
 
 import redis as redis_lib
+from kombu.exceptions import OperationalError
 
 from producers.celery_app import make_celery
 from producers.codec import encode_input
@@ -49,6 +50,17 @@ def _json_size(value: Any, what: str) -> int:
         raise InvalidParams(f"{what} must not contain NaN or infinity") from error
     except TypeError as error:
         raise InvalidInput(f"{what} is not JSON-serialisable: {error}") from error
+
+
+def _spec_summary(spec: JobSpec, n_inputs: int) -> str:
+    """A short, readable description of a job for Flower: never the whole payload."""
+    if isinstance(spec.inputs, list):
+        first = json.dumps(spec.inputs[0])[:80] if spec.inputs else ""
+        inputs = f"{n_inputs} input(s), first: {first}"
+    else:
+        inputs = f"payload {spec.inputs.key}[{spec.inputs.start}:{spec.inputs.stop}]"
+    return (f"{{'deployment': {spec.deployment!r}, 'inputs': {inputs!r}, "
+            f"'params': {json.dumps(spec.params)[:200]}}}")
 
 
 class FleetClient:
@@ -97,8 +109,21 @@ class FleetClient:
             if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
                 raise FleetUnavailable(f"Redis at {self._safe_url()} needs a password: {error}") from error
             raise
-        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as error:
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError, OperationalError) as error:
             raise FleetUnavailable(f"cannot reach Redis at {self._safe_url()}: {error}") from error
+
+    def _check_access(self) -> None:
+        """Raise FleetUnavailable if Redis refuses our credentials; an outage is left to the retries.
+
+        Celery retries result-backend errors (so waits survive a Redis restart), and redis-py counts a
+        refused password as a connection error, so without this check a wrong password would be
+        retried for minutes instead of reported.
+        """
+        try:
+            self._redis_call(self.redis.ping)
+        except FleetUnavailable as error:
+            if isinstance(error.__cause__, (redis_lib.AuthenticationError, redis_lib.ResponseError)):
+                raise
 
     def _safe_url(self) -> str:
         url = self.broker_url
@@ -165,21 +190,25 @@ class FleetClient:
                                     payload_bytes=size)
         if info.claim_check_bytes is not None and size > info.claim_check_bytes:
             spec.inputs = self._redis_call(store_payload, self.redis, encoded, ttl_s=info.payload_ttl_s)
-        self._send(info, spec, job_id=job_id, priority=priority, deadline_ts=deadline_ts)
-        return Job(self, job_id, total=len(encoded), chunked=False)
+        sent = self._send(info, spec, job_id=job_id, priority=priority, deadline_ts=deadline_ts,
+                          n_inputs=len(encoded))
+        return Job(self, job_id, total=len(encoded), chunked=False, async_result=sent)
 
     def _send(self, info: DeploymentInfo, spec: JobSpec, *, job_id: str, priority: int | None,
-              deadline_ts: float | None) -> None:
+              deadline_ts: float | None, n_inputs: int) -> Any:
         options: dict[str, Any] = {
             "queue": info.queue,
             "task_id": job_id,
             "priority": DEFAULT_PRIORITY if priority is None else priority,
             "shadow": f"infer:{info.name}",
+            # What Flower shows; written here so Celery need not repr every payload.
+            "argsrepr": "()",
+            "kwargsrepr": _spec_summary(spec, n_inputs),
         }
         if deadline_ts is not None:
             options["expires"] = deadline_ts - time.time()
-        self._redis_call(self.celery.send_task, INFER_TASK, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
-                         **options)
+        return self._redis_call(self.celery.send_task, INFER_TASK,
+                                kwargs={"spec": spec.model_dump(exclude_defaults=True)}, **options)
 
     def map(self, iterable: Any, task: str | None = None, model: str | None = None, *, deployment: str | None = None,
             params: dict[str, Any] | None = None, chunk_size: int | None = None, max_in_flight: int = 4,

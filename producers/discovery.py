@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import redis as redis_lib
 from pydantic import ValidationError
 
 from producers.constants import AD_KEY_PREFIX
@@ -101,7 +102,16 @@ class DeploymentCache:
     def get(self, *, fresh: bool = False) -> list[DeploymentInfo]:
         """The live deployments, from cache unless stale or ``fresh``."""
         if fresh or time.monotonic() - self._read_at > self.ttl_s:
-            self._infos = group_ads(read_ads(self.redis))
+            try:
+                self._infos = group_ads(read_ads(self.redis))
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError) as error:
+                # Through a Redis restart, submit() keeps routing by what it last saw (publishing
+                # retries until Redis is back); a refused password is never papered over.
+                if fresh or not self._infos or isinstance(error, redis_lib.AuthenticationError):
+                    raise
+                logger.warning("Redis unreachable (%s); using the deployments read %.1f s ago",
+                               error, time.monotonic() - self._read_at)
+                return self._infos
             self._read_at = time.monotonic()
         return self._infos
 

@@ -49,6 +49,15 @@ def error_from_meta(result: Any) -> PipefleetError:
     return JobError(str(result))
 
 
+def _expired(result: Any) -> bool:
+    """True when Celery revoked the task because its ``expires`` (the job's deadline) passed."""
+    if isinstance(result, BaseException):
+        return "expired" in str(result)
+    if isinstance(result, dict):
+        return "expired" in str(result.get("exc_message", ""))
+    return False
+
+
 def _is_chord_error(result: Any) -> bool:
     """True when a chord callback failed because one of its chunks did (Celery's ChordError)."""
     if isinstance(result, dict):
@@ -59,11 +68,15 @@ def _is_chord_error(result: Any) -> bool:
 class Job:
     """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
 
-    def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None) -> None:
+    def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None,
+                 async_result: Any = None) -> None:
         self.client = client
         self.id = job_id
         self._total = total
         self._chunked = chunked
+        # Celery subscribed to the result channel when the job was sent; keeping its handle
+        # avoids an unsubscribe now and a resubscribe in result().
+        self._async_result = async_result
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -74,7 +87,8 @@ class Job:
 
     def status(self) -> JobStatus:
         """State, progress (``done``/``total`` items) and the error if it failed."""
-        meta = self.client.celery.backend.get_task_meta(self.id)
+        self.client._check_access()
+        meta = self.client._redis_call(self.client.celery.backend.get_task_meta, self.id)
         state = _CELERY_TO_STATE.get(meta.get("status"), JobState.PENDING)
         total, done = self._total, 0
         record = self._record() if self._chunked is not False else None
@@ -98,6 +112,8 @@ class Job:
                 exc = self._error(result)
                 if isinstance(exc, JobCancelled):
                     state = JobState.CANCELLED
+            elif _expired(result):
+                state, exc = JobState.FAILURE, JobTimeout("the job passed its deadline before a worker ran it")
             else:
                 exc = JobCancelled("the job was cancelled")
             error, error_type = str(exc), type(exc).__name__
@@ -105,15 +121,19 @@ class Job:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the output; raises the worker's error, or JobTimeout after ``timeout`` seconds."""
-        async_result = self.client.celery.AsyncResult(self.id)
+        self.client._check_access()
+        async_result = self._async_result or self.client.celery.AsyncResult(self.id)
         try:
-            value = async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+            value = self.client._redis_call(async_result.get, timeout=timeout, propagate=False,
+                                            disable_sync_subtasks=False)
         except CeleryTimeoutError:
             raise JobTimeout(f"job {self.id} did not finish within {timeout} s") from None
         state = async_result.state
         if state == "SUCCESS":
             return decode_output(value["outputs"] if isinstance(value, dict) and "outputs" in value else value)
         if state == "REVOKED":
+            if _expired(value):
+                raise JobTimeout(f"job {self.id} passed its deadline (timeout_s) before a worker ran it")
             raise JobCancelled(f"job {self.id} was cancelled")
         raise self._error(value)
 
