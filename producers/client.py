@@ -63,6 +63,13 @@ def _spec_summary(spec: JobSpec, n_inputs: int) -> str:
             f"'params': {json.dumps(spec.params)[:200]}}}")
 
 
+def _is_uuid4(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and uuid.UUID(value).version == 4
+    except ValueError:
+        return False
+
+
 class FleetClient:
     """Submits jobs to deployments that live workers advertise, and tracks them."""
 
@@ -175,6 +182,9 @@ class FleetClient:
                                   f"{info.max_payload_bytes}")
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= MAX_PRIORITY):
             raise InvalidParams(f"priority must be an integer from 0 (most urgent) to {MAX_PRIORITY}")
+        if job_id is not None and not _is_uuid4(job_id):
+            raise InvalidParams("job_id must be a random UUID4 string: results are readable by anyone who "
+                                "knows the id, so it must be unguessable")
         job_id = job_id or str(uuid.uuid4())
         deadline_ts = time.time() + timeout_s if timeout_s is not None else None
         chunk = chunk_size or info.chunk_size
