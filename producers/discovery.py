@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from producers.constants import AD_KEY_PREFIX
 from producers.errors import UnknownDeployment
-from producers.schemas import DeploymentAd, DeploymentInfo
+from producers.schemas import DeploymentAd, DeploymentInfo, DeploymentTerms
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,11 @@ def group_ads(ads: list[DeploymentAd]) -> list[DeploymentInfo]:
     for ad in ads:
         by_name.setdefault(ad.name, []).append(ad)
     infos = []
-    for name, group in sorted(by_name.items()):
+    for _, group in sorted(by_name.items()):
         first = max(group, key=lambda ad: ad.heartbeat_at)
-        infos.append(DeploymentInfo(
-            name=name, task=first.task, model=first.model, revision=first.revision, queue=first.queue,
-            workers=sorted(ad.worker for ad in group), devices=sorted({ad.device for ad in group}),
-            max_batch_size=first.max_batch_size, chunk_size=first.chunk_size,
-            max_inputs_per_job=first.max_inputs_per_job, max_payload_bytes=first.max_payload_bytes,
-            claim_check_bytes=first.claim_check_bytes, payload_ttl_s=first.payload_ttl_s,
-        ))
+        terms = first.model_dump(include=set(DeploymentTerms.model_fields))
+        infos.append(DeploymentInfo(**terms, workers=sorted(ad.worker for ad in group),
+                                    devices=sorted({ad.device for ad in group})))
     return infos
 
 

@@ -79,17 +79,13 @@ class ResultEnvelope(BaseModel):
     chunk_index: int | None = None
 
 
-class DeploymentAd(BaseModel):
-    """A worker's advertisement of one deployment it serves, refreshed by heartbeat."""
-
-    model_config = ConfigDict(extra="ignore")
+class DeploymentTerms(BaseModel):
+    """What a deployment serves and the limits it accepts jobs under."""
 
     name: str
     task: str
     model: str
     revision: str | None = None
-    worker: str
-    device: str
     queue: str
     max_batch_size: int = 1
     chunk_size: int | None = None
@@ -97,6 +93,15 @@ class DeploymentAd(BaseModel):
     max_payload_bytes: int | None = None
     claim_check_bytes: int | None = None
     payload_ttl_s: int = 86_400
+
+
+class DeploymentAd(DeploymentTerms):
+    """A worker's advertisement of one deployment it serves, refreshed by heartbeat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker: str
+    device: str
     pid: int = 0
     in_flight: int = 0
     pending_items: int = 0
@@ -104,24 +109,13 @@ class DeploymentAd(BaseModel):
     heartbeat_at: float = Field(default_factory=time.time)
 
 
-class DeploymentInfo(BaseModel):
+class DeploymentInfo(DeploymentTerms):
     """A live deployment as a client sees it: what it serves and which workers serve it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    task: str
-    model: str
-    revision: str | None = None
-    queue: str
     workers: list[str]
     devices: list[str]
-    max_batch_size: int = 1
-    chunk_size: int | None = None
-    max_inputs_per_job: int | None = None
-    max_payload_bytes: int | None = None
-    claim_check_bytes: int | None = None
-    payload_ttl_s: int = 86_400
 
 
 class JobStatus(BaseModel):
