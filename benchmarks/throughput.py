@@ -152,7 +152,7 @@ def main() -> int:
                 rate = args.n / run["seconds"]
                 results[f"naive Celery ({pool})"] = {"items_per_s": rate}
                 best = max(best or 0, rate)
-                check_outputs(f"naive {pool}", run["outputs"], ref1["outputs"], failures)
+                check_outputs(f"naive {pool}", run["outputs"], [[o] for o in ref1["outputs"]], failures)
             results["naive Celery (best)"] = {"items_per_s": best}
         with FreshFleet(server, model):
             run = producer("fleet", server, texts_file)

@@ -82,6 +82,7 @@ class FleetClient:
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
+        self._access_checked = False
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
@@ -124,13 +125,18 @@ class FleetClient:
 
         Celery retries result-backend errors (so waits survive a Redis restart), and redis-py counts a
         refused password as a connection error, so without this check a wrong password would be
-        retried for minutes instead of reported.
+        retried for minutes instead of reported. Once Redis has accepted us, the check is skipped:
+        it would cost a round trip per job.
         """
+        if self._access_checked:
+            return
         try:
             self._redis_call(self.redis.ping)
         except FleetUnavailable as error:
             if isinstance(error.__cause__, (redis_lib.AuthenticationError, redis_lib.ResponseError)):
                 raise
+            return
+        self._access_checked = True
 
     def _safe_url(self) -> str:
         url = self.broker_url
