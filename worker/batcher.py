@@ -233,6 +233,7 @@ class DeviceRunner:
         self.device = device
         self.condition = threading.Condition()
         self.batchers: list[Batcher] = []
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"pipefleet-device-{device}", daemon=True)
 
@@ -244,6 +245,19 @@ class DeviceRunner:
     def start(self) -> None:
         """Start the inference thread."""
         self._thread.start()
+
+    def call(self, function: Callable[[], Any]) -> Future:
+        """Run ``function`` on the inference thread between batches; returns its future.
+
+        Warm-up goes through here: a forward pass on another thread (such as the
+        main one) gives torch a second OpenMP thread team, and every later forward
+        pass on the inference thread then runs markedly slower on the CPU.
+        """
+        future: Future = Future()
+        with self.condition:
+            self._calls.append((function, future))
+            self.condition.notify()
+        return future
 
     def wake(self) -> None:
         """Re-evaluate flush rules now (a job handed over, or the queue changed)."""
@@ -257,9 +271,12 @@ class DeviceRunner:
             self.condition.notify()
         self._thread.join(timeout_s)
 
-    def _next_batch(self) -> tuple[Batcher, dict, list[PendingItem]] | None:
+    def _next_batch(self) -> tuple[Batcher, dict, list[PendingItem]] | tuple[None, Callable[[], Any], Future] | None:
         with self.condition:
             while not self._stopping:
+                if self._calls:
+                    function, future = self._calls.popleft()
+                    return None, function, future
                 now = time.monotonic()
                 wake_at = None
                 ordered = sorted(self.batchers, key=lambda b: (b._oldest() or (float("inf"),))[0])
@@ -278,6 +295,9 @@ class DeviceRunner:
             if picked is None:
                 break
             batcher, params, batch = picked
+            if batcher is None:
+                _run_call(params, batch)
+                continue
             try:
                 batcher.execute(params, batch)
             except Exception as error:  # the loop must never die, and no future may hang
@@ -287,3 +307,10 @@ class DeviceRunner:
                         item.future.set_exception(error)
         for batcher in self.batchers:
             batcher.fail_all(JobCancelled("the worker is shutting down"))
+
+
+def _run_call(function: Callable[[], Any], future: Future) -> None:
+    try:
+        future.set_result(function())
+    except Exception as error:
+        future.set_exception(error)

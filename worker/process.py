@@ -101,17 +101,27 @@ def _make_ads(runtime: Runtime):
 
 
 def load_deployments(config: FleetConfig, names: list[str], runtime: Runtime) -> None:
-    """Load and warm every selected deployment; raises ConfigError on the first failure."""
+    """Load every selected deployment; raises ConfigError on the first failure."""
     from worker.loading import load_pipeline
-    from worker.warmup import warm_up
 
     for name in names:
         deployment = config.deployment(name)
         started = time.perf_counter()
         pipe = load_pipeline(deployment)
-        if deployment.warmup:
-            warm_up(name, deployment.task, pipe)
         runtime.add(deployment, pipe, load_s=time.perf_counter() - started)
+
+
+def warm_up_deployments(runtime: Runtime) -> None:
+    """One forward pass per deployment, on its device's inference thread, before consuming."""
+    from worker.warmup import warm_up
+
+    for name, served in runtime.deployments.items():
+        if not served.config.warmup:
+            continue
+        started = time.perf_counter()
+        runner = runtime.runners[served.device]
+        runner.call(lambda s=served: warm_up(name, s.config.task, s.pipeline)).result()
+        served.metrics.model_load_s += time.perf_counter() - started
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -170,6 +180,7 @@ def run_worker(args: argparse.Namespace) -> int:
     runtime.find_cancelled = find_cancelled
     set_runtime(runtime)
     runtime.start()
+    warm_up_deployments(runtime)
 
     from tasks.app import configure_app
 
