@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         import redis as redis_lib
 
         worker = start_worker(config, STATE_DIR, deployments=["minilm"], name="demo-worker",
+                              env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)},
                               redis_client=redis_lib.Redis.from_url(f"{redis_url}/0"))
         with FleetClient(f"{redis_url}/0", f"{redis_url}/1") as client:
             _search(client, args.corpus)
