@@ -104,3 +104,10 @@ def module_fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     instance = Fleet(redis_server, tmp_path_factory.mktemp("fleet"))
     yield instance
     instance.stop()
+
+
+@pytest.fixture(scope="module")
+def client(module_fleet: Fleet):
+    """A :class:`producers.FleetClient` on the module's fleet."""
+    with module_fleet.client() as fleet_client:
+        yield fleet_client

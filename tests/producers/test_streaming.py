@@ -21,19 +21,13 @@ def texts(n: int) -> list[str]:
     return [f"{sentences[i % len(sentences)]} {i}" for i in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def model(module_fleet, model_dir):
     path = str(model_dir("text-classification"))
     config = module_fleet.config([{"name": DEPLOYMENT, "task": "text-classification", "model": path,
                                    "max_batch_size": 8}])
     module_fleet.worker(config, deployments=[DEPLOYMENT], args=["--concurrency", "8"])
     return path
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, model):
-    with module_fleet.client() as client:
-        yield client
 
 
 def test_map_over_a_generator_equals_in_process(client, model):

@@ -19,7 +19,7 @@ def texts(n: int) -> list[str]:
     return [f"{sentences[i % len(sentences)]} {i}" for i in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def model(module_fleet, model_dir):
     path = str(model_dir("text-classification"))
     config = module_fleet.config([{"name": DEPLOYMENT, "task": "text-classification", "model": path,
@@ -28,12 +28,6 @@ def model(module_fleet, model_dir):
     for _ in range(2):
         module_fleet.worker(config, deployments=[DEPLOYMENT], args=["--concurrency", "4"])
     return path
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, model):
-    with module_fleet.client() as client:
-        yield client
 
 
 def test_thousand_inputs_in_chunks_of_37_come_back_in_order(client, model):

@@ -22,7 +22,7 @@ def synthetic_audio(seconds: float) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def models(module_fleet, model_dir):
     paths = {ASR: str(model_dir("asr-ctc")), ZSC: str(model_dir("zero-shot-classification"))}
     config = module_fleet.config([
@@ -32,12 +32,6 @@ def models(module_fleet, model_dir):
     for _ in range(2):
         module_fleet.worker(config, deployments=[ASR, ZSC], args=["--concurrency", "3"])
     return paths
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, models):
-    with module_fleet.client() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ def deployments(module_fleet, model_dir):
     return models
 
 
-@pytest.fixture(scope="module")
-def client(module_fleet):
-    with module_fleet.client() as client:
-        yield client
-
-
 CASES = [
     ("text-classification", TEXTS[0], {}),
     ("text-classification", TEXTS, {}),

@@ -34,12 +34,6 @@ def cpu_fleet(module_fleet, model_dir, tmp_path_factory):
     return {"worker": worker, "text-classification": tc, "text-generation": gen}
 
 
-@pytest.fixture(scope="module")
-def client(module_fleet):
-    with module_fleet.client() as client:
-        yield client
-
-
 def run(client, name, inputs, params=None):
     return client.submit(deployment=name, inputs=inputs, params=params or {}).result(timeout=120)
 

@@ -72,12 +72,6 @@ def models(module_fleet, model_dir, data_root, tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def client(module_fleet):
-    with module_fleet.client() as client:
-        yield client
-
-
 def local(models, name):
     return local_pipeline(DEPLOYMENTS[name][0], models[name])
 

@@ -21,7 +21,7 @@ def model(model_dir):
     return str(model_dir("text-classification"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def worker(module_fleet, model):
     config = module_fleet.config([
         {"name": "bt-tc", "task": "text-classification", "model": model, "max_batch_size": 16,
@@ -33,12 +33,6 @@ def worker(module_fleet, model):
         {"name": "bt-idle", "task": "text-classification", "model": model, "max_batch_wait_ms": 2000},
     ])
     return module_fleet.worker(config, env={"PIPEFLEET_TEST_SLOW_S": "1.5"})
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, worker):
-    with module_fleet.client() as client:
-        yield client
 
 
 def metrics(client, deployment):

@@ -36,7 +36,7 @@ GARBAGE = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4) | st.dic
     st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def served(module_fleet, model_dir):
     models = {kind: str(model_dir(kind)) for kind in
               ("text-classification", "text-generation", "image-classification", "asr-ctc")}
@@ -49,12 +49,6 @@ def served(module_fleet, model_dir):
     config = module_fleet.config(deployments, limits=LIMITS, media=MEDIA)
     worker = module_fleet.worker(config, deployments=[d["name"] for d in deployments])
     return {"models": models, "worker": worker}
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, served):
-    with module_fleet.client() as client:
-        yield client
 
 
 OUTCOMES: dict[str, int] = {}

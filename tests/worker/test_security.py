@@ -67,7 +67,7 @@ def media_server():
     httpd.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def served(module_fleet, model_dir, media_server):
     models = {kind: str(model_dir(kind)) for kind in ("text-classification", "image-classification")}
     deployments = [
@@ -79,12 +79,6 @@ def served(module_fleet, model_dir, media_server):
                                  media={"allowed_hosts": [LOOPBACK, "localhost"], "allow_private_hosts": [LOOPBACK]})
     worker = module_fleet.worker(config, deployments=["sec-tc", "sec-img"])
     return {"models": models, "worker": worker}
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, served):
-    with module_fleet.client() as client:
-        yield client
 
 
 def _forge(client, spec: dict, queue: str = "pipefleet.sec-tc"):

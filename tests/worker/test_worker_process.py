@@ -15,7 +15,7 @@ from tests.fleet import REPO_ROOT, worker_env
 from tests.oracle import assert_same, local_pipeline
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def served(module_fleet, model_dir):
     model = str(model_dir("text-classification"))
     config = module_fleet.config(
@@ -24,12 +24,6 @@ def served(module_fleet, model_dir):
     )
     worker = module_fleet.worker(config, deployments=["wp-tc"], gpu="3")
     return {"model": model, "worker": worker, "config": config}
-
-
-@pytest.fixture(scope="module")
-def client(module_fleet, served):
-    with module_fleet.client() as client:
-        yield client
 
 
 def test_worker_pins_cuda_visible_devices_from_gpu_flag(client, served):
