@@ -47,3 +47,15 @@ def local_pipeline(task: str, model: str, **kwargs: Any):
 
     register_all()
     return pipeline(task, model=model, **kwargs)
+
+
+def run_job(client: Any, deployment: str, inputs: Any, params: dict[str, Any] | None = None) -> Any:
+    """Submit one job to ``deployment`` and wait for its result."""
+    return client.submit(deployment=deployment, inputs=inputs, params=params or {}).result(timeout=120)
+
+
+def case_id(case: tuple[str, Any, dict[str, Any]]) -> str:
+    """A readable pytest id for a ``(deployment, inputs, params)`` case."""
+    name, inputs, params = case
+    shape = "list" if isinstance(inputs, list) else "single"
+    return f"{name}-{shape}-{'-'.join(sorted(params)) or 'default'}"

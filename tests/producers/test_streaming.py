@@ -11,14 +11,10 @@ import pytest
 from producers import pipeline as fleet_pipeline
 from producers.constants import queue_name
 from tests.oracle import assert_same, local_pipeline
-from tests.tiny_models.text import corpus
+from tests.tiny_models.text import numbered_texts as texts
 
 DEPLOYMENT = "stream-tc"
 
-
-def texts(n: int) -> list[str]:
-    sentences = corpus()
-    return [f"{sentences[i % len(sentences)]} {i}" for i in range(n)]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,15 +8,11 @@ import pytest
 
 from producers import ChunkFailed, JobCancelled, JobState
 from tests.oracle import assert_same, local_pipeline
-from tests.tiny_models.text import corpus
+from tests.tiny_models.text import numbered_texts as texts
 
 DEPLOYMENT = "chunk-tc"
 LONG_TEXT = " ".join(["word"] * 400)  # longer than the tiny model's 128 positions: its forward pass fails
 
-
-def texts(n: int) -> list[str]:
-    sentences = corpus()
-    return [f"{sentences[i % len(sentences)]} {i}" for i in range(n)]
 
 
 @pytest.fixture(scope="module", autouse=True)

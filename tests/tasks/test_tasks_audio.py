@@ -19,6 +19,7 @@ import soundfile
 from producers import pipeline as fleet_pipeline
 from producers.errors import InvalidParams, JobError, MediaError, PipefleetError
 from tests.oracle import assert_same, local_pipeline
+from tests.oracle import case_id as _case_id, run_job as run
 from tests.tasks.private_models import private_models
 from tests.tasks.media_server import media_settings, serve_directory
 from tests.tiny_models.audio import SAMPLING_RATE
@@ -71,9 +72,6 @@ def local(models, name):
     return local_pipeline(DEPLOYMENTS[name][0], models[name])
 
 
-def run(client, name, inputs, params=None):
-    return client.submit(deployment=name, inputs=inputs, params=params or {}).result(timeout=120)
-
 
 def _with_rate(array: np.ndarray) -> dict:
     return {"raw": array, "sampling_rate": SAMPLING_RATE}
@@ -94,11 +92,6 @@ CASES = [
     ("ta-cls", AUDIO[1], {"function_to_apply": "sigmoid"}),
 ]
 
-
-def _case_id(case) -> str:
-    name, inputs, params = case
-    shape = "list" if isinstance(inputs, list) else "single"
-    return f"{name}-{shape}-{'-'.join(sorted(params)) or 'default'}"
 
 
 @pytest.mark.parametrize(("name", "inputs", "params"), CASES, ids=[_case_id(c) for c in CASES])

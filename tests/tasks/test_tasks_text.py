@@ -10,6 +10,7 @@ import pytest
 from producers import pipeline as fleet_pipeline
 from producers.errors import InvalidParams, JobError, PipefleetError
 from tests.oracle import assert_same, local_pipeline
+from tests.oracle import case_id as _case_id, run_job as run
 from tests.tasks.private_models import private_models
 from tests.tiny_models import text
 
@@ -53,9 +54,6 @@ def models(module_fleet, model_dir, tmp_path_factory):
 def local(models, name):
     return local_pipeline(DEPLOYMENTS[name][0], models[name])
 
-
-def run(client, name, inputs, params):
-    return client.submit(deployment=name, inputs=inputs, params=params).result(timeout=120)
 
 
 MASK = "[MASK]"
@@ -121,11 +119,6 @@ CASES = [
     ("tt-fill", f"the {MASK} sat on the {MASK}", {"top_k": 2}),
 ]
 
-
-def _case_id(case) -> str:
-    name, inputs, params = case
-    shape = "list" if isinstance(inputs, list) else "single"
-    return f"{name}-{shape}-{'-'.join(sorted(params)) or 'default'}"
 
 
 @pytest.mark.parametrize(("name", "inputs", "params"), CASES, ids=[_case_id(c) for c in CASES])

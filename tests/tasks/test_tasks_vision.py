@@ -16,6 +16,7 @@ from PIL import Image
 from producers import pipeline as fleet_pipeline
 from producers.errors import InvalidParams, JobError, MediaError, PipefleetError
 from tests.oracle import assert_same, local_pipeline
+from tests.oracle import case_id as _case_id, run_job as run
 from tests.tasks.private_models import private_models
 from tests.tasks.media_server import media_settings, serve_directory
 
@@ -76,9 +77,6 @@ def local(models, name):
     return local_pipeline(DEPLOYMENTS[name][0], models[name])
 
 
-def run(client, name, inputs, params=None):
-    return client.submit(deployment=name, inputs=inputs, params=params or {}).result(timeout=120)
-
 
 def _tolerance(name: str) -> float:
     return VILT_TOLERANCE if name == "tv-vilt" else 1e-4
@@ -108,11 +106,6 @@ CASES = [
      {"max_new_tokens": 4}),
 ]
 
-
-def _case_id(case) -> str:
-    name, inputs, params = case
-    shape = "list" if isinstance(inputs, list) else "single"
-    return f"{name}-{shape}-{'-'.join(sorted(params)) or 'default'}"
 
 
 @pytest.mark.parametrize(("name", "inputs", "params"), CASES, ids=[_case_id(c) for c in CASES])

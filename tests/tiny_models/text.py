@@ -310,3 +310,9 @@ def build_question_answering(directory: Path) -> None:
 
     tokenizer = bert_tokenizer(model_max_length=QA_MODEL_MAX_LENGTH)
     _save(BertForQuestionAnswering, _bert_config(tokenizer), tokenizer, directory)
+
+
+def numbered_texts(n: int) -> list[str]:
+    """``n`` distinct sentences from the corpus, each ending in its index."""
+    sentences = corpus()
+    return [f"{sentences[i % len(sentences)]} {i}" for i in range(n)]
