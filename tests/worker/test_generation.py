@@ -8,13 +8,16 @@ is in-process ``transformers.pipeline`` on the same model.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from producers import InvalidParams, JobCancelled, JobState, JobTimeout
 from producers import pipeline as fleet_pipeline
 from producers.schemas import EventKind
+from tests.fleet import free_port
 from tests.oracle import assert_same, local_pipeline
+from tests.worker.test_prometheus import _scrape, _value
 from tests.tasks.private_models import private_models
 
 PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog and runs far away", "a stormy night"]
@@ -22,6 +25,7 @@ CHAT = [{"role": "user", "content": "where does alice live?"}]
 CHAT_TURNS = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "hi"},
               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what about bob?"}]
 GREEDY = {"do_sample": False}
+METRICS_PORT = free_port()
 #: The tiny Llama does not end this prompt's greedy continuation within 2,000 tokens (others stop early).
 LONG_PROMPT = "hello"
 
@@ -36,7 +40,7 @@ def model(module_fleet, model_dir, tmp_path_factory):
         {"name": "gen-cb", "task": "text-generation", "model": path, "continuous_batching": True,
          "continuous_batching_options": {"max_batch_tokens": 256, "num_blocks": 32, "page_size": 64}},
     ])
-    module_fleet.worker(config, deployments=["gen-static", "gen-cb"])
+    module_fleet.worker(config, deployments=["gen-static", "gen-cb"], args=["--metrics-port", str(METRICS_PORT)])
     return path
 
 
@@ -188,3 +192,24 @@ def test_deadline_stops_a_long_generation(client, model):
         job.result(timeout=120)
     with pytest.raises(JobTimeout):
         list(job.stream(timeout_s=30))
+
+
+def test_metrics_show_running_requests_kv_cache_and_tokens(client, model):
+    job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY})
+    next(event for event in job.events(timeout_s=120) if event.kind is EventKind.TEXT)
+    labels = {"deployment": "gen-cb"}
+
+    def scrape_until(predicate):
+        for _ in range(100):
+            samples = _scrape(METRICS_PORT)
+            if predicate(samples):
+                return samples
+            time.sleep(0.05)
+        raise AssertionError("the gauges never showed the running request")
+
+    scrape_until(lambda s: _value(s, "pipefleet_running_requests", **labels) >= 1
+                 and _value(s, "pipefleet_kv_cache_usage_ratio", **labels) > 0)
+    job.cancel()
+    samples = scrape_until(lambda s: _value(s, "pipefleet_running_requests", **labels) == 0)
+    assert _value(samples, "pipefleet_generated_tokens_total", **labels) > 0
+    assert _value(samples, "pipefleet_generated_tokens_per_second", **labels) > 0
