@@ -101,7 +101,7 @@ def plan_request(pipe: Any, params: dict[str, Any], options: Any, default_max_ne
         if name not in supported_sampling:
             raise InvalidParams(f"param {name!r} cannot be set per request on this engine; set it in "
                                 f"continuous_batching_options.{name}")
-        sampling[name] = generate[name]
+        sampling[name] = int(generate[name]) if name == "top_k" else float(generate[name])
     n = generate.get("num_return_sequences") or 1
     if n > 1 and not options.do_sample:
         raise InvalidParams("param 'num_return_sequences' > 1 needs sampling; this deployment's continuous "
@@ -136,6 +136,8 @@ class ContinuousBatcher:
         self.supported_sampling: set[str] = set()
         self._requests: dict[str, tuple[_Prompt, int]] = {}
         self._lock = threading.Lock()
+        # Job threads tokenize their prompts; the Rust tokenizer takes one caller at a time.
+        self._tokenizer_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._collect, name=f"pipefleet-cb-{self.name}", daemon=True)
         defaults = getattr(pipe, "_generation_defaults", {}) or {}
@@ -214,8 +216,9 @@ class ContinuousBatcher:
         prompts = []
         for index, payload in enumerate(payloads):
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
-            model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
-                                                **{**self.pipe._preprocess_params, **plan.preprocess})
+            with self._tokenizer_lock:
+                model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
+                                                    **{**self.pipe._preprocess_params, **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
             prompts.append(_Prompt(item, plan, model_inputs, ids))
@@ -294,7 +297,9 @@ class ContinuousBatcher:
         padded = [sequence + [pad] * (width - len(sequence)) for sequence in sequences]
         model_outputs = {"generated_sequence": torch.tensor([padded]), "input_ids": input_ids,
                          "prompt_text": prompt.model_inputs["prompt_text"]}
-        return self.pipe.postprocess(model_outputs, **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
+        with self._tokenizer_lock:
+            return self.pipe.postprocess(model_outputs,
+                                         **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
 
     def _finish(self, prompt: _Prompt, *, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
