@@ -19,6 +19,7 @@ from producers.errors import ConfigError
 from producers.schemas import DeploymentAd
 from worker.advertise import Advertiser
 from worker.consumer import BulkConsumer, bulk_consumer_step
+from worker.hotpath import HotPath
 from worker.kombu_layout import priority_queue_keys
 from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
@@ -193,20 +194,26 @@ def run_worker(args: argparse.Namespace) -> int:
         serve_metrics(runtime, metrics_port)
     concurrency = args.concurrency or default_concurrency(config, names)
     consumers: list[BulkConsumer] = []
+    hostname = f"{worker_name}@{socket.gethostname()}"
+
+    def hot_path(celery_consumer, on_finished):
+        return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
+                       events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished)
+
     app.steps["consumer"].add(bulk_consumer_step(
         broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
-        concurrency=concurrency, on_create=consumers.append))
+        concurrency=concurrency, on_create=consumers.append, hot_path=hot_path))
     # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
     # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(
         pool="threads", concurrency=concurrency, queues=[private_queue_name(worker_name)],
-        hostname=f"{worker_name}@{socket.gethostname()}", prefetch_multiplier=1, without_gossip=True,
+        hostname=hostname, prefetch_multiplier=1, without_gossip=True,
         loglevel=args.loglevel, optimization="fair",
     )
     try:
         worker.start()
     finally:
-        runtime.stop()
         for consumer in consumers:
             consumer.close()
+        runtime.stop()
     return worker.exitcode or 0
