@@ -235,7 +235,8 @@ def mismatches(request: ConstructionRequest, info: DeploymentInfo) -> list[str]:
     for key, value in request.model_kwargs.items():
         if c.model_kwargs.get(key) != value:
             found.append(f"model_kwargs[{key!r}]={value!r}")
-    found += [f"{key}={value!r}" for key, value in request.components.items()]
+    # A component loaded from the deployment's own model is the one it already uses.
+    found += [f"{key}={value!r}" for key, value in request.components.items() if value != info.model]
     if request.use_fast is False:
         found.append("use_fast=False")
     if request.pipeline_class and c.pipeline_class and request.pipeline_class != c.pipeline_class:

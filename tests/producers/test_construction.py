@@ -119,6 +119,8 @@ def test_component_objects_are_read_by_name(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(path)
     request, _ = split_construction(path, {"tokenizer": tokenizer})
     assert request.components == {}
+    by_name, _ = split_construction(None, {"tokenizer": "m"})
+    assert mismatches(by_name, _info()) == [] and mismatches(by_name, _info(model="other")) == ["tokenizer='m'"]
 
 
 def test_ads_of_older_workers_are_not_checked(caplog):
