@@ -34,7 +34,7 @@ def _quantization(model: Any) -> dict[str, Any] | None:
     if config is None:
         return None
     table = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return _jsonable(table)
+    return {k: v for k, v in _jsonable(table).items() if not k.startswith("_")}  # "_load_in_8bit" mirrors a key
 
 
 def _auto_dtype(deployment: Deployment, loaded: str | None) -> str | None:
