@@ -54,6 +54,15 @@ DEFAULT_PRIORITY = 6
 """Priority of a job that does not ask for one; interactive jobs can overtake it."""
 
 
+PRIVATE_QUEUE_PREFIX = "pipefleet-worker."
+"""``pipefleet-worker.<worker>``: the queue Celery's own consumer listens on (jobs never go there)."""
+
+
 def queue_name(deployment: str) -> str:
     """The Celery queue a deployment consumes."""
     return f"{QUEUE_PREFIX}{deployment}"
+
+
+def private_queue_name(worker: str) -> str:
+    """The private queue of one worker's Celery consumer."""
+    return f"{PRIVATE_QUEUE_PREFIX}{worker}"

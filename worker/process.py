@@ -14,11 +14,13 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from config import FleetConfig, load_config
-from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, queue_name
+from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
 from producers.schemas import Construction, DeploymentAd
 from worker.advertise import Advertiser
 from worker.construction import construction_facts
+from worker.consumer import BulkConsumer, bulk_consumer_step
+from worker.kombu_layout import priority_queue_keys
 from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
 
@@ -39,11 +41,6 @@ def default_concurrency(config: FleetConfig, names: list[str]) -> int:
     """Job threads: twice the sum of ``max_batch_size``, so one batch fills while another runs."""
     total = sum(config.deployment(name).max_batch_size for name in names)
     return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * total))
-
-
-def _priority_queue_keys(name: str) -> list[str]:
-    base = queue_name(name)
-    return [base] + [f"{base}\x06\x16{step}" for step in PRIORITY_STEPS if step]
 
 
 def _deployment_of(request) -> str | None:
@@ -157,7 +154,7 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"pipefleet worker: {error}", file=sys.stderr)
         return 3
     runtime.redis = redis_lib.Redis.from_url(config.broker_url)
-    queue_keys = {name: _priority_queue_keys(name) for name in names}
+    queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
 
     def queue_has_ready(name: str) -> bool:
         try:
@@ -199,8 +196,14 @@ def run_worker(args: argparse.Namespace) -> int:
 
         serve_metrics(runtime, metrics_port)
     concurrency = args.concurrency or default_concurrency(config, names)
+    consumers: list[BulkConsumer] = []
+    app.steps["consumer"].add(bulk_consumer_step(
+        broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
+        concurrency=concurrency, on_create=consumers.append))
+    # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
+    # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(
-        pool="threads", concurrency=concurrency, queues=[queue_name(n) for n in names],
+        pool="threads", concurrency=concurrency, queues=[private_queue_name(worker_name)],
         hostname=f"{worker_name}@{socket.gethostname()}", prefetch_multiplier=1, without_gossip=True,
         loglevel=args.loglevel, optimization="fair",
     )
@@ -208,4 +211,6 @@ def run_worker(args: argparse.Namespace) -> int:
         worker.start()
     finally:
         runtime.stop()
+        for consumer in consumers:
+            consumer.close()
     return worker.exitcode or 0
