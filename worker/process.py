@@ -16,8 +16,9 @@ from celery.worker import state as worker_state
 from config import FleetConfig, load_config
 from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
-from producers.schemas import DeploymentAd
+from producers.schemas import Construction, DeploymentAd
 from worker.advertise import Advertiser
+from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
 from worker.kombu_layout import priority_queue_keys
@@ -78,11 +79,14 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
 def _make_ads(runtime: Runtime):
     pid = os.getpid()
     started = time.time()
+    built: dict[str, Construction] = {}  # a loaded deployment never changes how it was built
 
     def make() -> list[DeploymentAd]:
         ads = []
         for name, served in runtime.deployments.items():
             d = served.config
+            if name not in built:
+                built[name] = construction_facts(d, served.pipeline)
             ads.append(DeploymentAd(
                 name=name, task=d.task, model=d.model, revision=d.revision, worker=runtime.worker_name,
                 device=served.device, queue=queue_name(name), max_batch_size=d.max_batch_size,
@@ -91,7 +95,7 @@ def _make_ads(runtime: Runtime):
                 claim_check_bytes=runtime.config.limits.claim_check_bytes,
                 payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
                 in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
-                pending_items=served.batcher.pending_count(),
+                pending_items=served.batcher.pending_count(), construction=built[name],
             ))
         return ads
 
