@@ -200,6 +200,10 @@ class ContinuousBatcher:
             logger.warning("deployment %s: warm-up failed (%s: %s); serving anyway", self.name,
                            type(error).__name__, error)
 
+    def withdraw(self, job_ids: set[str]) -> set[str]:
+        """Nothing to hand back: a job's prompts join the engine as soon as they are submitted."""
+        return set()
+
     def pending_count(self) -> int:
         """Prompts waiting or generating in the engine."""
         with self._lock:
