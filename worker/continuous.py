@@ -42,6 +42,9 @@ SWEEP_INTERVAL_S = 0.2
 CPU_DEFAULT_NUM_BLOCKS = 64
 """KV-cache pages on the CPU when the config names none (the engine would size it from all free RAM)."""
 
+MAX_OUTPUTS_PER_PASS = 4096
+"""Engine outputs the collector takes in one pass at most."""
+
 SAMPLING_PARAMS = ("temperature", "top_k", "top_p")
 """Sampling params the engine takes per request (``per_request_processors``) when it samples."""
 
@@ -250,8 +253,14 @@ class ContinuousBatcher:
         while not self._stopping.is_set():
             try:
                 output = self.manager.get_result(timeout=SWEEP_INTERVAL_S)
-                if output is not None:
-                    self._deliver(output)
+                outputs = [output] if output is not None else []
+                # Drain what else is ready: a lagging collector then does one pass per request, not per token.
+                while output is not None and len(outputs) < MAX_OUTPUTS_PER_PASS:
+                    output = self.manager.get_result(timeout=0)
+                    if output is not None:
+                        outputs.append(output)
+                if outputs:
+                    self._deliver(outputs)
                 if time.monotonic() - last_sweep >= SWEEP_INTERVAL_S:
                     last_sweep = time.monotonic()
                     self._sweep()
@@ -261,33 +270,45 @@ class ContinuousBatcher:
             except Exception:  # the collector must outlive any one bad output
                 logger.exception("deployment %s: continuous batching collector error", self.name)
 
-    def _deliver(self, output: Any) -> None:
+    def _deliver(self, outputs: list[Any]) -> None:
+        latest: dict[str, Any] = {}
+        for output in outputs:  # each output holds all tokens so far: the last one per request says it all
+            if output.request_id not in latest or output.is_finished():
+                latest[output.request_id] = output
+            elif not latest[output.request_id].is_finished():
+                latest[output.request_id] = output
         with self._lock:
-            entry = self._requests.get(output.request_id)
-        if entry is None:
-            return  # a cancelled request's last output
-        prompt, j = entry
-        tokens = list(output.generated_tokens)
-        new = len(tokens) - prompt.seen_tokens.get(j, 0)
-        prompt.seen_tokens[j] = len(tokens)
-        if new > 0:
-            self.metrics.observe_tokens(new)
-        if self.streams is not None and self.streams.streaming(prompt.item.job_id):
-            index = prompt.item.index * prompt.plan.num_return_sequences + j
-            self.streams.replace([((prompt.item.job_id, index), tokens)])
-        if not output.is_finished():
-            return
-        with self._lock:
-            self._requests.pop(output.request_id, None)
-        if output.error is not None:
-            self._finish(prompt, error=_engine_error(str(output.error)))
-            return
-        prompt.outputs[j] = tokens
-        if len(prompt.outputs) == prompt.plan.num_return_sequences:
-            try:
-                self._finish(prompt, result=self._postprocess(prompt))
-            except Exception as error:
-                self._finish(prompt, error=error)
+            entries = {rid: self._requests.get(rid) for rid in latest}
+        updates, finished, new_tokens = [], [], 0
+        for request_id, output in latest.items():
+            entry = entries[request_id]
+            if entry is None:
+                continue  # a cancelled request's last outputs
+            prompt, j = entry
+            tokens = list(output.generated_tokens)
+            new_tokens += max(0, len(tokens) - prompt.seen_tokens.get(j, 0))
+            prompt.seen_tokens[j] = len(tokens)
+            if self.streams is not None and self.streams.streaming(prompt.item.job_id):
+                updates.append(((prompt.item.job_id, prompt.item.index * prompt.plan.num_return_sequences + j),
+                                tokens))
+            if output.is_finished():
+                finished.append((request_id, output, prompt, j, tokens))
+        if new_tokens:
+            self.metrics.observe_tokens(new_tokens)
+        if updates:
+            self.streams.replace(updates)
+        for request_id, output, prompt, j, tokens in finished:
+            with self._lock:
+                self._requests.pop(request_id, None)
+            if output.error is not None:
+                self._finish(prompt, error=_engine_error(str(output.error)))
+                continue
+            prompt.outputs[j] = tokens
+            if len(prompt.outputs) == prompt.plan.num_return_sequences:
+                try:
+                    self._finish(prompt, result=self._postprocess(prompt))
+                except Exception as error:
+                    self._finish(prompt, error=error)
 
     def _postprocess(self, prompt: _Prompt) -> Any:
         import torch
