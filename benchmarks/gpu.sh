@@ -24,6 +24,7 @@ timeout "${GPU_TESTS_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider --
   | tee "$OUT/gpu-tests.log"
 timeout "${GPU_CEILING_S:-200}" python3 -m benchmarks.ceiling --model bert-base --gpu 0 --n "${GPU_N:-4000}" 2>&1 \
   | grep -v "Writing model\|Loading weights" | tee "$OUT/gpu-ceiling.log"
+cp .pipefleet/ceiling-results.json "$OUT/gpu-ceiling.json" 2>/dev/null || true
 if [ -f benchmarks/generation.py ] && [ "${GPU_SKIP_GENERATION:-0}" != 1 ]; then
   timeout "${GPU_GENERATION_S:-150}" python3 -m benchmarks.generation --device cuda --size 1b 2>&1 \
     | tee "$OUT/gpu-generation.log"
