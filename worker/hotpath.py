@@ -34,20 +34,17 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import redis as redis_lib
 from celery import states
 from celery.worker import state as worker_state
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
+from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("pipefleet.jobs")
-
-RETRY_DELAY_S = 0.5
-"""Pause before writing results again after a Redis error."""
 
 
 @dataclass(eq=False)
@@ -303,17 +300,13 @@ class HotPath:
                                                 encode=True)
                 meta["task_id"] = job.job_id
                 successes.append((backend.get_key_for_task(job.job_id), backend.encode(meta)))
-        while successes:
-            try:
-                pipe = backend.client.pipeline(transaction=False)
+        if successes:
+            def store(pipe: Any) -> None:
                 for key, value in successes:
                     pipe.setex(key, backend.expires, value)
                     pipe.publish(key, value)
-                pipe.execute()
-                break
-            except redis_lib.RedisError as error:
-                logger.warning("cannot store %d results (%s); retrying", len(successes), error)
-                time.sleep(RETRY_DELAY_S)
+
+            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs")
         for job, state, value in outcomes:
             if state == states.REVOKED:
                 backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)
