@@ -102,7 +102,7 @@ class HotPath:
         self._events = events
         self._on_finished = on_finished
         self._done: queue.SimpleQueue[HotJob | None] = queue.SimpleQueue()
-        self._deadlines: list[tuple[float, int, HotJob]] = []
+        self._deadlines: list[tuple[float, int, str]] = []
         self._deadline_cv = threading.Condition()
         self._sequence = 0
         self._live: dict[str, HotJob] = {}
@@ -211,7 +211,11 @@ class HotPath:
         if job.prepared.deadline_mono is not None:
             with self._deadline_cv:
                 self._sequence += 1
-                heapq.heappush(self._deadlines, (job.prepared.deadline_mono, self._sequence, job))
+                heapq.heappush(self._deadlines, (job.prepared.deadline_mono, self._sequence, job_id))
+                if len(self._deadlines) > 2 * len(self._live) + 1024:
+                    # Finished jobs leave their entry behind; drop them before the heap outgrows the live jobs.
+                    self._deadlines = [entry for entry in self._deadlines if entry[2] in self._live]
+                    heapq.heapify(self._deadlines)
                 self._deadline_cv.notify()
         return True
 
@@ -236,7 +240,10 @@ class HotPath:
                     self._deadline_cv.wait(timeout)
                 if self._stopping:
                     return
-                _, _, job = heapq.heappop(self._deadlines)
+                _, _, job_id = heapq.heappop(self._deadlines)
+            job = self._live.get(job_id)
+            if job is None:
+                continue
             with job.lock:
                 if job.finished:
                     continue
