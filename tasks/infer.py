@@ -49,7 +49,9 @@ def infer(self, spec: dict) -> dict:
                 future.cancel()
             raise JobTimeout(f"job passed its deadline with {len(not_done)} of {len(futures)} items unfinished")
         envelope = finish_job(prepared, collect_outputs(prepared, futures), runtime.worker_name)
-    except JobCancelled:
+    except JobCancelled as error:
+        if prepared is not None:
+            prepared.failed(error)
         if served is not None:
             served.metrics.observe_job("CANCELLED")
         self.backend.mark_as_revoked(job_id, "cancelled", request=self.request)
@@ -61,8 +63,10 @@ def infer(self, spec: dict) -> dict:
             raise chunk_failed(prepared.job, error) from None
         if not isinstance(error, PipefleetError):
             logger.exception("job %s on %s failed unexpectedly", job_id, deployment_name)
-            raise JobError(f"{type(error).__name__}: {error}") from None
-        raise
+            error = JobError(f"{type(error).__name__}: {error}")
+        if prepared is not None:
+            prepared.failed(error)
+        raise error from None
     served.metrics.observe_job("SUCCESS")
     job = prepared.job
     if job.chunk_index is not None:

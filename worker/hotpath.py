@@ -283,12 +283,16 @@ class HotPath:
             except Exception as error:
                 job.error = error
         error = job.error
+        if job.prepared is not None and isinstance(error, PipefleetError):
+            job.prepared.failed(error)  # the token stream ends with the job's error
         if isinstance(error, JobCancelled):
             return states.REVOKED, error
         if not isinstance(error, PipefleetError):
             logger.error("job %s on %s failed unexpectedly", job.job_id, job.deployment,
                          exc_info=(type(error), error, error.__traceback__))
             error = JobError(f"{type(error).__name__}: {error}")
+            if job.prepared is not None:
+                job.prepared.failed(error)
         return states.FAILURE, error
 
     def _commit(self, jobs: list[HotJob]) -> None:

@@ -85,13 +85,26 @@ class PreparedJob:
     prepared: list[Any]
     deadline_mono: float | None
 
+    @property
+    def streams(self) -> Any:
+        """The deployment's text streams when this job streams tokens (text generation, not a chunk)."""
+        return self.served.streams if self.job.chunk_index is None else None
+
     def submit(self) -> list[Future]:
         """Hand the items to the batcher; one future per item, in order."""
+        if self.streams is not None:
+            self.streams.begin(self.job_id)
         batch_params = dict(self.call_params, **({"seed": self.params["seed"]} if "seed" in self.params else {}))
         # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
         return self.served.batcher.submit(self.job_id, self.prepared, batch_params, deadline=self.deadline_mono,
                                           cancel_id=self.job.job_id,
                                           partial=self.job.partial or self.job.chunk_index is not None)
+
+
+    def failed(self, error: BaseException) -> None:
+        """The job failed or was cancelled after submit: its token stream ends with that error."""
+        if self.streams is not None:
+            self.streams.fail(self.job_id, error)
 
 
 def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
@@ -142,6 +155,7 @@ def collect_outputs(prepared: PreparedJob, futures: list[Future]) -> list[Any]:
 def finish_job(prepared: PreparedJob, outputs: list[Any], worker_name: str) -> dict:
     """Pool, encode and shape the outputs into the job's :class:`ResultEnvelope` (as a dict)."""
     params, job = prepared.params, prepared.job
+    raw_outputs = outputs
     if "pool" in params or "normalize" in params:
         outputs = [o if isinstance(o, dict) and "error" in o else
                    pool_output(o, pool=params.get("pool"), normalize=params.get("normalize", False))
@@ -152,5 +166,8 @@ def finish_job(prepared: PreparedJob, outputs: list[Any], worker_name: str) -> d
                             params=prepared.call_params)
     else:
         result = outputs
-    return ResultEnvelope(outputs=result, deployment=job.deployment, worker=worker_name, n_items=len(outputs),
-                          offset=job.offset, chunk_index=job.chunk_index).model_dump()
+    envelope = ResultEnvelope(outputs=result, deployment=job.deployment, worker=worker_name,
+                              n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index).model_dump()
+    if prepared.streams is not None:
+        prepared.streams.finish(prepared.job_id, prepared.prepared, raw_outputs, prepared.call_params)
+    return envelope
