@@ -95,13 +95,17 @@ def producer_main(argv: list[str]) -> int:
             time.sleep(0.001)
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
-        outputs = []
+        outputs: list = []
+        latencies: list[float] = []
         if args.mode == "burst":
             jobs = client.submit_many([{"deployment": "tiny", "inputs": text} for text in inputs]) \
                 if hasattr(client, "submit_many") else [client.submit(deployment="tiny", inputs=t) for t in inputs]
             outputs = [job.result(timeout=600) for job in jobs]
         elif args.mode == "loop":
-            outputs = [client.submit(deployment="tiny", inputs=text).result(timeout=60) for text in inputs]
+            for text in inputs:
+                began = time.perf_counter()
+                outputs.append(client.submit(deployment="tiny", inputs=text).result(timeout=60))
+                latencies.append(time.perf_counter() - began)
         else:
             window: list = []
             for text in inputs:
@@ -112,7 +116,8 @@ def producer_main(argv: list[str]) -> int:
         seconds = time.perf_counter() - started
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    json.dump({"seconds": seconds, "cpu_s": cpu_s, "n": len(outputs), "outputs": outputs}, sys.stdout)
+    json.dump({"seconds": seconds, "cpu_s": cpu_s, "n": len(outputs), "outputs": outputs,
+               "latencies": latencies}, sys.stdout)
     return 0
 
 
@@ -128,6 +133,17 @@ def _finish(proc: subprocess.Popen) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"producer failed:\n{err[-3000:]}")
     return json.loads(out)
+
+
+def in_process_latency_ms(model: Path, n: int, device: int = -1) -> float:
+    """p50 of sequential single-input calls of the in-process pipeline (after a warm-up)."""
+    code = ("import json,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
+            f"p=pipeline('text-classification',model={str(model)!r},device={device});t=texts({n});"
+            "[p(x) for x in t[:10]];d=[];\nfor x in t:\n s=time.perf_counter();p(x);d.append(time.perf_counter()-s)"
+            "\nd.sort();print(json.dumps({'p50':d[len(d)//2]}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}),
+                         capture_output=True, text=True, check=True)
+    return 1000 * json.loads(out.stdout.strip().splitlines()[-1])["p50"]
 
 
 def in_process(model: Path, n: int, device: int = -1, batch_size: int = 32) -> float:
@@ -171,6 +187,9 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                 seconds = max(r["seconds"] for r in results)
                 rows[label] = {"jobs_per_s": jobs / seconds, "worker_cpu_ms_per_job": 1000 * worker_cpu / jobs,
                                "producer_cpu_ms_per_job": 1000 * sum(r["cpu_s"] for r in results) / jobs}
+                latencies = sorted(x for r in results for x in r["latencies"])
+                if latencies:
+                    rows[label]["p50_ms"] = 1000 * latencies[len(latencies) // 2]
                 print(f"  {label:<58} {jobs / seconds:8.0f} jobs/s  worker {rows[label]['worker_cpu_ms_per_job']:.2f}"
                       f" ms/job  producer {rows[label]['producer_cpu_ms_per_job']:.2f} ms/job", flush=True)
 
@@ -218,6 +237,12 @@ def main() -> int:
         rows[f"in-process batch_size={batch_size}"] = {"jobs_per_s": local}
         print(f"  {f'in-process pipeline(texts, batch_size={batch_size})':<58} {local:8.0f} items/s", flush=True)
     rows.update(run_fleet(args, model))
+    local_p50 = in_process_latency_ms(model, min(args.n, 300), -1 if args.gpu is None else args.gpu)
+    fleet_p50 = next(row["p50_ms"] for row in rows.values() if "p50_ms" in row)
+    rows["idle single-job latency"] = {"in_process_p50_ms": local_p50, "fleet_p50_ms": fleet_p50,
+                                       "overhead_p50_ms": fleet_p50 - local_p50}
+    print(f"  idle single-job p50: in-process {local_p50:.2f} ms, fleet {fleet_p50:.2f} ms, "
+          f"overhead {fleet_p50 - local_p50:.2f} ms", flush=True)
     args.json.write_text(json.dumps(rows, indent=2))
     return 0
 
