@@ -6,6 +6,7 @@ from producers.errors import (ChunkFailed, ConfigError, FleetUnavailable, Invali
                               PipefleetError, UnknownDeployment)
 from producers.job import Job
 from producers.pipeline import FleetPipeline, pipeline
+from producers.requests import JobRequest
 from producers.schemas import DeploymentInfo, JobState, JobStatus
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobRejected",
+    "JobRequest",
     "JobState",
     "JobStatus",
     "JobTimeout",

@@ -10,7 +10,7 @@ from tests.fleet import REPO_ROOT
 
 PUBLIC_NAMES = [
     "ChunkFailed", "ConfigError", "DeploymentInfo", "FleetClient", "FleetPipeline", "FleetUnavailable",
-    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobRejected", "JobState", "JobStatus",
+    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobRejected", "JobRequest", "JobState", "JobStatus",
     "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "UnknownDeployment",
     "pipeline",
 ]
