@@ -150,7 +150,8 @@ class FleetClient:
                                         chunk_size=request.chunk_size, partial=request.partial,
                                         job_id=request.job_id, model=request.model, revision=request.revision))
             except ValidationError as error:
-                raise InvalidParams(f"request {index}: {error}") from None
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise InvalidParams(f"request {index}: {problems}") from None
             except Exception as error:
                 error.add_note(f"in request {index} of submit_many()")
                 raise
