@@ -178,7 +178,8 @@ class BulkConsumer:
     """Claims messages from the deployment queues and hands them to Celery's task strategies."""
 
     def __init__(self, celery_consumer: Any, *, broker_url: str, queues: list[str],
-                 priority_steps: tuple[int, ...], concurrency: int) -> None:
+                 priority_steps: tuple[int, ...], concurrency: int,
+                 hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
         self._concurrency = concurrency
@@ -191,47 +192,66 @@ class BulkConsumer:
         self._wake = threading.Event()
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake)
         self._stopping = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pipefleet-consumer", daemon=True)
         self._kombu_lock = threading.Lock()
         self._kombu_connection: Any = None
         signals.task_postrun.connect(self._on_task_done, weak=False)
         signals.task_revoked.connect(self._on_task_done, weak=False)
+        self.hot_path = hot_path(celery_consumer, self._on_task_done) if hot_path is not None else None
         self.claimed = 0
 
     def _watch_client(self) -> redis_lib.Redis:
         return redis_lib.Redis.from_url(self._broker_url, socket_timeout=WATCH_TIMEOUT_S + 10)
 
     def start(self) -> None:
-        """Start claiming (idempotent: Celery restarts its consumer blueprint after a reconnect)."""
+        """Start claiming, or resume after :meth:`pause` (Celery restarts its consumer after a reconnect)."""
+        self._paused.clear()
+        self._wake.set()
         if self._thread.is_alive():
             return
         self.acker.start()
+        if self.hot_path is not None:
+            self.hot_path.start()
         self._watcher.start()
         self._thread.start()
         logger.info("bulk consumer claiming from %d queue lists, up to %d jobs in hand",
                     len(self._queue_keys), self._concurrency)
 
+    def pause(self) -> None:
+        """Claim nothing until :meth:`start`; jobs in hand keep running."""
+        self._paused.set()
+
     def stop(self) -> None:
-        """Stop claiming; claimed jobs still run and are acked by :meth:`close`."""
+        """Stop claiming for good; claimed jobs still run and are acked by :meth:`close`."""
         self._stopping.set()
         self._wake.set()
         self._watcher.stop()
 
-    def close(self) -> None:
-        """Flush the pending acks (call after the pool has finished its jobs)."""
+    def close(self, drain_timeout_s: float = 60.0) -> None:
+        """Stop claiming, let hot-path jobs finish, then flush the acks (after Celery's pool has stopped)."""
         self.stop()
+        if self.hot_path is not None:
+            handed_back = self.hot_path.hand_back_unstarted()
+            if handed_back:
+                logger.info("handed %d unstarted jobs back to their queue", handed_back)
+            if not self.hot_path.wait_idle(drain_timeout_s):
+                logger.warning("%d jobs still running at shutdown; they stay unacked and are redelivered",
+                               self.hot_path.in_hand)
+            self.hot_path.stop()
         self.acker.close()
 
-    def _on_task_done(self, **_: Any) -> None:
+    def _on_task_done(self, *_: Any, **__: Any) -> None:
         self._wake.set()
 
     def _free(self) -> int:
-        return self._concurrency - len(worker_state.reserved_requests)
+        in_hand = self.hot_path.in_hand if self.hot_path is not None else 0
+        return self._concurrency - len(worker_state.reserved_requests) - in_hand
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             free = self._free()
-            if free <= 0:
+            if free <= 0 or self._paused.is_set():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -261,6 +281,11 @@ class BulkConsumer:
             return
         message.accept = ACCEPT
         try:
+            if self.hot_path is not None and self.hot_path.offer(message):
+                return
+        except Exception:
+            logger.exception("hot path refused message %s; handing it to Celery", message.delivery_tag)
+        try:
             task_name = message.headers["task"]
         except (TypeError, KeyError):
             return celery.on_unknown_message(None, message)
@@ -288,7 +313,8 @@ class BulkConsumer:
 
 
 def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tuple[int, ...],
-                       concurrency: int, on_create: Callable[[BulkConsumer], None]) -> type:
+                       concurrency: int, on_create: Callable[[BulkConsumer], None],
+                       hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> type:
     """A consumer bootstep class that runs a :class:`BulkConsumer` on ``queues``."""
 
     class BulkConsumerStep(bootsteps.StartStopStep):
@@ -304,9 +330,15 @@ def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tu
         def start(self, c: Any) -> None:
             if self.consumer is None:
                 self.consumer = BulkConsumer(c, broker_url=broker_url, queues=queues,
-                                             priority_steps=priority_steps, concurrency=concurrency)
+                                             priority_steps=priority_steps, concurrency=concurrency,
+                                             hot_path=hot_path)
                 on_create(self.consumer)
             self.consumer.start()
+
+        def stop(self, c: Any) -> None:
+            # Celery stops its consumer both to reconnect (then starts it again) and to shut down.
+            if self.consumer is not None:
+                self.consumer.pause()
 
         def shutdown(self, c: Any) -> None:
             if self.consumer is not None:
