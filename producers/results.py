@@ -56,6 +56,9 @@ MAX_POLL_S = 1.0
 OUTAGE_GRACE_S = 60.0
 """How long waits ride out an unreachable Redis before they fail with FleetUnavailable."""
 
+STALE_CHANNELS = 64
+"""Subscriptions no wait needs any more are dropped once there are this many, in one command."""
+
 CONFIRM_TIMEOUT_S = 10.0
 """How long Redis may take to confirm a subscription before the connection counts as broken."""
 
@@ -162,6 +165,7 @@ class ResultWaiter:
     def close(self) -> None:
         """Stop reading and release the connections."""
         self._closed = True
+        self.book.fail_all(FleetUnavailable("the client is closed"))
         self._wake()
         with self._lead:  # the current leader finishes its pass first
             self._drop_pubsub()
@@ -236,7 +240,7 @@ class ResultWaiter:
                 left = _left(deadline)
                 if done() or left == 0.0:
                     break
-                heard = self._block(self._poll_s if left is None else min(self._poll_s, left))
+                heard = self._block(self._poll_s if left is None else min(self._poll_s, left), done)
                 if heard is None:  # nothing at all: re-read everything, a little later next time
                     read, self._poll_s = True, min(2 * self._poll_s, MAX_POLL_S)
                 else:
@@ -252,10 +256,7 @@ class ResultWaiter:
         """Subscribe to each wait's first missing job and read the window, until neither changes."""
         while True:
             plan = self.book.plan(read)
-            stale = self._subscribed - plan.channels
-            if stale:
-                self._pubsub.unsubscribe(*stale)
-                self._subscribed -= stale
+            self._unsubscribe_stale(plan.channels)
             new = plan.channels - self._subscribed
             if new:
                 self._pubsub.subscribe(*new)
@@ -270,6 +271,13 @@ class ResultWaiter:
             self._store(zip(plan.keys, self._redis.mget(plan.keys)))
             read = False  # then plan again: the waits' first missing jobs may have moved on
 
+    def _unsubscribe_stale(self, needed: set[str]) -> None:
+        # A finished job's channel stays quiet, so channels are dropped in batches, not one command each.
+        stale = self._subscribed - needed
+        if len(stale) >= STALE_CHANNELS:
+            self._pubsub.unsubscribe(*stale)
+            self._subscribed -= stale
+
     def _confirm(self, channels: set[str]) -> None:
         waiting, deadline = set(channels), time.monotonic() + CONFIRM_TIMEOUT_S
         while waiting:
@@ -282,14 +290,14 @@ class ResultWaiter:
             elif message["type"] == "message":
                 self._store([(_text(message["channel"]), message["data"])])
 
-    def _block(self, timeout: float) -> bool | None:
+    def _block(self, timeout: float, done: Callable[[], bool]) -> bool | None:
         """Wait for a wake-up or a message; whether to re-read the window, or None if nothing came.
 
         A new wait, or a final result while other jobs are still missing (their
         batch mates have likely finished too), calls for a re-read; a result that
         leaves nothing missing, or a mere state change (STARTED), does not.
         """
-        heard = self._drain()
+        heard = self._drain(done)
         if heard is not None:
             return heard
         # redis-py offers no way to wait on a pub/sub connection and a second socket at once.
@@ -303,20 +311,26 @@ class ResultWaiter:
                     pass
             except BlockingIOError:
                 pass
-        heard = self._drain()
+        heard = self._drain(done)
         return True if woken else bool(heard)
 
-    def _drain(self) -> bool | None:
-        """Handle every message already readable; None if there was none, else whether to re-read."""
+    def _drain(self, done: Callable[[], bool]) -> bool | None:
+        """Handle the messages already readable (until ``done()``); None if none was a result, else whether to re-read.
+
+        Messages left over when ``done()`` holds are handled by the next leader, which drains before it selects.
+        """
         heard = None
-        while True:
+        while not done():
             message = self._pubsub.get_message(timeout=0)
             if message is None:
                 return heard
-            if message["type"] == "message" and self._store([(_text(message["channel"]), message["data"])]):
+            if message["type"] != "message":  # (un)subscribe confirmations, health-check pongs
+                continue
+            if self._store([(_text(message["channel"]), message["data"])]):
                 heard = heard or self.book.others_missing()
             elif heard is None:
                 heard = False
+        return bool(heard)
 
     def _store(self, pairs: Iterable[tuple[str, Any]]) -> bool:
         metas = []
@@ -335,10 +349,7 @@ class ResultWaiter:
         """Before giving up the lead: drop the subscriptions no open wait needs."""
         try:
             if self._pubsub is not None:
-                stale = self._subscribed - self.book.plan(False).channels
-                if stale:
-                    self._pubsub.unsubscribe(*stale)
-                    self._subscribed -= stale
+                self._unsubscribe_stale(self.book.plan(False).channels)
         except Exception:  # the next leader reconnects
             self._drop_pubsub()
 
