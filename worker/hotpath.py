@@ -334,7 +334,8 @@ class HotPath:
         elif state == states.FAILURE:
             self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}")
         if job_logger.isEnabledFor(logging.INFO):
+            n_items = value.get("n_items") if state == states.SUCCESS else None
             job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,
                             extra={"job_id": job.job_id, "deployment": job.deployment, "state": state,
-                                   "duration_s": duration_s})
+                                   "n_items": n_items, "duration_s": duration_s})
 
