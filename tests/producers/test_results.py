@@ -155,6 +155,9 @@ def test_a_reattached_job_is_read_by_id_from_a_second_client(module_fleet, clien
         assert_same(other.job(job.id).result(timeout=60), local_pipeline("text-classification", model)(
             "read me from elsewhere"))
         assert other.results([other.job(job.id)]) == [job.result(timeout=5)]
+        # A result already stored is read even with no time to wait.
+        assert other.job(job.id).result(timeout=0) == job.result()
+        assert asyncio.run(other.job(job.id).aresult(timeout=0)) == job.result()
 
 
 def test_waits_on_a_redis_that_refuses_us_raise_fleet_unavailable():
