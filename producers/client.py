@@ -18,7 +18,7 @@ import redis as redis_lib
 from pydantic import ValidationError
 
 from producers import chunking, streaming
-from producers.celery_app import make_celery
+from producers.celery_app import make_celery, producer_backend_url
 from producers.construction import ConstructionRequest
 from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
@@ -52,8 +52,9 @@ class FleetClient:
                  result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = 2.0) -> None:
         self.broker_url = broker_url
         self.result_backend = result_backend
-        self.celery = make_celery("pipefleet-client", broker_url=broker_url, result_backend=result_backend,
-                                  result_ttl_s=result_ttl_s, visibility_timeout_s=visibility_timeout_s)
+        self.celery = make_celery("pipefleet-client", broker_url=broker_url,
+                                  result_backend=producer_backend_url(result_backend), result_ttl_s=result_ttl_s,
+                                  visibility_timeout_s=visibility_timeout_s)
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
