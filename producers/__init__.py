@@ -6,6 +6,7 @@ from producers.errors import (ChunkFailed, ConfigError, FleetUnavailable, Invali
                               PipefleetError, UnknownDeployment)
 from producers.job import Job
 from producers.pipeline import FleetPipeline, pipeline
+from producers.requests import JobRequest
 from producers.schemas import DeploymentInfo, EventKind, JobEvent, JobState, JobStatus
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "JobError",
     "JobEvent",
     "JobRejected",
+    "JobRequest",
     "JobState",
     "JobStatus",
     "JobTimeout",

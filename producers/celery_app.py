@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
+from celery.result import GroupResult
 
 from producers.constants import PRIORITY_STEPS
 
@@ -65,3 +67,32 @@ def make_celery(name: str = "pipefleet", **settings) -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_settings(**settings))
     return app
+
+
+class ProducerRedisBackend(RedisBackend):
+    """Celery's Redis result backend without the pub/sub subscription Celery opens for each task it sends.
+
+    Producers wait through :mod:`producers.results`. The subscriptions Celery
+    would open for each sent task and each chord chunk are never read, so their
+    messages would only pile up on an idle connection, and unsubscribing them
+    when their ``AsyncResult`` is collected needs Redis still up (at interpreter
+    exit it retries for a minute). ``AsyncResult.get`` still subscribes when called.
+    """
+
+    def on_task_call(self, producer, task_id):
+        return None
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        # Celery builds a GroupResult here, subscribing to every chunk, only to learn whether a
+        # chunk is itself a group; pipefleet's chunks never are.
+        results = header_result_args[1] if len(header_result_args) > 1 else None
+        if isinstance(results, (list, tuple)) and not any(isinstance(r, GroupResult) for r in results):
+            return None
+        return super().apply_chord(header_result_args, body, **kwargs)
+
+
+def producer_backend_url(url: str) -> str:
+    """The ``result_backend`` setting that makes a client use :class:`ProducerRedisBackend` for ``url``."""
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return f"{__name__}:ProducerRedisBackend+{url}"
+    return url

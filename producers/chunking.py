@@ -18,17 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import chord
+from celery import Celery, chord
 
 from producers.constants import ASSEMBLE_TASK, DEFAULT_PRIORITY, INFER_TASK, JOB_KEY_PREFIX, SPLIT_TASK
-from producers.job import Job
 from producers.payloads import store_payload, store_payload_items
 from producers.schemas import DeploymentInfo, JobSpec, PayloadRef
-
-if TYPE_CHECKING:
-    from producers.client import FleetClient
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +61,21 @@ def _options(info: DeploymentInfo, *, priority: int | None, deadline_ts: float |
     return options
 
 
-def write_record(client: "FleetClient", job_id: str, record: dict[str, Any], *, ttl_s: int) -> None:
+def write_record(redis: Any, job_id: str, record: dict[str, Any], *, ttl_s: int) -> None:
     """Store a chunked job's record (total, chunk ids, deployment) with a TTL."""
-    client.redis.set(f"{JOB_KEY_PREFIX}{job_id}", json.dumps(record), ex=ttl_s)
+    redis.set(f"{JOB_KEY_PREFIX}{job_id}", json.dumps(record), ex=ttl_s)
 
 
-def submit_chunked(client: "FleetClient", info: DeploymentInfo, spec: JobSpec, *, chunk_size: int,
-                   priority: int | None, payload_bytes: int) -> Job:
-    """Send ``spec`` (a list of inputs) as a chord of chunks of ``chunk_size``; returns the job."""
+def submit_chunked(app: Celery, redis: Any, info: DeploymentInfo, spec: JobSpec, *, chunk_size: int,
+                   priority: int | None, payload_bytes: int) -> int:
+    """Send ``spec`` (a list of inputs) as a chord of chunks of ``chunk_size``; returns its number of items."""
     job_id = spec.job_id
     items = spec.inputs
     if isinstance(items, PayloadRef):
         raise ValueError("submit_chunked needs the inputs themselves, not a payload reference")
     total = len(items)
     ttl_s = info.payload_ttl_s
-    payload = store_payload_items(client.redis, items, ttl_s=ttl_s)
+    payload = store_payload_items(redis, items, ttl_s=ttl_s)
     options = _options(info, priority=priority, deadline_ts=spec.deadline_ts)
     chunk_ids, header = [], []
     for index, start in enumerate(range(0, total, chunk_size)):
@@ -89,30 +85,29 @@ def submit_chunked(client: "FleetClient", info: DeploymentInfo, spec: JobSpec, *
         })
         task_id = chunk_task_id(job_id, index)
         chunk_ids.append(task_id)
-        header.append(client.celery.signature(
+        header.append(app.signature(
             INFER_TASK, kwargs={"spec": chunk_spec.model_dump(exclude_defaults=True)}, task_id=task_id,
             shadow=f"chunk:{info.name}:{index}", **options))
-    body = client.celery.signature(ASSEMBLE_TASK, kwargs={
+    body = app.signature(ASSEMBLE_TASK, kwargs={
         "deployment": info.name, "task": info.task, "kind": "list", "params": spec.params, "total": total,
         "payload_keys": [payload.key],
     }, task_id=job_id, shadow=f"assemble:{info.name}", **options)
-    write_record(client, job_id, {"total": total, "chunk_ids": chunk_ids, "deployment": info.name,
-                                  "chunk_size": chunk_size, "unit": "items"}, ttl_s=ttl_s)
-    chord(header, body, app=client.celery).apply_async()
+    write_record(redis, job_id, {"total": total, "chunk_ids": chunk_ids, "deployment": info.name,
+                                 "chunk_size": chunk_size, "unit": "items"}, ttl_s=ttl_s)
+    chord(header, body, app=app).apply_async()
     logger.info("job %s: %d items in %d chunks of %d on %s (%d bytes stored once)", job_id, total,
                 len(chunk_ids), chunk_size, info.name, payload_bytes)
-    return Job(client, job_id, total=total, chunked=True)
+    return total
 
 
-def submit_split(client: "FleetClient", info: DeploymentInfo, spec: JobSpec, *, priority: int | None,
-                 payload_bytes: int) -> Job:
-    """Send one input to the ``split`` task; its windows run across the fleet; returns the job."""
+def submit_split(app: Celery, redis: Any, info: DeploymentInfo, spec: JobSpec, *, priority: int | None,
+                 payload_bytes: int) -> None:
+    """Send one input to the ``split`` task; its windows run across the fleet."""
     if info.claim_check_bytes is not None and payload_bytes > info.claim_check_bytes and \
             not isinstance(spec.inputs, PayloadRef):
-        spec.inputs = store_payload(client.redis, spec.inputs, ttl_s=info.payload_ttl_s)
+        spec.inputs = store_payload(redis, spec.inputs, ttl_s=info.payload_ttl_s)
     options = _options(info, priority=priority, deadline_ts=spec.deadline_ts)
-    write_record(client, spec.job_id, {"total": 0, "chunk_ids": [], "deployment": info.name, "unit": "windows"},
+    write_record(redis, spec.job_id, {"total": 0, "chunk_ids": [], "deployment": info.name, "unit": "windows"},
                  ttl_s=info.payload_ttl_s)
-    client.celery.send_task(SPLIT_TASK, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
-                            task_id=spec.job_id, shadow=f"split:{info.name}", **options)
-    return Job(client, spec.job_id, total=0, chunked=True)
+    app.send_task(SPLIT_TASK, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
+                  task_id=spec.job_id, shadow=f"split:{info.name}", **options)

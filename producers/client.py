@@ -12,46 +12,27 @@ import json
 import logging
 import os
 import time
-import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import redis as redis_lib
-from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 
-from producers.celery_app import make_celery
-from producers.codec import encode_input
+from producers import chunking, streaming
+from producers.celery_app import make_celery, producer_backend_url
 from producers.construction import ConstructionRequest
 from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
 from producers.discovery import DeploymentCache
-from producers.errors import FleetUnavailable, InvalidInput, InvalidParams, PayloadTooLarge
-from producers.job import Job
+from producers.errors import InvalidParams
+from producers.job import Job, gather, gather_async
 from producers.payloads import store_payload
+from producers.publishing import Publisher, TaskMessage
+from producers.redis_access import RedisAccess, safe_url
+from producers.requests import JobRequest, PreparedJob, prepare
+from producers.results import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
 
 logger = logging.getLogger(__name__)
-
-MAX_PRIORITY = 9
-"""Priorities run from 0 (most urgent) to 9, as in Celery's Redis transport."""
-
-
-def is_single_input(inputs: Any, task: str) -> bool:
-    """True when ``inputs`` is one input (as ``pipe(x)``), False for a list of inputs."""
-    if isinstance(inputs, (list, tuple)):
-        # A chat ([{"role": ..., "content": ...}, ...]) is one text-generation input.
-        return bool(inputs) and all(isinstance(m, dict) and "role" in m for m in inputs) and \
-            task in ("text-generation", "image-text-to-text")
-    return True
-
-
-def _json_size(value: Any, what: str) -> int:
-    try:
-        return len(json.dumps(value, allow_nan=False))
-    except ValueError as error:
-        raise InvalidParams(f"{what} must not contain NaN or infinity") from error
-    except TypeError as error:
-        raise InvalidInput(f"{what} is not JSON-serialisable: {error}") from error
-
 
 def _spec_summary(spec: JobSpec, n_inputs: int) -> str:
     """A short, readable description of a job for Flower: never the whole payload."""
@@ -60,15 +41,8 @@ def _spec_summary(spec: JobSpec, n_inputs: int) -> str:
         inputs = f"{n_inputs} input(s), first: {first}"
     else:
         inputs = f"payload {spec.inputs.key}[{spec.inputs.start}:{spec.inputs.stop}]"
-    return (f"{{'deployment': {spec.deployment!r}, 'inputs': {inputs!r}, "
-            f"'params': {json.dumps(spec.params)[:200]}}}")
-
-
-def _is_uuid4(value: Any) -> bool:
-    try:
-        return isinstance(value, str) and uuid.UUID(value).version == 4
-    except ValueError:
-        return False
+    params = json.dumps(spec.params)[:200] if spec.params else "{}"
+    return f"{{'deployment': {spec.deployment!r}, 'inputs': {inputs!r}, 'params': {params}}}"
 
 
 class FleetClient:
@@ -78,13 +52,19 @@ class FleetClient:
                  result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = 2.0) -> None:
         self.broker_url = broker_url
         self.result_backend = result_backend
-        self.celery = make_celery("pipefleet-client", broker_url=broker_url, result_backend=result_backend,
-                                  result_ttl_s=result_ttl_s, visibility_timeout_s=visibility_timeout_s)
+        self.celery = make_celery("pipefleet-client", broker_url=broker_url,
+                                  result_backend=producer_backend_url(result_backend), result_ttl_s=result_ttl_s,
+                                  visibility_timeout_s=visibility_timeout_s)
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
         self._aredis: Any = None
-        self._access_checked = False
+        self.access = RedisAccess(self.redis, broker_url)
+        """Runs this client's Redis calls, mapping refusals and outages onto FleetUnavailable."""
+        self.publisher = Publisher(self.celery, self.redis)
+        """Builds Celery task messages and pushes many in one round trip."""
+        self.waiter = ResultWaiter(self.celery.backend, result_backend)
+        """Waits for the results of every job of this client, with one thread and MGETs."""
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
@@ -111,7 +91,8 @@ class FleetClient:
         return self._aredis[1]
 
     def close(self) -> None:
-        """Release connections."""
+        """Release connections and stop the result waiter's thread."""
+        self.waiter.close()
         self.redis.close()
         self.celery.close()
 
@@ -121,51 +102,14 @@ class FleetClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _redis_call(self, function, *args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except redis_lib.AuthenticationError as error:
-            raise FleetUnavailable(f"Redis at {self._safe_url()} refused the credentials: {error}") from error
-        except redis_lib.ResponseError as error:
-            if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
-                raise FleetUnavailable(f"Redis at {self._safe_url()} needs a password: {error}") from error
-            raise
-        except (redis_lib.ConnectionError, redis_lib.TimeoutError, OperationalError) as error:
-            raise FleetUnavailable(f"cannot reach Redis at {self._safe_url()}: {error}") from error
-
-    def _check_access(self) -> None:
-        """Raise FleetUnavailable if Redis refuses our credentials; an outage is left to the retries.
-
-        Celery retries result-backend errors (so waits survive a Redis restart), and redis-py counts a
-        refused password as a connection error, so without this check a wrong password would be
-        retried for minutes instead of reported. Once Redis has accepted us, the check is skipped:
-        it would cost a round trip per job.
-        """
-        if self._access_checked:
-            return
-        try:
-            self._redis_call(self.redis.ping)
-        except FleetUnavailable as error:
-            if isinstance(error.__cause__, (redis_lib.AuthenticationError, redis_lib.ResponseError)):
-                raise
-            return
-        self._access_checked = True
-
-    def _safe_url(self) -> str:
-        url = self.broker_url
-        if "@" in url:
-            scheme, _, rest = url.partition("://")
-            url = f"{scheme}://***@{rest.rpartition('@')[2]}"
-        return url
-
     def deployments(self) -> list[DeploymentInfo]:
         """Live deployments, as workers advertise them right now."""
-        return self._redis_call(self._deployments.get, fresh=True)
+        return self.access.call(self._deployments.get, fresh=True)
 
     def resolve(self, *, task: str | None = None, model: str | None = None, deployment: str | None = None,
                 revision: str | None = None, construction: ConstructionRequest | None = None) -> DeploymentInfo:
         """The live deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
-        return self._redis_call(self._deployments.match, task=task, model=model, deployment=deployment,
+        return self.access.call(self._deployments.match, task=task, model=model, deployment=deployment,
                                 revision=revision, construction=construction)
 
     def submit(self, task: str | None = None, model: str | None = None, inputs: Any = None,
@@ -180,64 +124,96 @@ class FleetClient:
         ``chunk_size`` (or the deployment's default) runs as a chord of chunks.
         """
         info = self.resolve(task=task, model=model, deployment=deployment, revision=revision)
-        if inputs is None:
-            raise InvalidInput("submit() needs inputs")
-        single = is_single_input(inputs, info.task)
-        items = [inputs] if single else list(inputs)
-        if not items:
-            raise InvalidInput("inputs is an empty list")
-        if info.max_inputs_per_job is not None and len(items) > info.max_inputs_per_job:
-            raise PayloadTooLarge(f"the job has {len(items)} inputs; deployment {info.name!r} accepts at most "
-                                  f"{info.max_inputs_per_job} per job")
-        try:
-            encoded = [encode_input(item) for item in items]
-        except (TypeError, ValueError) as error:
-            raise InvalidInput(str(error)) from error
-        params = dict(params or {})
-        _json_size(params, "params")
-        size = _json_size(encoded, "inputs")
-        if info.max_payload_bytes is not None and size > info.max_payload_bytes:
-            raise PayloadTooLarge(f"the job's inputs are {size} bytes; deployment {info.name!r} accepts at most "
-                                  f"{info.max_payload_bytes}")
-        if priority is not None and not (isinstance(priority, int) and 0 <= priority <= MAX_PRIORITY):
-            raise InvalidParams(f"priority must be an integer from 0 (most urgent) to {MAX_PRIORITY}")
-        if job_id is not None and not _is_uuid4(job_id):
-            raise InvalidParams("job_id must be a random UUID4 string: results are readable by anyone who "
-                                "knows the id, so it must be unguessable")
-        job_id = job_id or str(uuid.uuid4())
-        deadline_ts = time.time() + timeout_s if timeout_s is not None else None
-        chunk = chunk_size or info.chunk_size
-        spec = JobSpec(deployment=info.name, inputs=encoded, params=params, single=single, job_id=job_id,
-                       partial=partial, deadline_ts=deadline_ts, model=model, revision=revision)
-        from producers.chunking import submit_chunked, submit_split, wants_split
+        prepared = prepare(info, inputs=inputs, params=params, priority=priority, timeout_s=timeout_s,
+                           chunk_size=chunk_size, partial=partial, job_id=job_id, model=model, revision=revision)
+        return self._send([prepared])[0]
 
-        if wants_split(info.task, params, single=single):
-            return self._redis_call(submit_split, self, info, spec, priority=priority, payload_bytes=size)
-        if not single and chunk is not None and len(encoded) > chunk:
+    def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[Job]:
+        """Validate and enqueue many jobs, publishing them in one Redis round trip; returns their Jobs in order.
 
-            return self._redis_call(submit_chunked, self, info, spec, chunk_size=chunk, priority=priority,
-                                    payload_bytes=size)
-        if info.claim_check_bytes is not None and size > info.claim_check_bytes:
-            spec.inputs = self._redis_call(store_payload, self.redis, encoded, ttl_s=info.payload_ttl_s)
-        sent = self._send(info, spec, job_id=job_id, priority=priority, deadline_ts=deadline_ts,
-                          n_inputs=len(encoded))
-        return Job(self, job_id, total=len(encoded), chunked=False, async_result=sent)
+        Each request is a :class:`JobRequest` or a dict of :meth:`submit`'s keyword
+        arguments. Every request is checked first, with ``submit()``'s rules and
+        errors (the error's note names the request's index), so a bad request
+        sends nothing. The messages are ordinary Celery task messages, with the
+        same queue, priority and headers as ``submit()``'s.
+        """
+        prepared = []
+        for index, request in enumerate(requests):
+            try:
+                if not isinstance(request, JobRequest):
+                    if not isinstance(request, dict):
+                        raise InvalidParams(f"a request must be a JobRequest or a dict, not {type(request).__name__}")
+                    request = JobRequest(**request)
+                info = self.resolve(task=request.task, model=request.model, deployment=request.deployment,
+                                    revision=request.revision)
+                prepared.append(prepare(info, inputs=request.inputs, params=request.params,
+                                        priority=request.priority, timeout_s=request.timeout_s,
+                                        chunk_size=request.chunk_size, partial=request.partial,
+                                        job_id=request.job_id, model=request.model, revision=request.revision))
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise InvalidParams(f"request {index}: {problems}") from None
+            except Exception as error:
+                error.add_note(f"in request {index} of submit_many()")
+                raise
+        return self._send(prepared)
 
-    def _send(self, info: DeploymentInfo, spec: JobSpec, *, job_id: str, priority: int | None,
-              deadline_ts: float | None, n_inputs: int) -> Any:
-        options: dict[str, Any] = {
-            "queue": info.queue,
-            "task_id": job_id,
-            "priority": DEFAULT_PRIORITY if priority is None else priority,
-            "shadow": f"infer:{info.name}",
+    def _send(self, prepared: list[PreparedJob]) -> list[Job]:
+        """Publish prepared jobs: plain ones pipelined together, chunked and split ones through Celery."""
+        jobs: list[Job] = []
+        batch: list[TaskMessage] = []
+        for job in prepared:
+            info, spec = job.info, job.spec
+            if job.kind == "plain":
+                if info.claim_check_bytes is not None and job.payload_bytes > info.claim_check_bytes:
+                    spec.inputs = self.access.call(store_payload, self.redis, spec.inputs, ttl_s=info.payload_ttl_s)
+                batch.append(self._message(job))
+                jobs.append(self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=False)))
+                continue
+            # Chords and splits go out in order with the plain jobs around them.
+            self.access.call(self.publisher.publish, batch)
+            batch = []
+            if job.kind == "split":
+                handle = self._track(Job(self, spec.job_id, total=0, chunked=True))
+                self.access.call(chunking.submit_split, self.celery, self.redis, info, spec, priority=job.priority,
+                                 payload_bytes=job.payload_bytes)
+            else:
+                handle = self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=True))
+                self.access.call(chunking.submit_chunked, self.celery, self.redis, info, spec,
+                                 chunk_size=job.chunk_size, priority=job.priority, payload_bytes=job.payload_bytes)
+            jobs.append(handle)
+        self.access.call(self.publisher.publish, batch)
+        return jobs
+
+    def _track(self, job: Job) -> Job:
+        # Before publishing: the waiter may subscribe to the job's result channel first.
+        self.waiter.track(job.id, job)
+        return job
+
+    def _message(self, job: PreparedJob) -> TaskMessage:
+        spec = job.spec
+        deadline_ts = spec.deadline_ts
+        return self.publisher.message(
+            INFER_TASK, task_id=spec.job_id, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
+            queue=job.info.queue, priority=DEFAULT_PRIORITY if job.priority is None else job.priority,
+            shadow=f"infer:{job.info.name}", expires_s=None if deadline_ts is None else deadline_ts - time.time(),
             # What Flower shows; written here so Celery need not repr every payload.
-            "argsrepr": "()",
-            "kwargsrepr": _spec_summary(spec, n_inputs),
-        }
-        if deadline_ts is not None:
-            options["expires"] = deadline_ts - time.time()
-        return self._redis_call(self.celery.send_task, INFER_TASK,
-                                kwargs={"spec": spec.model_dump(exclude_defaults=True)}, **options)
+            argsrepr="()", kwargsrepr=_spec_summary(spec, job.n_inputs))
+
+    def results(self, jobs: Iterable[Job], timeout: float | None = None, *,
+                return_exceptions: bool = False) -> list[Any]:
+        """Outputs of many jobs, in order, read together: one wait, a few MGETs, not one wait per job.
+
+        ``timeout`` bounds the whole wait. Each job's error is raised as
+        ``job.result()`` raises it (the first failing job's, in order), or, with
+        ``return_exceptions=True``, returned in its place.
+        """
+        return gather(list(jobs), timeout, return_exceptions=return_exceptions)
+
+    async def aresults(self, jobs: Iterable[Job], timeout: float | None = None, *,
+                       return_exceptions: bool = False) -> list[Any]:
+        """Async :meth:`results`: awaits without holding a thread."""
+        return await gather_async(list(jobs), timeout, return_exceptions=return_exceptions)
 
     def map(self, iterable: Any, task: str | None = None, model: str | None = None, *, deployment: str | None = None,
             params: dict[str, Any] | None = None, chunk_size: int | None = None, max_in_flight: int = 4,
@@ -250,23 +226,26 @@ class FleetClient:
         sits in memory or in Redis at once. ``iterable`` may be a list, a
         generator, or a ``datasets.Dataset`` (pass ``column=``, or a KeyDataset).
         ``progress=True`` shows a tqdm bar; ``timeout_s`` bounds each chunk's wait.
+        Chunks that can go out together are published in one round trip.
         """
-        from producers.streaming import stream
-
-        return stream(self, iterable, task=task, model=model, deployment=deployment, revision=revision,
-                      params=params, chunk_size=chunk_size, max_in_flight=max_in_flight, progress=progress,
-                      timeout_s=timeout_s, column=column, priority=priority)
+        chunk_size = streaming.check_window(chunk_size, max_in_flight)
+        info = self.resolve(task=task, model=model, deployment=deployment, revision=revision)
+        return streaming.stream(self.publisher, self.waiter, self.access, info, iterable, params=dict(params or {}),
+                                chunk_size=chunk_size, max_in_flight=max_in_flight, progress=progress,
+                                timeout_s=timeout_s, column=column, priority=priority, model=model,
+                                revision=revision)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job by id (from any process)."""
         return Job(self, job_id)
 
-    def _cancel(self, job_id: str) -> None:
-        record_raw = self._redis_call(self.redis.get, f"{JOB_KEY_PREFIX}{job_id}")
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job by id: queued parts never run, parts waiting in a batcher are skipped."""
+        record_raw = self.access.call(self.redis.get, f"{JOB_KEY_PREFIX}{job_id}")
         ids = [job_id]
         if record_raw:
             ids += json.loads(record_raw).get("chunk_ids", [])
-        self._redis_call(self.redis.set, f"{CANCEL_KEY_PREFIX}{job_id}", "1", ex=86_400)
+        self.access.call(self.redis.set, f"{CANCEL_KEY_PREFIX}{job_id}", "1", ex=86_400)
         self.celery.control.revoke(ids)
         backend = self.celery.backend
         from celery.exceptions import TaskRevokedError
@@ -278,6 +257,10 @@ class FleetClient:
     async def asubmit(self, *args: Any, **kwargs: Any) -> Job:
         """Async :meth:`submit` for asyncio backends (FastAPI and friends)."""
         return await asyncio.to_thread(self.submit, *args, **kwargs)
+
+    async def asubmit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[Job]:
+        """Async :meth:`submit_many`: one thread hop for the whole burst."""
+        return await asyncio.to_thread(self.submit_many, list(requests))
 
     async def adeployments(self) -> list[DeploymentInfo]:
         """Async :meth:`deployments`."""

@@ -123,7 +123,7 @@ def iter_events(job: "Job", last_event_id: str | None = None, timeout_s: float |
     client = job.client
     reader = _Reader(job.id, last_event_id, timeout_s)
     while True:
-        reply = client._redis_call(client.redis.xread, {reader.key: reader.cursor}, count=READ_COUNT,
+        reply = client.access.call(client.redis.xread, {reader.key: reader.cursor}, count=READ_COUNT,
                                    block=reader.block_ms())
         events = reader.entries(reply)
         for event in events:

@@ -110,8 +110,8 @@ def fleet_snapshot(client: Any) -> FleetSnapshot:
         ads = read_ads(client.redis)
         return build_snapshot(ads, queue_depths(client.redis, sorted({ad.queue for ad in ads})))
 
-    call = getattr(client, "_redis_call", None)
-    return call(read) if call is not None else read()
+    access = getattr(client, "access", None)
+    return access.call(read) if access is not None else read()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

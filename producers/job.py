@@ -7,8 +7,6 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-
 from producers.codec import decode_output
 from producers.constants import CANCEL_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.errors import ERRORS_BY_NAME, JobCancelled, JobError, JobTimeout, PipefleetError
@@ -74,9 +72,8 @@ class Job:
         self.id = job_id
         self._total = total
         self._chunked = chunked
-        # Celery subscribed to the result channel when the job was sent; keeping its handle
-        # avoids an unsubscribe now and a resubscribe in result().
-        self._async_result = async_result
+        self._async_result = async_result  # unused since results come from client.waiter; kept for callers
+        self._meta: dict[str, Any] | None = None  # the final Celery meta, once read
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -87,8 +84,8 @@ class Job:
 
     def status(self) -> JobStatus:
         """State, progress (``done``/``total`` items) and the error if it failed."""
-        self.client._check_access()
-        meta = self.client._redis_call(self.client.celery.backend.get_task_meta, self.id)
+        self.client.access.check()
+        meta = self.client.access.call(self.client.celery.backend.get_task_meta, self.id)
         state = _CELERY_TO_STATE.get(meta.get("status"), JobState.PENDING)
         total, done = self._total, 0
         record = self._record() if self._chunked is not False else None
@@ -121,21 +118,23 @@ class Job:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the output; raises the worker's error, or JobTimeout after ``timeout`` seconds."""
-        self.client._check_access()
-        async_result = self._async_result or self.client.celery.AsyncResult(self.id)
-        try:
-            value = self.client._redis_call(async_result.get, timeout=timeout, propagate=False,
-                                            disable_sync_subtasks=False)
-        except CeleryTimeoutError:
-            raise JobTimeout(f"job {self.id} did not finish within {timeout} s") from None
-        state = async_result.state
+        if self._meta is None:
+            self.client.access.check()
+            self._meta = self.client.waiter.wait([self.id], timeout).get(self.id)
+        return self._outcome(self._meta, timeout)
+
+    def _outcome(self, meta: dict[str, Any] | None, timeout: float | None) -> Any:
+        """The output a final Celery meta holds, or the error it stands for."""
+        if meta is None:
+            raise JobTimeout(f"job {self.id} did not finish within {timeout} s")
+        state, value = meta.get("status"), meta.get("result")
         if state == "SUCCESS":
             return decode_output(value["outputs"] if isinstance(value, dict) and "outputs" in value else value)
         if state == "REVOKED":
             if _expired(value):
                 raise JobTimeout(f"job {self.id} passed its deadline (timeout_s) before a worker ran it")
             raise JobCancelled(f"job {self.id} was cancelled")
-        raise self._error(value)
+        raise self.client.access.call(self._error, value)
 
     def _error(self, result: Any) -> PipefleetError:
         """The job's error; for a chunked job, the failing chunk's own error (ChunkFailed naming it)."""
@@ -157,7 +156,7 @@ class Job:
 
     def cancel(self) -> None:
         """Cancel the job: queued parts never run, parts waiting in a batcher are skipped."""
-        self.client._cancel(self.id)
+        self.client.cancel(self.id)
 
     def wait_until(self, predicate, *, timeout: float = 10.0, interval: float = 0.05) -> JobStatus:
         """Poll :meth:`status` until ``predicate(status)`` holds; returns the last status."""
@@ -204,8 +203,15 @@ class Job:
         return aiter_text(self.aevents(timeout_s=timeout_s), sequence)
 
     async def aresult(self, timeout: float | None = None) -> Any:
-        """Async :meth:`result` for asyncio backends."""
-        return await asyncio.to_thread(self.result, timeout)
+        """Async :meth:`result` for asyncio backends; waits without holding a thread."""
+        if self._meta is None:
+            if not self.client.access.checked:
+                await asyncio.to_thread(self.client.access.check)
+            self._meta = (await self.client.waiter.wait_async([self.id], timeout)).get(self.id)
+        if self._meta is not None and self._meta.get("status") == "SUCCESS":
+            return self._outcome(self._meta, timeout)
+        # An error may need Redis reads (a chord's failing chunk): off the event loop.
+        return await asyncio.to_thread(self._outcome, self._meta, timeout)
 
     async def astatus(self) -> JobStatus:
         """Async :meth:`status`."""
@@ -214,3 +220,52 @@ class Job:
     async def acancel(self) -> None:
         """Async :meth:`cancel`."""
         await asyncio.to_thread(self.cancel)
+
+
+def _outcomes(jobs: list[Job], metas: dict[str, dict[str, Any]], timeout: float | None,
+              return_exceptions: bool) -> list[Any]:
+    outputs = []
+    for job in jobs:
+        job._meta = job._meta or metas.get(job.id)
+        try:
+            outputs.append(job._outcome(job._meta, timeout))
+        except PipefleetError as error:
+            if not return_exceptions:
+                raise
+            outputs.append(error)
+    return outputs
+
+
+def gather(jobs: list[Job], timeout: float | None = None, *, return_exceptions: bool = False) -> list[Any]:
+    """Outputs of ``jobs`` in order, waiting for all of them at once (see ``FleetClient.results``)."""
+    metas: dict[str, dict[str, Any]] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for client, ids in _pending_by_client(jobs).items():
+        client.access.check()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        metas.update(client.waiter.wait(ids, left))
+    return _outcomes(jobs, metas, timeout, return_exceptions)
+
+
+async def gather_async(jobs: list[Job], timeout: float | None = None, *,
+                       return_exceptions: bool = False) -> list[Any]:
+    """Async :func:`gather`: awaits the waiter's future, holding no thread."""
+    metas: dict[str, dict[str, Any]] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for client, ids in _pending_by_client(jobs).items():
+        if not client.access.checked:
+            await asyncio.to_thread(client.access.check)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        metas.update(await client.waiter.wait_async(ids, left))
+    if all((job._meta or metas.get(job.id) or {}).get("status") == "SUCCESS" for job in jobs):
+        return _outcomes(jobs, metas, timeout, return_exceptions)
+    # Errors may need Redis reads (a chord's failing chunk): off the event loop.
+    return await asyncio.to_thread(_outcomes, jobs, metas, timeout, return_exceptions)
+
+
+def _pending_by_client(jobs: list[Job]) -> dict[Any, list[str]]:
+    by_client: dict[Any, list[str]] = {}
+    for job in jobs:
+        if job._meta is None:
+            by_client.setdefault(job.client, []).append(job.id)
+    return by_client

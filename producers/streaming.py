@@ -15,19 +15,17 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
-
-from celery.exceptions import TimeoutError as CeleryTimeoutError
+from typing import Any, Iterable, Iterator
 
 from producers.codec import decode_output, encode_input
 from producers.constants import DEFAULT_PRIORITY, INFER_TASK
 from producers.errors import InvalidInput, InvalidParams, JobCancelled, JobError, JobTimeout, PayloadTooLarge
 from producers.job import error_from_meta
 from producers.payloads import store_payload
+from producers.publishing import Publisher, TaskMessage
+from producers.redis_access import RedisAccess
+from producers.results import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
-
-if TYPE_CHECKING:
-    from producers.client import FleetClient
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +54,11 @@ def _length(iterable: Any) -> int | None:
 class _Stream:
     """One ``map`` call: sends chunks, waits on the oldest, yields its outputs."""
 
-    def __init__(self, client: "FleetClient", info: DeploymentInfo, *, params: dict[str, Any], chunk_size: int,
-                 max_in_flight: int, timeout_s: float | None, priority: int | None, model: str | None,
-                 revision: str | None) -> None:
-        self.client = client
+    def __init__(self, publisher: Publisher, waiter: ResultWaiter, info: DeploymentInfo, *, params: dict[str, Any],
+                 chunk_size: int, max_in_flight: int, timeout_s: float | None, priority: int | None,
+                 model: str | None, revision: str | None) -> None:
+        self.publisher = publisher
+        self.waiter = waiter
         self.info = info
         self.params = params
         self.chunk_size = chunk_size
@@ -72,7 +71,8 @@ class _Stream:
         self.outstanding: "collections.deque[_Chunk]" = collections.deque()
         self.sent = 0
 
-    def send(self, items: list[Any], offset: int) -> None:
+    def message(self, items: list[Any], offset: int) -> TaskMessage:
+        """The message of the next chunk (its inputs stored aside first if they are large)."""
         try:
             encoded = [encode_input(item) for item in items]
         except (TypeError, ValueError) as error:
@@ -84,25 +84,26 @@ class _Stream:
             raise PayloadTooLarge(f"a chunk of {len(items)} inputs is {size} bytes; deployment {self.info.name!r} "
                                   f"accepts at most {self.info.max_payload_bytes}; lower chunk_size")
         if self.info.claim_check_bytes is not None and size > self.info.claim_check_bytes:
-            spec.inputs = store_payload(self.client.redis, encoded, ttl_s=self.info.payload_ttl_s)
+            spec.inputs = store_payload(self.publisher.redis, encoded, ttl_s=self.info.payload_ttl_s)
         task_id = str(uuid.uuid4())
-        self.client.celery.send_task(INFER_TASK, kwargs={"spec": spec.model_dump(exclude_defaults=True)},
-                                     task_id=task_id, queue=self.info.queue, priority=self.priority,
-                                     shadow=f"map:{self.info.name}:{self.sent}")
+        message = self.publisher.message(INFER_TASK, task_id=task_id,
+                                         kwargs={"spec": spec.model_dump(exclude_defaults=True)},
+                                         queue=self.info.queue, priority=self.priority,
+                                         shadow=f"map:{self.info.name}:{self.sent}")
         self.outstanding.append(_Chunk(task_id, len(items)))
+        self.waiter.track(task_id, self)
         self.sent += 1
+        return message
 
     def collect_oldest(self) -> list[Any]:
         chunk = self.outstanding[0]
-        result = self.client.celery.AsyncResult(chunk.task_id)
-        try:
-            value = result.get(timeout=self.timeout_s, propagate=False, disable_sync_subtasks=False)
-        except CeleryTimeoutError:
-            raise JobTimeout(f"a chunk of client.map did not finish within {self.timeout_s} s") from None
-        state = result.state
+        meta = self.waiter.wait([chunk.task_id], self.timeout_s).get(chunk.task_id)
+        if meta is None:
+            raise JobTimeout(f"a chunk of client.map did not finish within {self.timeout_s} s")
         # Forget first: a chunk whose result was read no longer counts as in flight, in Redis or here.
-        result.forget()
+        self.publisher.app.backend.forget(chunk.task_id)
         self.outstanding.popleft()
+        state, value = meta.get("status"), meta.get("result")
         if state == "REVOKED":
             raise JobCancelled(f"chunk {self.sent - len(self.outstanding) - 1} of client.map was cancelled")
         if state != "SUCCESS":
@@ -118,28 +119,22 @@ class _Stream:
         if not ids:
             return
         try:
-            self.client.celery.control.revoke(ids)
+            self.publisher.app.control.revoke(ids)
             for task_id in ids:
-                self.client.celery.AsyncResult(task_id).forget()
+                self.publisher.app.backend.forget(task_id)
         except Exception:  # best effort: results expire with their TTL
             logger.warning("could not revoke %d chunks of stream %s", len(ids), self.stream_id, exc_info=True)
         self.outstanding.clear()
 
 
-def stream(client: "FleetClient", iterable: Any, *, task: str | None = None, model: str | None = None,
-           deployment: str | None = None, revision: str | None = None, params: dict[str, Any] | None = None,
-           chunk_size: int | None = None, max_in_flight: int = 4, progress: bool = False,
-           timeout_s: float | None = None, column: str | None = None, priority: int | None = None) -> Iterator[Any]:
-    """Implementation of :meth:`producers.client.FleetClient.map`."""
+def check_window(chunk_size: int | None, max_in_flight: int) -> int:
+    """The chunk size ``map`` will use; raises InvalidParams for a bad chunk size or window."""
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidParams(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise InvalidParams(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
-    info = client.resolve(task=task, model=model, deployment=deployment, revision=revision)
-    return _run(client, info, iterable, params=dict(params or {}), chunk_size=chunk_size,
-                max_in_flight=max_in_flight, progress=progress, timeout_s=timeout_s, column=column,
-                priority=priority, model=model, revision=revision)
+    return chunk_size
 
 
 def _progress_bar(enabled: bool, total: int | None, name: str):
@@ -150,10 +145,11 @@ def _progress_bar(enabled: bool, total: int | None, name: str):
     return tqdm(total=total, unit="items", desc=name, dynamic_ncols=True)
 
 
-def _run(client: "FleetClient", info: DeploymentInfo, iterable: Any, *, params: dict[str, Any], chunk_size: int,
-         max_in_flight: int, progress: bool, timeout_s: float | None, column: str | None, priority: int | None,
-         model: str | None, revision: str | None) -> Iterator[Any]:
-    run = _Stream(client, info, params=params, chunk_size=chunk_size, max_in_flight=max_in_flight,
+def stream(publisher: Publisher, waiter: ResultWaiter, access: RedisAccess, info: DeploymentInfo, iterable: Any, *,
+           params: dict[str, Any], chunk_size: int, max_in_flight: int, progress: bool, timeout_s: float | None,
+           column: str | None, priority: int | None, model: str | None, revision: str | None) -> Iterator[Any]:
+    """Implementation of :meth:`producers.client.FleetClient.map`, once its arguments are checked."""
+    run = _Stream(publisher, waiter, info, params=params, chunk_size=chunk_size, max_in_flight=max_in_flight,
                   timeout_s=timeout_s, priority=priority, model=model, revision=revision)
     bar = _progress_bar(progress, _length(iterable), info.name)
     source = iter(_items(iterable, column))
@@ -162,6 +158,7 @@ def _run(client: "FleetClient", info: DeploymentInfo, iterable: Any, *, params: 
     started = time.monotonic()
     try:
         while True:
+            messages = []
             while not exhausted and len(run.outstanding) < max_in_flight:
                 items = []
                 for item in source:
@@ -171,11 +168,13 @@ def _run(client: "FleetClient", info: DeploymentInfo, iterable: Any, *, params: 
                 if len(items) < chunk_size:
                     exhausted = True
                 if items:
-                    client._redis_call(run.send, items, offset)
+                    messages.append(access.call(run.message, items, offset))
                     offset += len(items)
+            # Every chunk that can go out now goes in one round trip.
+            access.call(publisher.publish, messages)
             if not run.outstanding:
                 break
-            outputs = client._redis_call(run.collect_oldest)
+            outputs = access.call(run.collect_oldest)
             if bar is not None:
                 bar.update(len(outputs))
             yield from outputs

@@ -10,8 +10,8 @@ from tests.fleet import REPO_ROOT
 
 PUBLIC_NAMES = [
     "ChunkFailed", "ConfigError", "DeploymentInfo", "EventKind", "FleetClient", "FleetPipeline", "FleetUnavailable",
-    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobEvent", "JobRejected", "JobState",
-    "JobStatus",
+    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobEvent", "JobRejected", "JobRequest",
+    "JobState", "JobStatus",
     "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "UnknownDeployment",
     "pipeline",
 ]

@@ -13,6 +13,7 @@ import pytest
 from producers import FleetClient, InvalidParams, MediaError, UnknownDeployment
 from producers.constants import INFER_TASK
 from producers.errors import FleetUnavailable
+from producers.redis_access import safe_url
 from tests.conftest import Fleet
 from tests.fleet import RedisServer
 from tests.oracle import assert_same, local_pipeline
@@ -157,7 +158,7 @@ def test_a_password_protected_redis_refuses_clients_without_the_password(tmp_pat
                 with pytest.raises(FleetUnavailable, match=message):
                     intruder.job(job.id).status()
                 assert time.monotonic() - started < 10
-                assert "wrong" not in str(intruder._safe_url())
+                assert "wrong" not in safe_url(intruder.broker_url)
     finally:
         fleet.stop()
         server.cleanup()
