@@ -83,6 +83,7 @@ class FleetClient:
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
         self._access_checked = False
+        self._async_results: tuple[Any, Any] | None = None
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
@@ -269,3 +270,19 @@ class FleetClient:
     async def adeployments(self) -> list[DeploymentInfo]:
         """Async :meth:`deployments`."""
         return await asyncio.to_thread(self.deployments)
+
+    def async_results_redis(self) -> Any:
+        """An asyncio Redis client on the result backend, one per event loop (made on first use)."""
+        from producers.waiting import async_redis_for
+
+        loop = asyncio.get_running_loop()
+        if self._async_results is None or self._async_results[0] is not loop:
+            self._async_results = (loop, async_redis_for(self.result_backend))
+        return self._async_results[1]
+
+    async def aclose(self) -> None:
+        """Release connections, the asyncio ones included."""
+        if self._async_results is not None:
+            await self._async_results[1].aclose()
+            self._async_results = None
+        await asyncio.to_thread(self.close)

@@ -58,6 +58,10 @@ def _expired(result: Any) -> bool:
     return False
 
 
+def _reraise(error: BaseException) -> None:
+    raise error
+
+
 def _is_chord_error(result: Any) -> bool:
     """True when a chord callback failed because one of its chunks did (Celery's ChordError)."""
     if isinstance(result, dict):
@@ -128,7 +132,10 @@ class Job:
                                             disable_sync_subtasks=False)
         except CeleryTimeoutError:
             raise JobTimeout(f"job {self.id} did not finish within {timeout} s") from None
-        state = async_result.state
+        return self._outcome(async_result.state, value)
+
+    def _outcome(self, state: str, value: Any) -> Any:
+        """The output of a ready task in ``state`` with stored ``value``, or its error raised."""
         if state == "SUCCESS":
             return decode_output(value["outputs"] if isinstance(value, dict) and "outputs" in value else value)
         if state == "REVOKED":
@@ -169,8 +176,31 @@ class Job:
             time.sleep(interval)
 
     async def aresult(self, timeout: float | None = None) -> Any:
-        """Async :meth:`result` for asyncio backends."""
-        return await asyncio.to_thread(self.result, timeout)
+        """Async :meth:`result` for asyncio backends; the wait holds no thread (see producers.waiting)."""
+        from producers.waiting import wait_ready_meta
+
+        if not self.client._access_checked:
+            await asyncio.to_thread(self.client._check_access)
+        try:
+            meta = await wait_ready_meta(self.client, self.id, timeout)
+        except Exception as error:
+            # The same mapping as the sync calls: a Redis outage is FleetUnavailable.
+            self.client._redis_call(_reraise, error)
+            raise
+        if meta is None:
+            raise JobTimeout(f"job {self.id} did not finish within {timeout} s")
+        # Decoding a large output, and a chunked job's error lookup, are work for a thread.
+        return await asyncio.to_thread(self._outcome, meta["status"], meta.get("result"))
+
+    def usage(self) -> dict[str, int] | None:
+        """Token counts the worker reported with the result (``prompt_tokens``…); None if none or not done."""
+        meta = self.client._redis_call(self.client.celery.backend.get_task_meta, self.id)
+        result = meta.get("result")
+        return result.get("usage") if meta.get("status") == "SUCCESS" and isinstance(result, dict) else None
+
+    async def ausage(self) -> dict[str, int] | None:
+        """Async :meth:`usage`."""
+        return await asyncio.to_thread(self.usage)
 
     async def astatus(self) -> JobStatus:
         """Async :meth:`status`."""
