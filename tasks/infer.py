@@ -29,6 +29,7 @@ from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import ServedDeployment, get_runtime
 from worker.shapes import job_result
+from worker.usage import token_usage
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def infer(self, spec: dict) -> dict:
                 runtime.tracker.handed_over(deployment_name, job_id)
                 runtime.wake(deployment_name)
         outputs = _collect(job, futures, deadline_mono)
+        usage = token_usage(served.config.task, outputs)
         if "pool" in params or "normalize" in params:
             outputs = [o if isinstance(o, dict) and "error" in o else
                        pool_output(o, pool=params.get("pool"), normalize=params.get("normalize", False))
@@ -168,4 +170,5 @@ def infer(self, spec: dict) -> dict:
         record_progress(runtime.redis, job.job_id or job_id, job.chunk_index, len(outputs),
                         ttl_s=runtime.config.result_ttl_s)
     return ResultEnvelope(outputs=result, deployment=job.deployment, worker=runtime.worker_name,
-                          n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index).model_dump()
+                          n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index,
+                          usage=usage).model_dump()
