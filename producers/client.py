@@ -82,6 +82,7 @@ class FleetClient:
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
+        self._aredis: Any = None
         self._access_checked = False
         self._async_results: tuple[Any, Any] | None = None
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
@@ -97,6 +98,17 @@ class FleetClient:
             settings["visibility_timeout_s"] = int(os.environ["PIPEFLEET_VISIBILITY_TIMEOUT_S"])
         settings.update(overrides)
         return cls(**settings)
+
+    @property
+    def aredis(self) -> Any:
+        """An asyncio Redis client on the broker (for async event streams), one per running event loop."""
+        import redis.asyncio as aredis_lib
+
+        loop = asyncio.get_running_loop()
+        # Connections of redis.asyncio belong to the loop that opened them.
+        if self._aredis is None or self._aredis[0] is not loop:
+            self._aredis = (loop, aredis_lib.Redis.from_url(self.broker_url, socket_connect_timeout=5))
+        return self._aredis[1]
 
     def close(self) -> None:
         """Release connections."""

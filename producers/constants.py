@@ -57,3 +57,15 @@ DEFAULT_PRIORITY = 6
 def queue_name(deployment: str) -> str:
     """The Celery queue a deployment consumes."""
     return f"{QUEUE_PREFIX}{deployment}"
+
+EVENTS_KEY_PREFIX = f"{KEY_PREFIX}:events:"
+"""``pipefleet:events:<job_id>``: a job's event stream (Redis Stream: text pieces, progress, restart, done, error)."""
+
+EVENTS_MAXLEN = 10_000
+"""Approximate cap on entries per event stream (``XADD MAXLEN ~``); a piece is one generation step, not a token."""
+
+EVENTS_POLL_S = 1.0
+"""How long a reader blocks on an idle event stream before it checks whether the job ended without a final event."""
+
+EVENTS_FINAL_GRACE_S = 2.0
+"""How long a reader waits for a worker's own final event after the job's result says it ended."""

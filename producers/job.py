@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from producers.codec import decode_output
 from producers.constants import CANCEL_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.errors import ERRORS_BY_NAME, JobCancelled, JobError, JobTimeout, PipefleetError
-from producers.schemas import JobState, JobStatus
+from producers.schemas import JobEvent, JobState, JobStatus
 
 if TYPE_CHECKING:
     from producers.client import FleetClient
@@ -174,6 +174,41 @@ class Job:
             if predicate(status) or time.monotonic() > deadline:
                 return status
             time.sleep(interval)
+
+    def events(self, last_event_id: str | None = None, timeout_s: float | None = None) -> Iterator[JobEvent]:
+        """The job's events (progress, text, restart, done, error) from the start, or after ``last_event_id``.
+
+        Ends after the ``done`` or ``error`` event (an error is yielded, not
+        raised). ``timeout_s`` bounds the whole wait: JobTimeout after it.
+        """
+        from producers.events import iter_events
+
+        return iter_events(self, last_event_id, timeout_s)
+
+    def stream(self, sequence: int | None = 0, timeout_s: float | None = None) -> Iterator[str]:
+        """Generated text as it comes, in pieces (one per generation step), from the first piece.
+
+        ``sequence`` picks one output sequence (input ``i``, return sequence
+        ``j`` is ``i * num_return_sequences + j``); None yields the pieces of all
+        of them as they come. The pieces of one sequence concatenated equal its
+        ``generated_text`` with ``return_full_text=False``. Raises the job's
+        error when it fails or is cancelled.
+        """
+        from producers.events import iter_text
+
+        return iter_text(self.events(timeout_s=timeout_s), sequence)
+
+    def aevents(self, last_event_id: str | None = None, timeout_s: float | None = None) -> AsyncIterator[JobEvent]:
+        """Async :meth:`events`; waits on Redis without holding a thread."""
+        from producers.events import aiter_events
+
+        return aiter_events(self, last_event_id, timeout_s)
+
+    def astream(self, sequence: int | None = 0, timeout_s: float | None = None) -> AsyncIterator[str]:
+        """Async :meth:`stream`."""
+        from producers.events import aiter_text
+
+        return aiter_text(self.aevents(timeout_s=timeout_s), sequence)
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """Async :meth:`result` for asyncio backends; the wait holds no thread (see producers.waiting)."""

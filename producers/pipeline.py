@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import types
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from producers.client import FleetClient
 from producers.job import Job
@@ -82,6 +82,24 @@ class FleetPipeline:
                                    chunk_size=batch_size or None)
         job = self.submit(inputs, **params)
         return job.result(timeout=self.timeout_s)
+
+    def stream(self, inputs: Any = None, *, priority: int | None = None, **params: Any) -> Iterator[str]:
+        """Run one prompt (text or chat) and yield its generated text in pieces as they come.
+
+        The pieces concatenated equal ``pipe(inputs, return_full_text=False, **params)``'s
+        ``generated_text``; the job's error is raised if it fails.
+        """
+        job = self.submit(inputs, priority=priority, timeout_s=None, **params)
+        return job.stream(timeout_s=self.timeout_s)
+
+    async def astream(self, inputs: Any = None, *, priority: int | None = None,
+                      **params: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream`."""
+        job = await self.client.asubmit(inputs=self._gather_kwargs_input(inputs, params, self.task),
+                                        params=self._params(params), deployment=self.info.name, model=self.model,
+                                        revision=self.revision, priority=priority)
+        async for piece in job.astream(timeout_s=self.timeout_s):
+            yield piece
 
     def map(self, iterable: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
         """Stream ``iterable`` through the fleet; see :meth:`FleetClient.map`."""

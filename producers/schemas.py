@@ -120,6 +120,35 @@ class DeploymentInfo(DeploymentTerms):
     devices: list[str]
 
 
+class EventKind(str, enum.Enum):
+    """What one entry of a job's event stream says."""
+
+    PROGRESS = "progress"
+    """``{"done": int, "total": int}``: items finished so far (chunked jobs)."""
+    TEXT = "text"
+    """``{"text": str, "index": int}``: new text of output sequence ``index``, one generation step's worth."""
+    RESTART = "restart"
+    """``{"reason": str}``: the job runs again (redelivered after its worker died); text starts over."""
+    DONE = "done"
+    """``{"state": "SUCCESS", ...}``; text generation adds ``usage`` and ``finish_reasons``. Last event."""
+    ERROR = "error"
+    """``{"type": str, "message": str}``: the job failed or was cancelled; ``type`` names the error class. Last event."""
+
+
+FINAL_EVENT_KINDS = frozenset({EventKind.DONE, EventKind.ERROR})
+"""Kinds after which a job's event stream has nothing more to say."""
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's event stream; ``id`` is the Redis stream entry id (resume after it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    kind: EventKind
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class JobStatus(BaseModel):
     """A snapshot of one job: state, progress counts and the error if it failed."""
 

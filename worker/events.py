@@ -1,0 +1,112 @@
+"""The worker's half of job event streams: a background writer that pipelines XADDs.
+
+Generation loops call :meth:`EventWriter.emit` (a queue put, never a Redis
+round trip) and go on with the next step. One writer thread drains the queue
+and sends everything pending in one pipeline: ``XADD MAXLEN ~`` per event and
+one ``EXPIRE`` per stream touched, so streams expire with the results.
+
+A job's first event on this worker is preceded by a check of its stream: if it
+already holds entries, an earlier run (a worker that died, a redelivery)
+wrote them, and a ``restart`` event goes first so readers know text starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+from producers.constants import EVENTS_MAXLEN
+from producers.events import event_fields, events_key
+from producers.schemas import EventKind
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_FLUSH = 2048
+"""Events sent in one pipeline at most."""
+
+
+class EventWriter:
+    """Appends job events to Redis Streams from one background thread; see the module docstring."""
+
+    def __init__(self, redis: Any, *, ttl_s: int, maxlen: int = EVENTS_MAXLEN) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.maxlen = maxlen
+        self._queue: "queue.SimpleQueue[tuple[str, EventKind, dict] | tuple[str, None, dict] | None]" = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._loop, name="pipefleet-events", daemon=True)
+        self._thread.start()
+
+    def begin(self, job_id: str) -> None:
+        """A run of ``job_id`` starts here: a ``restart`` event goes first if an earlier run left entries."""
+        self._queue.put((job_id, None, {}))
+
+    def emit(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
+        """Queue one event; returns at once."""
+        self._queue.put((job_id, kind, data))
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is written (tests and shutdown)."""
+        done = threading.Event()
+        self._queue.put(("", None, {"flushed": done}))
+        return done.wait(timeout_s)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(5.0)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_EVENTS_PER_FLUSH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._write(batch)
+                    return
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list) -> None:
+        try:
+            self._write_once(batch)
+        except Exception:  # events are advisory for the result; the loop must survive a Redis outage
+            logger.warning("could not write %d job events", len(batch), exc_info=True)
+        for job_id, kind, data in batch:
+            if kind is None and "flushed" in data:
+                data["flushed"].set()
+
+    def _write_once(self, batch: list) -> None:
+        beginning = [job_id for job_id, kind, data in batch if kind is None and not data]
+        restarted: set[str] = set()
+        if beginning:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in beginning:
+                pipe.exists(events_key(job_id))
+            restarted = {job_id for job_id, exists in zip(beginning, pipe.execute()) if exists}
+        pipe = self.redis.pipeline(transaction=False)
+        touched: set[str] = set()
+        for job_id, kind, data in batch:
+            if kind is None:
+                if not data and job_id in restarted:
+                    self._add(pipe, job_id, EventKind.RESTART, {"reason": "the job runs again after its worker "
+                                                                          "stopped (redelivered)"})
+                    touched.add(job_id)
+                continue
+            self._add(pipe, job_id, kind, data)
+            touched.add(job_id)
+        for job_id in touched:
+            pipe.expire(events_key(job_id), self.ttl_s)
+        if touched:
+            pipe.execute()
+
+    def _add(self, pipe: Any, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
+        pipe.xadd(events_key(job_id), event_fields(kind, data), maxlen=self.maxlen, approximate=True)
