@@ -96,6 +96,11 @@ def _routes(keys: KeyCheck) -> APIRouter:
         status, body = await serving_jobs.result(state, job_id, wait)
         return JSONResponse(body, status_code=status)
 
+    @router.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, state: State,
+                         last_event_id: Annotated[str | None, Header()] = None) -> EventSourceResponse:
+        return _sse(state, "/v1/jobs/{job_id}/events", await serving_jobs.events(state, job_id, last_event_id))
+
     @router.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str, state: State) -> dict:
         return await serving_jobs.cancel(state, job_id)

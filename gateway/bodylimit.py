@@ -6,15 +6,14 @@ import json
 from typing import Any
 
 from gateway.errors import error_response_parts
-from producers.errors import PayloadTooLarge
 
 
 class BodyLimitMiddleware:
     """Pure ASGI middleware: 413 for a body over ``max_bytes``.
 
     A declared ``Content-Length`` over the cap is refused before anything is
-    read; a chunked body is counted as it arrives, and reading past the cap
-    raises :class:`PayloadTooLarge` inside the route, which answers 413.
+    read. A body without one (chunked) is read here, never past the cap, and
+    handed on whole, or refused as soon as it passes the cap.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -25,29 +24,41 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send, int(declared))
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._refuse(scope, send, f"the request body is {int(declared)} bytes")
+                return
+            await self.app(scope, receive, send)
             return
-        received = 0
-
-        async def counting_receive() -> dict[str, Any]:
-            nonlocal received
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            await self.app(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(f"the request body exceeds {self.max_bytes} bytes")
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(scope, send, f"the request body passed {self.max_bytes} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        buffered = iter(messages)
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> dict[str, Any]:
+            return next(buffered, None) or await receive()
 
-    async def _refuse(self, scope: dict[str, Any], send: Any, size: int) -> None:
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict[str, Any], send: Any, what: str) -> None:
         status, body = error_response_parts(
-            scope["path"], 413, "PayloadTooLarge",
-            f"the request body is {size} bytes; this gateway accepts at most {self.max_bytes}")
+            scope["path"], 413, "PayloadTooLarge", f"{what}; this gateway accepts at most {self.max_bytes}")
         payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
+                                (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})

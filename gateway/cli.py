@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from config.loader import CONFIG_ENV, load_config
 from gateway.security import check_bind
+from producers.errors import PipefleetError
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
     """Check the config and the bind rule, then serve until interrupted."""
     import uvicorn
 
-    config = load_config(args.config)
-    check_bind(args.host, has_keys=bool(config.gateway.api_keys), insecure=args.insecure)
+    try:
+        config = load_config(args.config)
+        check_bind(args.host, has_keys=bool(config.gateway.api_keys), insecure=args.insecure)
+    except PipefleetError as error:
+        print(f"pipefleet gateway: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     if config.source:
         os.environ[CONFIG_ENV] = config.source  # worker processes load the same file
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

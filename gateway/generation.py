@@ -57,6 +57,11 @@ def texts_per_prompt(outputs: Any, n_prompts: int, n: int) -> list[list[str]]:
     return [sequences[i * n:(i + 1) * n] for i in range(n_prompts)]
 
 
+def flat_texts(outputs: Any, n_prompts: int, n: int) -> list[str]:
+    """The generated texts in choice order (choice ``i * n + j`` is prompt ``i``'s ``j``-th text)."""
+    return [text for texts in texts_per_prompt(outputs, n_prompts, n) for text in texts]
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to its first stop sequence, and whether one was found."""
     cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=-1)
@@ -116,11 +121,17 @@ def outcome_from_done(data: dict[str, Any]) -> Outcome:
 
 
 async def job_outcome(job: Job) -> Outcome:
-    """The token counts the worker reported for a finished generation job."""
-    usage = await job.ausage() or {}
-    return Outcome(prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                   completion_tokens=int(usage.get("completion_tokens", 0)),
-                   finish_reasons=usage.get("finish_reasons"))
+    """The token counts and finish reasons a finished generation job's worker reported in its ``done`` event.
+
+    Zero counts and no reasons when its worker wrote no events.
+    """
+    from producers.constants import EVENTS_FINAL_GRACE_S
+    from producers.schemas import EventKind
+
+    event = await job.afinal_event(grace_s=EVENTS_FINAL_GRACE_S)
+    if event is not None and event.kind is EventKind.DONE:
+        return outcome_from_done(event.data)
+    return Outcome(0, 0, None)
 
 
 def finish_reason(index: int, stopped: bool, outcome: Outcome) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, AsyncIterator
 
-from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, job_outcome, sampling_params,
-                                texts_per_prompt)
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
+                                sampling_params, texts_per_prompt)
 from gateway.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                               ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, Usage)
 from gateway.serving_models import resolve_model
@@ -70,4 +70,5 @@ async def stream_chat_completion(state: GatewayState, request: ChatCompletionReq
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return openai_stream(job, path=PATH, n_choices=request.n, stops=request.stops(), make_chunk=make_chunk,
-                         include_usage=include_usage, first=first, max_wait_s=state.settings.max_wait_s)
+                         include_usage=include_usage, first=first, max_wait_s=state.settings.max_wait_s,
+                         whole_texts=lambda output: flat_texts(output, 1, request.n))

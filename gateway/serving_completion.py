@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, AsyncIterator
 
-from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, job_outcome, sampling_params,
-                                texts_per_prompt)
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
+                                sampling_params, texts_per_prompt)
 from gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from gateway.serving_models import resolve_model
 from gateway.state import GatewayState
@@ -59,4 +59,6 @@ async def stream_completion(state: GatewayState, request: CompletionRequest) -> 
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return openai_stream(job, path=PATH, n_choices=n_prompts * request.n, stops=request.stops(),
-                         make_chunk=make_chunk, include_usage=include_usage, max_wait_s=state.settings.max_wait_s)
+                         make_chunk=make_chunk, include_usage=include_usage,
+                         whole_texts=lambda output: flat_texts(output, n_prompts, request.n),
+                         max_wait_s=state.settings.max_wait_s)

@@ -6,19 +6,30 @@ Bodies are JSON; a job's result is its outputs as the fleet stores them
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import ServerSentEvent
 
 from gateway.state import GatewayState
 from producers.codec import encode_output
-from producers.errors import InvalidInput, JobTimeout, PayloadTooLarge
+from producers.errors import InvalidInput, JobTimeout, PayloadTooLarge, PipefleetError
 from producers.job import Job
 from producers.schemas import JobState, JobStatus
 
+logger = logging.getLogger(__name__)
+
 UNFINISHED = (JobState.PENDING, JobState.RUNNING)
 """States in which ``/result`` answers 202."""
+
+RECONNECT_MS = 1000
+"""The ``retry:`` an events stream suggests to the client for reconnecting after it ends early."""
+
+_STREAM_ID = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 
 
 class JobRequest(BaseModel):
@@ -106,3 +117,27 @@ async def cancel(state: GatewayState, job_id: str) -> dict[str, Any]:
 async def deployments(state: GatewayState) -> list[dict[str, Any]]:
     """The live deployments, as ``pipefleet deployments`` prints them."""
     return [info.model_dump() for info in await state.client.adeployments()]
+
+
+async def events(state: GatewayState, job_id: str, last_event_id: str | None) -> AsyncIterator[ServerSentEvent]:
+    """The job's events as SSE (``id`` = stream entry id, ``event`` = kind, ``data`` = JSON), after ``last_event_id``.
+
+    The stream ends after the ``done`` or ``error`` event. Past ``max_wait_s``
+    it ends early; reconnecting with ``Last-Event-ID`` resumes where it stopped.
+    """
+    job = job_for(state, job_id)
+    if last_event_id is not None and not _STREAM_ID.match(last_event_id):
+        raise InvalidInput(f"Last-Event-ID {last_event_id!r} is not an event id of this stream")
+
+    async def generate() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent(comment="pipefleet job events", retry=RECONNECT_MS)
+        try:
+            async for event in job.aevents(last_event_id=last_event_id, timeout_s=state.settings.max_wait_s):
+                yield ServerSentEvent(id=event.id, event=event.kind.value,
+                                      data=json.dumps(event.data, separators=(",", ":")))
+        except JobTimeout:
+            return  # max_wait_s passed; the client resumes with Last-Event-ID
+        except PipefleetError as error:
+            logger.warning("events of job %s ended early: %s: %s", job_id, type(error).__name__, error)
+
+    return generate()

@@ -32,13 +32,20 @@ def _data(chunk: Any) -> str:
 
 
 async def openai_stream(job: Job, *, path: str, n_choices: int, stops: list[str], make_chunk: MakeChunk,
-                        include_usage: bool, first: Callable[[int], Any] | None = None,
+                        include_usage: bool, whole_texts: Callable[[Any], list[str]],
+                        first: Callable[[int], Any] | None = None,
                         max_wait_s: float | None = None) -> AsyncIterator[str]:
-    """SSE ``data`` strings of the OpenAI stream of ``job``."""
+    """SSE ``data`` strings of the OpenAI stream of ``job``.
+
+    ``whole_texts(output)`` gives each choice's text from the job's output: a
+    job whose worker streamed no text at all (one that predates streaming)
+    still answers, with each whole text in one chunk.
+    """
     from producers.events import TextFollower
     from producers.schemas import EventKind
 
     scanners = [StopScanner(stops) for _ in range(n_choices)]
+    streamed = False
     follower = TextFollower(None)
     outcome = Outcome(0, 0, None)
     if first is not None:
@@ -53,11 +60,17 @@ async def openai_stream(job: Job, *, path: str, n_choices: int, stops: list[str]
                 if not 0 <= index < n_choices:
                     continue
                 for piece in pieces:
+                    streamed = True
                     text = scanners[index].feed(piece)
                     if text:
                         yield _data(make_chunk(index, text, None, None))
             elif event.kind is EventKind.DONE:
                 outcome = outcome_from_done(event.data)
+        if not streamed:
+            for index, text in enumerate(whole_texts(await job.aresult(timeout=max_wait_s))):
+                text = scanners[index].feed(text)
+                if text:
+                    yield _data(make_chunk(index, text, None, None))
         completed = True
     except PipefleetError as error:  # the job failed, was cancelled or timed out: say so, then end the stream
         status, error_type, message, param = describe(error)

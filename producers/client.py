@@ -294,7 +294,8 @@ class FleetClient:
 
     async def aclose(self) -> None:
         """Release connections, the asyncio ones included."""
-        if self._async_results is not None:
-            await self._async_results[1].aclose()
-            self._async_results = None
+        for held in (self._async_results, self._aredis):
+            if held is not None:
+                await held[1].aclose()
+        self._async_results = self._aredis = None
         await asyncio.to_thread(self.close)

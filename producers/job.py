@@ -12,7 +12,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from producers.codec import decode_output
 from producers.constants import CANCEL_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.errors import ERRORS_BY_NAME, JobCancelled, JobError, JobTimeout, PipefleetError
-from producers.schemas import JobEvent, JobState, JobStatus
+from producers.schemas import FINAL_EVENT_KINDS, JobEvent, JobState, JobStatus
 
 if TYPE_CHECKING:
     from producers.client import FleetClient
@@ -236,6 +236,31 @@ class Job:
     async def ausage(self) -> dict[str, int] | None:
         """Async :meth:`usage`."""
         return await asyncio.to_thread(self.usage)
+
+    async def afinal_event(self, grace_s: float = 0.0) -> JobEvent | None:
+        """The job's ``done``/``error`` event if its worker wrote one, read without replaying the stream.
+
+        None when the stream holds no final event; when it holds other events
+        (a worker that streams), the final one is awaited up to ``grace_s``, as
+        it may be written just after the result.
+        """
+        from producers.events import decode_entry, events_key
+
+        redis, key = self.client.aredis, events_key(self.id)
+        entries = await redis.xrevrange(key, count=1)
+        if not entries:
+            return None
+        last = decode_entry(*entries[0])
+        deadline = time.monotonic() + grace_s
+        while last.kind not in FINAL_EVENT_KINDS:
+            block_ms = int((deadline - time.monotonic()) * 1000)
+            if block_ms <= 0:
+                return None
+            reply = await redis.xread({key: last.id}, block=block_ms)
+            for _, stream_entries in reply or []:
+                for entry_id, fields in stream_entries:
+                    last = decode_entry(entry_id, fields)
+        return last
 
     async def astatus(self) -> JobStatus:
         """Async :meth:`status`."""
