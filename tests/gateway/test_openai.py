@@ -139,3 +139,51 @@ def test_bad_params_are_bad_requests_in_openai_shape(oai):
         oai.completions.create(model="gw-gen", prompt="hi", max_tokens=10**7, temperature=0)
     assert caught.value.body["code"] == "InvalidParams"
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_streamed_completion_chunks_concatenate_to_the_non_streamed_text(oai):
+    whole = oai.completions.create(model="gw-gen", prompt=PROMPTS[:2], max_tokens=8, temperature=0)
+    texts = {0: "", 1: ""}
+    reasons = {}
+    chunks = list(oai.completions.create(model="gw-gen", prompt=PROMPTS[:2], max_tokens=8, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert [texts[0], texts[1]] == [choice.text for choice in whole.choices]
+    assert reasons == {choice.index: choice.finish_reason for choice in whole.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_streamed_chat_starts_with_the_role_and_concatenates_to_the_message(oai):
+    whole = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0)
+    stream = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(chunk.usage is None for chunk in chunks)  # include_usage was not asked for
+
+
+def test_streamed_stop_sequence_is_held_back_and_cut(oai, models):
+    full = generated(models, PROMPTS[1], max_new_tokens=12)
+    stop = full.strip()[2:5] if len(full.strip()) > 5 else None
+    if not stop:
+        pytest.skip(f"the tiny model generated too little text to pick a stop sequence: {full!r}")
+    chunks = list(oai.completions.create(model="gw-gen", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                         stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full[:full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_raw_stream_ends_with_done(gateway):
+    import httpx
+
+    body = {"model": "gw-gen", "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        data = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "data: [DONE]"
