@@ -84,7 +84,7 @@ class FleetClient:
         self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
         self._aredis: Any = None
         self._access_checked = False
-        self._async_results: tuple[Any, Any] | None = None
+        self._async_results: tuple[Any, Any, Any] | None = None
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
@@ -277,23 +277,34 @@ class FleetClient:
 
     async def asubmit(self, *args: Any, **kwargs: Any) -> Job:
         """Async :meth:`submit` for asyncio backends (FastAPI and friends)."""
-        return await asyncio.to_thread(self.submit, *args, **kwargs)
+        from producers.waiting import without_result_subscription
+
+        def submit() -> Job:
+            # Its result is awaited by Job.aresult, which listens on its own connection.
+            with without_result_subscription(self.celery):
+                return self.submit(*args, **kwargs)
+
+        return await asyncio.to_thread(submit)
 
     async def adeployments(self) -> list[DeploymentInfo]:
         """Async :meth:`deployments`."""
         return await asyncio.to_thread(self.deployments)
 
-    def async_results_redis(self) -> Any:
-        """An asyncio Redis client on the result backend, one per event loop (made on first use)."""
-        from producers.waiting import async_redis_for
+    def async_results(self) -> tuple[Any, Any]:
+        """``(redis, listener)`` on the result backend for this event loop: asyncio Redis and the
+        :class:`~producers.waiting.ResultListener` every ``aresult`` wait shares (made on first use)."""
+        from producers.waiting import ResultListener, async_redis_for
 
         loop = asyncio.get_running_loop()
         if self._async_results is None or self._async_results[0] is not loop:
-            self._async_results = (loop, async_redis_for(self.result_backend))
-        return self._async_results[1]
+            redis = async_redis_for(self.result_backend)
+            self._async_results = (loop, redis, ResultListener(redis))
+        return self._async_results[1], self._async_results[2]
 
     async def aclose(self) -> None:
         """Release connections, the asyncio ones included."""
+        if self._async_results is not None:
+            await self._async_results[2].aclose()
         for held in (self._async_results, self._aredis):
             if held is not None:
                 await held[1].aclose()
