@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -80,56 +80,54 @@ def _sse(state: GatewayState, route: str, events: AsyncIterator[Any]) -> EventSo
     return EventSourceResponse(_counted(state, route, events), sep="\n")
 
 
-def _routes(keys: KeyCheck) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(keys)])
+def _add_routes(app: FastAPI, keys: KeyCheck) -> None:
+    guarded: dict[str, Any] = {"dependencies": [Depends(keys)]}
 
-    @router.post("/v1/jobs", status_code=202)
+    @app.post("/v1/jobs", status_code=202, **guarded)
     async def submit_job(body: serving_jobs.JobRequest, request: Request, state: State) -> dict:
         return await serving_jobs.submit(state, body, str(request.base_url))
 
-    @router.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", **guarded)
     async def job_status(job_id: str, state: State) -> dict:
         return await serving_jobs.status(state, job_id)
 
-    @router.get("/v1/jobs/{job_id}/result")
+    @app.get("/v1/jobs/{job_id}/result", **guarded)
     async def job_result(job_id: str, state: State, wait: Annotated[float, Query(ge=0)] = 0.0) -> JSONResponse:
         status, body = await serving_jobs.result(state, job_id, wait)
         return JSONResponse(body, status_code=status)
 
-    @router.get("/v1/jobs/{job_id}/events")
+    @app.get("/v1/jobs/{job_id}/events", **guarded)
     async def job_events(job_id: str, state: State,
                          last_event_id: Annotated[str | None, Header()] = None) -> EventSourceResponse:
         return _sse(state, "/v1/jobs/{job_id}/events", await serving_jobs.events(state, job_id, last_event_id))
 
-    @router.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", **guarded)
     async def cancel_job(job_id: str, state: State) -> dict:
         return await serving_jobs.cancel(state, job_id)
 
-    @router.get("/v1/deployments")
+    @app.get("/v1/deployments", **guarded)
     async def deployments(state: State) -> list:
         return await serving_jobs.deployments(state)
 
-    @router.get("/v1/models")
+    @app.get("/v1/models", **guarded)
     async def models(state: State) -> Any:
         return await serving_models.list_models(state)
 
-    @router.post("/v1/embeddings")
+    @app.post("/v1/embeddings", **guarded)
     async def embeddings(body: EmbeddingRequest, state: State) -> Any:
         return await serving_embedding.create_embedding(state, body)
 
-    @router.post("/v1/completions")
+    @app.post("/v1/completions", **guarded)
     async def completions(body: CompletionRequest, state: State) -> Any:
         if body.stream:
             return _sse(state, "/v1/completions", await serving_completion.stream_completion(state, body))
         return await serving_completion.create_completion(state, body)
 
-    @router.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **guarded)
     async def chat_completions(body: ChatCompletionRequest, state: State) -> Any:
         if body.stream:
             return _sse(state, "/v1/chat/completions", await serving_chat.stream_chat_completion(state, body))
         return await serving_chat.create_chat_completion(state, body)
-
-    return router
 
 
 async def _health(state: GatewayState) -> JSONResponse:
@@ -175,7 +173,7 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(_routes(keys))
+    _add_routes(app, keys)
     # Added innermost first: metrics see every response, CORS answers preflights, the cap runs before routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.gateway.max_body_bytes or config.limits.max_payload_bytes)
     if config.gateway.cors_origins:
