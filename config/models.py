@@ -90,6 +90,41 @@ class GatewaySettings(BaseModel):
         return value
 
 
+class ContinuousBatchingOptions(BaseModel):
+    """Tuning of transformers' continuous batching engine (``ContinuousBatchingConfig``) for one deployment.
+
+    Unset fields keep the engine's own defaults, except the KV cache on the CPU:
+    the engine would size it from the machine's free RAM, so a CPU deployment
+    gets ``num_blocks = 64`` (64 x ``page_size`` tokens) unless one is given.
+    ``do_sample`` (with ``temperature``, ``top_k``, ``top_p`` as defaults) picks
+    sampling or greedy decoding for the whole engine; see the README.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_tokens: int | None = Field(default=None, gt=0)
+    """Tokens one forward step may process (prefill chunks plus decodes)."""
+    num_blocks: int | None = Field(default=None, gt=0)
+    """KV-cache pages; None lets the engine size them from free device memory (``max_memory_percent``)."""
+    page_size: int | None = Field(default=None, ge=4)
+    """Tokens per KV-cache page."""
+    max_memory_percent: float | None = Field(default=None, gt=0, le=1)
+    """Share of free device memory the KV cache may take."""
+    max_requests_per_batch: int | None = Field(default=None, gt=0)
+    """Requests one step may carry."""
+    scheduler: Literal["fifo", "prefill_first"] | None = None
+    """The engine's request scheduler."""
+    allow_block_sharing: bool | None = None
+    """Share KV pages between requests with a common prompt prefix."""
+    do_sample: bool = False
+    """Sample (True) or decode greedily (False): one choice for every request of the engine."""
+    temperature: float | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
+    """Seed of the engine's one random stream (sampling engines)."""
+
+
 class Deployment(BaseModel):
     """One pipeline (task + model) behind one Celery queue.
 
@@ -121,6 +156,9 @@ class Deployment(BaseModel):
     """How the gateway's ``/v1/embeddings`` pools token vectors (feature-extraction)."""
     embedding_normalize: bool = True
     """Whether ``/v1/embeddings`` L2-normalises the pooled vector."""
+    continuous_batching: bool = False
+    """Run text generation through transformers' continuous batching engine instead of static batches."""
+    continuous_batching_options: ContinuousBatchingOptions = Field(default_factory=ContinuousBatchingOptions)
 
     @field_validator("name")
     @classmethod
@@ -128,6 +166,15 @@ class Deployment(BaseModel):
         if not _NAME.match(value):
             raise ValueError("must be 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
         return value
+
+    @model_validator(mode="after")
+    def _check_continuous_batching(self) -> "Deployment":
+        if self.continuous_batching and self.task != "text-generation":
+            raise ValueError(f"continuous_batching = true needs task = \"text-generation\"; deployment "
+                             f"{self.name!r} has task {self.task!r}")
+        if self.continuous_batching and self.device_map is not None:
+            raise ValueError("continuous_batching = true runs on one device: drop device_map")
+        return self
 
     @field_validator("dtype")
     @classmethod

@@ -7,11 +7,14 @@ of ``client.map``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
 
-from producers.constants import PROGRESS_KEY_PREFIX
+from producers.constants import EVENTS_MAXLEN, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
+from producers.events import event_fields, events_key
+from producers.schemas import EventKind
 from producers.errors import ChunkFailed, JobCancelled, JobTimeout, PipefleetError
 from producers.schemas import JobSpec
 
@@ -28,6 +31,7 @@ def record_progress(redis: Any, job_id: str, chunk_index: int, n_items: int, *, 
 
     A redelivered chunk (its worker died after the forward pass) must not count
     twice, or ``done`` would pass ``total``; the set of counted chunks guards that.
+    The new count also goes to the job's event stream as a ``progress`` event.
     """
     key = f"{PROGRESS_KEY_PREFIX}{job_id}"
     try:
@@ -36,6 +40,13 @@ def record_progress(redis: Any, job_id: str, chunk_index: int, n_items: int, *, 
             pipe.incrby(key, n_items)
             pipe.expire(key, ttl_s)
             pipe.expire(key + DONE_CHUNKS_SUFFIX, ttl_s)
+            pipe.get(f"{JOB_KEY_PREFIX}{job_id}")
+            done, _, _, record = pipe.execute()
+            total = json.loads(record).get("total", 0) if record else 0
+            pipe = redis.pipeline(transaction=False)
+            pipe.xadd(events_key(job_id), event_fields(EventKind.PROGRESS, {"done": done, "total": total}),
+                      maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.expire(events_key(job_id), ttl_s)
             pipe.execute()
     except Exception:  # progress is advisory: never fail a finished chunk over it
         logger.warning("could not record progress of chunk %s of job %s", chunk_index, job_id, exc_info=True)

@@ -112,7 +112,7 @@ def infer(self, spec: dict) -> dict:
     runtime = get_runtime()
     job_id = self.request.id
     deployment_name = spec.get("deployment") if isinstance(spec, dict) else None
-    served = job = None
+    served = job = streams = None
     try:
         try:
             job = parse_spec(spec)
@@ -133,6 +133,9 @@ def infer(self, spec: dict) -> dict:
             if job.deadline_ts is not None:
                 deadline_mono = time.monotonic() + (job.deadline_ts - time.time())
             batch_params = dict(call_params, **({"seed": params["seed"]} if "seed" in params else {}))
+            if served.streams is not None and job.chunk_index is None:  # text generation: token events
+                streams = served.streams
+                streams.begin(job_id)
             # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
             futures = served.batcher.submit(job_id, prepared, batch_params, deadline=deadline_mono,
                                             cancel_id=job.job_id,
@@ -143,12 +146,16 @@ def infer(self, spec: dict) -> dict:
                 runtime.wake(deployment_name)
         outputs = _collect(job, futures, deadline_mono)
         usage = token_usage(served.config.task, outputs)
+        if streams is not None:
+            streams.finish(job_id, prepared, outputs, call_params)
         if "pool" in params or "normalize" in params:
             outputs = [o if isinstance(o, dict) and "error" in o else
                        pool_output(o, pool=params.get("pool"), normalize=params.get("normalize", False))
                        for o in outputs]
         outputs = [encode_output(o) for o in outputs]
-    except JobCancelled:
+    except JobCancelled as error:
+        if streams is not None:
+            streams.fail(job_id, error)
         if served is not None:
             served.metrics.observe_job("CANCELLED")
         self.backend.mark_as_revoked(job_id, "cancelled", request=self.request)
@@ -160,8 +167,10 @@ def infer(self, spec: dict) -> dict:
             raise chunk_failed(job, error) from None
         if not isinstance(error, PipefleetError):
             logger.exception("job %s on %s failed unexpectedly", job_id, deployment_name)
-            raise JobError(f"{type(error).__name__}: {error}") from None
-        raise
+            error = JobError(f"{type(error).__name__}: {error}")
+        if streams is not None:
+            streams.fail(job_id, error)
+        raise error from None
     served.metrics.observe_job("SUCCESS")
     if job.chunk_index is None:
         result = job_result(served.config.task, inputs, outputs, single=job.single, params=call_params)

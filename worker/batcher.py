@@ -86,6 +86,8 @@ class Batcher:
         self._groups: "collections.OrderedDict[str, tuple[dict, collections.deque[PendingItem]]]" = (
             collections.OrderedDict())
         self._runner: DeviceRunner | None = None
+        self.running: list[PendingItem] = []
+        """The items of the forward pass in progress (token streaming maps batch rows to jobs with it)."""
 
     def attach(self, runner: "DeviceRunner") -> None:
         """Bind this batcher to the runner of its device."""
@@ -203,6 +205,7 @@ class Batcher:
 
     def _forward(self, params: dict[str, Any], batch: list[PendingItem]) -> list[Any]:
         started = time.perf_counter()
+        self.running = batch
         outputs = self.run_batch([item.payload for item in batch], params)
         elapsed = time.perf_counter() - started
         if len(outputs) != len(batch):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from producers.constants import EVENTS_MAXLEN
 from producers.events import event_fields, events_key
@@ -28,29 +28,39 @@ MAX_EVENTS_PER_FLUSH = 2048
 
 
 class EventWriter:
-    """Appends job events to Redis Streams from one background thread; see the module docstring."""
+    """Appends job events to Redis Streams from one background thread; see the module docstring.
+
+    Work is queued as operations and runs in order on the writer thread:
+    ``begin`` (restart check), ``emit`` (one event) and ``call`` (a function run
+    on the writer thread that returns ``(job_id, kind, data)`` events to add;
+    decoding tokens happens there, off the generation loop).
+    """
 
     def __init__(self, redis: Any, *, ttl_s: int, maxlen: int = EVENTS_MAXLEN) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
         self.maxlen = maxlen
-        self._queue: "queue.SimpleQueue[tuple[str, EventKind, dict] | tuple[str, None, dict] | None]" = (
-            queue.SimpleQueue())
+        self.events_written = 0
+        self._queue: "queue.SimpleQueue[tuple[str, Any] | None]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="pipefleet-events", daemon=True)
         self._thread.start()
 
     def begin(self, job_id: str) -> None:
         """A run of ``job_id`` starts here: a ``restart`` event goes first if an earlier run left entries."""
-        self._queue.put((job_id, None, {}))
+        self._queue.put(("begin", job_id))
 
     def emit(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
         """Queue one event; returns at once."""
-        self._queue.put((job_id, kind, data))
+        self._queue.put(("emit", (job_id, kind, data)))
+
+    def call(self, function: Callable[[], list]) -> None:
+        """Run ``function`` on the writer thread, in order; it returns events to add."""
+        self._queue.put(("call", function))
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything queued so far is written (tests and shutdown)."""
         done = threading.Event()
-        self._queue.put(("", None, {"flushed": done}))
+        self._queue.put(("flush", done))
         return done.wait(timeout_s)
 
     def close(self) -> None:
@@ -64,49 +74,55 @@ class EventWriter:
             if first is None:
                 return
             batch = [first]
+            stop = False
             while len(batch) < MAX_EVENTS_PER_FLUSH:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    self._write(batch)
-                    return
+                    stop = True
+                    break
                 batch.append(item)
             self._write(batch)
+            if stop:
+                return
 
     def _write(self, batch: list) -> None:
         try:
             self._write_once(batch)
-        except Exception:  # events are advisory for the result; the loop must survive a Redis outage
-            logger.warning("could not write %d job events", len(batch), exc_info=True)
-        for job_id, kind, data in batch:
-            if kind is None and "flushed" in data:
-                data["flushed"].set()
+        except Exception:  # events are advisory next to the result; the loop must survive a Redis outage
+            logger.warning("could not write a batch of %d job event operations", len(batch), exc_info=True)
+        for op, value in batch:
+            if op == "flush":
+                value.set()
 
     def _write_once(self, batch: list) -> None:
-        beginning = [job_id for job_id, kind, data in batch if kind is None and not data]
+        beginning = [value for op, value in batch if op == "begin"]
         restarted: set[str] = set()
         if beginning:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in beginning:
                 pipe.exists(events_key(job_id))
             restarted = {job_id for job_id, exists in zip(beginning, pipe.execute()) if exists}
+        events: list[tuple[str, EventKind, dict]] = []
+        for op, value in batch:
+            if op == "begin" and value in restarted:
+                events.append((value, EventKind.RESTART,
+                               {"reason": "the job runs again: its worker stopped before it finished"}))
+            elif op == "emit":
+                events.append(value)
+            elif op == "call":
+                try:
+                    events.extend(value() or [])
+                except Exception:  # one bad stream must not stop the others
+                    logger.warning("a job event function failed", exc_info=True)
+        if not events:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        touched: set[str] = set()
-        for job_id, kind, data in batch:
-            if kind is None:
-                if not data and job_id in restarted:
-                    self._add(pipe, job_id, EventKind.RESTART, {"reason": "the job runs again after its worker "
-                                                                          "stopped (redelivered)"})
-                    touched.add(job_id)
-                continue
-            self._add(pipe, job_id, kind, data)
-            touched.add(job_id)
-        for job_id in touched:
+        for job_id, kind, data in events:
+            pipe.xadd(events_key(job_id), event_fields(kind, data), maxlen=self.maxlen, approximate=True)
+        for job_id in {job_id for job_id, _, _ in events}:
             pipe.expire(events_key(job_id), self.ttl_s)
-        if touched:
-            pipe.execute()
-
-    def _add(self, pipe: Any, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
-        pipe.xadd(events_key(job_id), event_fields(kind, data), maxlen=self.maxlen, approximate=True)
+        pipe.execute()
+        self.events_written += len(events)

@@ -57,6 +57,10 @@ class DeploymentMetrics:
         self.jobs_by_state: dict[str, int] = {}
         self.model_load_s = 0.0
         self._recent: list[tuple[float, int]] = []
+        self.tokens_total = 0
+        self.running_requests = 0
+        self.kv_cache_usage = 0.0
+        self._recent_tokens: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 
     def observe_batch(self, size: int, forward_s: float) -> None:
@@ -70,6 +74,28 @@ class DeploymentMetrics:
             cutoff = now - ITEMS_PER_S_WINDOW_S
             while self._recent and self._recent[0][0] < cutoff:
                 self._recent.pop(0)
+
+    def observe_tokens(self, count: int) -> None:
+        """Record ``count`` generated tokens (continuous batching)."""
+        now = time.monotonic()
+        with self._lock:
+            self.tokens_total += count
+            self._recent_tokens.append((now, count))
+            cutoff = now - ITEMS_PER_S_WINDOW_S
+            while self._recent_tokens and self._recent_tokens[0][0] < cutoff:
+                self._recent_tokens.pop(0)
+
+    def set_generation_state(self, *, running_requests: int, kv_cache_usage: float) -> None:
+        """The continuous batching engine's prompts in flight and KV-cache share in use (0..1)."""
+        self.running_requests = running_requests
+        self.kv_cache_usage = kv_cache_usage
+
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the trailing window."""
+        now = time.monotonic()
+        with self._lock:
+            recent = sum(n for t, n in self._recent_tokens if t >= now - ITEMS_PER_S_WINDOW_S)
+        return recent / ITEMS_PER_S_WINDOW_S
 
     def observe_queue_wait(self, waits_s: list[float]) -> None:
         """Record how long each item waited between hand-over and its batch."""
@@ -101,6 +127,10 @@ class DeploymentMetrics:
                 "oom_splits": self.oom_splits,
                 "jobs_by_state": dict(self.jobs_by_state),
                 "model_load_s": self.model_load_s,
+                "tokens_total": self.tokens_total,
+                "running_requests": self.running_requests,
+                "kv_cache_usage": self.kv_cache_usage,
             }
         data["items_per_s"] = self.items_per_s()
+        data["tokens_per_s"] = self.tokens_per_s()
         return data

@@ -119,6 +119,10 @@ def warm_up_deployments(runtime: Runtime) -> None:
         if not served.config.warmup:
             continue
         started = time.perf_counter()
+        if hasattr(served.batcher, "warm_up"):  # continuous batching: through its own engine
+            served.batcher.warm_up()
+            served.metrics.model_load_s += time.perf_counter() - started
+            continue
         runner = runtime.runners[served.device]
         runner.call(lambda s=served: warm_up(name, s.config.task, s.pipeline)).result()
         served.metrics.model_load_s += time.perf_counter() - started

@@ -27,6 +27,8 @@ class ServedDeployment:
     device: str
     metrics: DeploymentMetrics
     sampling_rate: int | None = None
+    streams: Any = None
+    """The deployment's :class:`~worker.streaming.TextStreams` (text-generation only)."""
 
 
 @dataclass
@@ -93,8 +95,19 @@ class Runtime:
         self.tracker = JobTracker()
         self.queue_has_ready: Any = lambda deployment: False
         self.find_cancelled: Any = lambda items: set()
-        self.redis: Any = None
+        from worker.events import EventWriter
+
+        self.events = EventWriter(None, ttl_s=config.result_ttl_s)
         self._media_policies: dict[str, Any] = {}
+
+    @property
+    def redis(self) -> Any:
+        """The worker's Redis client (broker database); job events go through it too."""
+        return self.events.redis
+
+    @redis.setter
+    def redis(self, client: Any) -> None:
+        self.events.redis = client
 
     def media_policy(self, deployment: Deployment) -> Any:
         """The media policy of one deployment: fleet settings plus its own allowed hosts."""
@@ -120,8 +133,21 @@ class Runtime:
         metrics = DeploymentMetrics(deployment.name)
         metrics.model_load_s = load_s
         name, task = deployment.name, deployment.task
+        streams = None
+        if task == "text-generation" and getattr(pipe, "tokenizer", None) is not None:
+            from worker.streaming import TextStreams, eos_token_ids, with_streamer
+
+            streams = TextStreams(pipe.tokenizer, self.events, eos_token_ids=eos_token_ids(pipe))
+        if deployment.continuous_batching:
+            from worker.continuous import ContinuousBatcher
+
+            batcher = ContinuousBatcher(deployment, pipe, streams, metrics=metrics, limits=self.config.limits,
+                                        find_cancelled=lambda items: self.find_cancelled(items))
+            return self._serve(deployment, pipe, batcher, device, metrics, streams)
 
         def run_batch(payloads: list[Any], params: dict[str, Any]) -> list[Any]:
+            if streams is not None and not is_stage_batch(params):
+                params = with_streamer(streams, pipe, batcher.running, payloads, params)
             if is_stage_batch(params):
                 with torch.inference_mode():
                     return run_stage(pipe, payloads, params)
@@ -161,25 +187,37 @@ class Runtime:
         batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
                           max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
                           find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics)
+        return self._serve(deployment, pipe, batcher, device, metrics, streams)
+
+    def _serve(self, deployment: Deployment, pipe: Any, batcher: Any, device: str, metrics: DeploymentMetrics,
+               streams: Any) -> ServedDeployment:
         runner = self.runners.get(device)
         if runner is None:
             runner = self.runners[device] = DeviceRunner(device)
-        runner.add(batcher)
+        if isinstance(batcher, Batcher):
+            runner.add(batcher)
         extractor = getattr(pipe, "feature_extractor", None)
         served = ServedDeployment(deployment, pipe, batcher, device, metrics,
-                                  sampling_rate=getattr(extractor, "sampling_rate", None))
-        self.deployments[name] = served
+                                  sampling_rate=getattr(extractor, "sampling_rate", None), streams=streams)
+        self.deployments[deployment.name] = served
         return served
 
     def start(self) -> None:
-        """Start one inference thread per device."""
+        """Start one inference thread per device (continuous batching engines run their own)."""
         for runner in self.runners.values():
             runner.start()
+        for served in self.deployments.values():
+            if not isinstance(served.batcher, Batcher):
+                served.batcher.start()
 
     def stop(self) -> None:
         """Stop the inference threads after their batch in flight."""
         for runner in self.runners.values():
             runner.stop()
+        for served in self.deployments.values():
+            if not isinstance(served.batcher, Batcher):
+                served.batcher.stop()
+        self.events.flush()
 
     def served(self, name: str) -> ServedDeployment:
         """The deployment called ``name``; raises :class:`UnknownDeployment` otherwise."""

@@ -47,6 +47,11 @@ def test_pipefleet_config_env_picks_the_file(tmp_path):
     ('visibility_timeout_s = "soon"\n', "visibility_timeout_s"),
     ('[[deployments]]\nname = "a"\ntask = "t"\nmodel = "m"\ndtype = "float8"\n', "deployments[0].dtype"),
     ('[[deployments]]\nname = "a"\ntask = "t"\nmodel = "m"\nunknown_key = 1\n', "deployments[0].unknown_key"),
+    ('[[deployments]]\nname = "a"\ntask = "text-classification"\nmodel = "m"\ncontinuous_batching = true\n',
+     "continuous_batching"),
+    ('[[deployments]]\nname = "a"\ntask = "text-generation"\nmodel = "m"\ncontinuous_batching = true\n'
+     '[deployments.continuous_batching_options]\nmax_batch_tokens = 0\n',
+     "deployments[0].continuous_batching_options.max_batch_tokens"),
 ])
 def test_invalid_file_names_the_field_and_the_file(tmp_path, body, field):
     path = tmp_path / "bad.toml"

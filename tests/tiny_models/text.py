@@ -239,6 +239,33 @@ def build_text_generation(directory: Path) -> None:
     _save(GPT2LMHeadModel, config, tokenizer, directory, generation_config)
 
 
+def build_llama_generation(directory: Path) -> None:
+    """Llama causal LM (the architecture transformers' continuous batching engine serves), left-padded."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = gpt2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Wide random logits: greedy argmaxes are then far from float-noise ties between engines.
+        initializer_range=0.5,
+    )
+    generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    _save(LlamaForCausalLM, config, tokenizer, directory, generation_config)
+
+
 def build_feature_extraction(directory: Path) -> None:
     """Plain BERT encoder."""
     from transformers import BertModel

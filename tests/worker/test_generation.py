@@ -1,0 +1,215 @@
+"""Text generation on a real worker: token streaming (static and continuous) and continuous batching fidelity.
+
+One worker serves a tiny Llama twice: ``gen-static`` (static batches) and
+``gen-cb`` (``continuous_batching = true``, transformers' engine). The oracle
+is in-process ``transformers.pipeline`` on the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from producers import InvalidParams, JobCancelled, JobState, JobTimeout
+from producers import pipeline as fleet_pipeline
+from producers.schemas import EventKind
+from tests.fleet import free_port
+from tests.oracle import assert_same, local_pipeline
+from tests.worker.test_prometheus import _scrape, _value
+from tests.tasks.private_models import private_models
+
+PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog and runs far away", "a stormy night"]
+CHAT = [{"role": "user", "content": "where does alice live?"}]
+CHAT_TURNS = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what about bob?"}]
+GREEDY = {"do_sample": False}
+METRICS_PORT = free_port()
+#: The tiny Llama does not end this prompt's greedy continuation within 2,000 tokens (others stop early).
+LONG_PROMPT = "hello"
+
+
+@pytest.fixture(scope="module")
+def model(module_fleet, model_dir, tmp_path_factory):
+    """One worker serving the tiny Llama statically and through continuous batching; returns its path."""
+    path = private_models(model_dir, tmp_path_factory.mktemp("models-gen"), {"llama": "text-generation-llama"})
+    path = path["llama"]
+    config = module_fleet.config([
+        {"name": "gen-static", "task": "text-generation", "model": path, "max_batch_size": 8},
+        {"name": "gen-cb", "task": "text-generation", "model": path, "continuous_batching": True,
+         "continuous_batching_options": {"max_batch_tokens": 256, "num_blocks": 32, "page_size": 64}},
+    ])
+    module_fleet.worker(config, deployments=["gen-static", "gen-cb"], args=["--metrics-port", str(METRICS_PORT)])
+    return path
+
+
+def local(model):
+    return local_pipeline("text-generation", model)
+
+
+FIDELITY_CASES = [
+    (PROMPTS[1], {"max_new_tokens": 12}),
+    (PROMPTS[0], {"max_new_tokens": 7, "return_full_text": False}),
+    (PROMPTS, {"max_new_tokens": 9}),
+    (CHAT, {"max_new_tokens": 8}),
+    (CHAT_TURNS, {"max_new_tokens": 6, "return_full_text": False}),
+    ([CHAT, CHAT_TURNS], {"max_new_tokens": 5}),
+]
+
+
+@pytest.mark.parametrize("inputs,params", FIDELITY_CASES,
+                         ids=["single", "single-new-text", "list", "chat", "chat-new-text", "list-of-chats"])
+def test_continuous_greedy_equals_in_process_pipeline(client, model, inputs, params):
+    params = {**params, **GREEDY}
+    fleet = client.submit(deployment="gen-cb", inputs=inputs, params=params).result(timeout=120)
+    assert_same(fleet, local(model)(inputs, **params))
+
+
+def _generated(result) -> str:
+    record = result[0]
+    text = record["generated_text"]
+    return text[-1]["content"] if isinstance(text, list) else text
+
+
+@pytest.mark.parametrize("deployment", ["gen-static", "gen-cb"])
+def test_stream_pieces_add_up_to_the_generated_text(client, module_fleet, model, deployment):
+    params = {"max_new_tokens": 40, "return_full_text": False, **GREEDY}
+    job = client.submit(deployment=deployment, inputs=PROMPTS[2], params=params)
+    pieces = list(job.stream(timeout_s=120))
+    result = job.result(timeout=60)
+    assert "".join(pieces) == _generated(result)
+    assert _generated(result) == local(model)(PROMPTS[2], **params)[0]["generated_text"]
+    assert len(pieces) > 1, "the text came in one piece: nothing streamed"
+    with module_fleet.client() as other:  # another client replays from the first piece
+        assert list(other.job(job.id).stream(timeout_s=30)) == pieces
+        events = list(other.job(job.id).events(timeout_s=30))
+    assert events[-1].kind is EventKind.DONE
+    assert events[-1].data["finish_reasons"] in (["length"], ["stop"])
+    usage = events[-1].data["usage"]
+    assert usage["prompt_tokens"] == len(local(model).tokenizer(PROMPTS[2])["input_ids"])
+    assert 0 < usage["completion_tokens"] <= 40
+    ids = [event.id for event in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    resumed = list(other_events(module_fleet, job.id, after=events[1].id))
+    assert [event.id for event in resumed] == ids[2:]
+
+
+def other_events(module_fleet, job_id, *, after):
+    with module_fleet.client() as other:
+        yield from other.job(job_id).events(last_event_id=after, timeout_s=30)
+
+
+@pytest.mark.parametrize("deployment", ["gen-static", "gen-cb"])
+def test_stream_of_a_list_and_a_chat_job(client, model, deployment):
+    params = {"max_new_tokens": 10, "return_full_text": False, **GREEDY}
+    job = client.submit(deployment=deployment, inputs=PROMPTS, params=params)
+    events = list(job.events(timeout_s=120))
+    result = job.result(timeout=60)
+    for index, output in enumerate(result):
+        text = "".join(e.data["text"] for e in events if e.kind is EventKind.TEXT and e.data["index"] == index)
+        assert text == output[0]["generated_text"]
+    assert len(events[-1].data["finish_reasons"]) == len(PROMPTS)
+    chat_job = client.submit(deployment=deployment, inputs=CHAT, params={"max_new_tokens": 10, **GREEDY})
+    assert "".join(chat_job.stream(timeout_s=120)) == _generated(chat_job.result(timeout=60))
+
+
+def test_pipeline_stream_and_async_stream(client, model):
+    pipe = fleet_pipeline("text-generation", model=model, client=client, deployment="gen-cb")
+    params = {"max_new_tokens": 15, **GREEDY}
+    expected = local(model)(PROMPTS[0], return_full_text=False, **params)[0]["generated_text"]
+    assert "".join(pipe.stream(PROMPTS[0], **params)) == expected
+
+    async def collect() -> str:
+        job = await client.asubmit(deployment="gen-static", inputs=PROMPTS[0], params=params)
+        return "".join([piece async for piece in job.astream(timeout_s=120)])
+
+    assert asyncio.run(collect()) == expected
+
+
+def test_events_of_a_job_that_does_not_stream_end_with_its_result(client, model):
+    job = client.submit(deployment="gen-static", inputs=PROMPTS, params={"max_new_tokens": 3, **GREEDY},
+                        chunk_size=1)
+    events = list(job.events(timeout_s=120))
+    kinds = [event.kind for event in events]
+    assert kinds.count(EventKind.PROGRESS) == len(PROMPTS)
+    assert events[-1].kind is EventKind.DONE
+    progress = [event.data for event in events if event.kind is EventKind.PROGRESS]
+    assert sorted(p["done"] for p in progress) == list(range(1, len(PROMPTS) + 1))
+    assert {p["total"] for p in progress} == {len(PROMPTS)}
+
+
+@pytest.mark.parametrize("params,named", [
+    ({"seed": 3, "max_new_tokens": 4}, "seed"),
+    ({"num_beams": 2, "max_new_tokens": 4, **GREEDY}, "num_beams"),
+    ({"do_sample": True, "max_new_tokens": 4}, "do_sample"),
+    ({"temperature": 0.5, "max_new_tokens": 4}, "temperature"),
+    ({"repetition_penalty": 1.2, "max_new_tokens": 4, **GREEDY}, "repetition_penalty"),
+])
+def test_continuous_refuses_params_it_cannot_honour_per_request(client, model, params, named):
+    job = client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params)
+    with pytest.raises(InvalidParams, match=named):
+        job.result(timeout=60)
+    with pytest.raises(InvalidParams, match=named):
+        list(job.stream(timeout_s=30))
+
+
+def test_cancel_removes_a_request_from_the_running_batch(client, model):
+    long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY})
+    events = long_job.events(timeout_s=120)
+    first = next(event for event in events if event.kind is EventKind.TEXT)
+    assert first.data["index"] == 0
+    long_job.cancel()
+    with pytest.raises(JobCancelled):
+        long_job.result(timeout=60)
+    rest = list(events)
+    assert rest[-1].kind is EventKind.ERROR and rest[-1].data["type"] == "JobCancelled"
+    with pytest.raises(JobCancelled):
+        list(client.job(long_job.id).stream(timeout_s=30))
+    # The engine serves on: the cancelled request no longer runs.
+    params = {"max_new_tokens": 5, **GREEDY}
+    assert_same(client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params).result(timeout=60),
+                local(model)(PROMPTS[0], **params))
+
+
+def test_a_short_job_joins_the_running_batch_and_finishes_first(client, model):
+    params = {"max_new_tokens": 1500, **GREEDY}
+    long_jobs = [client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params=params) for _ in range(2)]
+    for job in long_jobs:  # both generate before the short one arrives
+        next(event for event in job.events(timeout_s=120) if event.kind is EventKind.TEXT)
+    short = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params={"max_new_tokens": 4, **GREEDY})
+    short.result(timeout=120)
+    assert all(job.status().state not in (JobState.SUCCESS, JobState.FAILURE) for job in long_jobs)
+    for job in long_jobs:
+        job.cancel()
+
+
+def test_deadline_stops_a_long_generation(client, model):
+    # Expired in the queue or while generating: either way a JobTimeout, and the engine drops the request.
+    job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 2000, **GREEDY},
+                        timeout_s=1)
+    with pytest.raises(JobTimeout):
+        job.result(timeout=120)
+    with pytest.raises(JobTimeout):
+        list(job.stream(timeout_s=30))
+
+
+def test_metrics_show_running_requests_kv_cache_and_tokens(client, model):
+    job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY})
+    next(event for event in job.events(timeout_s=120) if event.kind is EventKind.TEXT)
+    labels = {"deployment": "gen-cb"}
+
+    def scrape_until(predicate):
+        for _ in range(100):
+            samples = _scrape(METRICS_PORT)
+            if predicate(samples):
+                return samples
+            time.sleep(0.05)
+        raise AssertionError("the gauges never showed the running request")
+
+    scrape_until(lambda s: _value(s, "pipefleet_running_requests", **labels) >= 1
+                 and _value(s, "pipefleet_kv_cache_usage_ratio", **labels) > 0)
+    job.cancel()
+    samples = scrape_until(lambda s: _value(s, "pipefleet_running_requests", **labels) == 0)
+    assert _value(samples, "pipefleet_generated_tokens_total", **labels) > 0
+    assert _value(samples, "pipefleet_generated_tokens_per_second", **labels) > 0
