@@ -238,25 +238,24 @@ class Job:
         return await asyncio.to_thread(self.usage)
 
     async def afinal_event(self, grace_s: float = 0.0) -> JobEvent | None:
-        """The job's ``done``/``error`` event if its worker wrote one, read without replaying the stream.
+        """The job's ``done``/``error`` event as its worker wrote it, read without replaying the stream.
 
-        None when the stream holds no final event; when it holds other events
-        (a worker that streams), the final one is awaited up to ``grace_s``, as
-        it may be written just after the result.
+        Call it once the job is over: workers write events in the background, so
+        the final one may land just after the result; it is awaited up to
+        ``grace_s``. None if the stream holds no final event by then (a task whose
+        worker writes no events).
         """
-        from producers.events import decode_entry, events_key
+        from producers.events import FIRST_ID, decode_entry, events_key
 
         redis, key = self.client.aredis, events_key(self.id)
         entries = await redis.xrevrange(key, count=1)
-        if not entries:
-            return None
-        last = decode_entry(*entries[0])
+        last = decode_entry(*entries[0]) if entries else None
         deadline = time.monotonic() + grace_s
-        while last.kind not in FINAL_EVENT_KINDS:
+        while last is None or last.kind not in FINAL_EVENT_KINDS:
             block_ms = int((deadline - time.monotonic()) * 1000)
             if block_ms <= 0:
                 return None
-            reply = await redis.xread({key: last.id}, block=block_ms)
+            reply = await redis.xread({key: last.id if last else FIRST_ID}, block=block_ms)
             for _, stream_entries in reply or []:
                 for entry_id, fields in stream_entries:
                     last = decode_entry(entry_id, fields)

@@ -65,12 +65,35 @@ def test_embeddings_of_one_string_by_model_id(oai, models):
     assert numpy.allclose(numpy.asarray(response.data[0].embedding), pooled(models, TEXTS[0]), atol=1e-4)
 
 
+def new_tokens(models, prompt_ids: list[int], max_new_tokens: int) -> tuple[int, str]:
+    """How many tokens greedy generate() adds to ``prompt_ids``, and OpenAI's finish reason for it."""
+    import torch
+
+    pipe = local_pipeline("text-generation", models["gw-gen"])
+    ids = torch.tensor([prompt_ids])
+    out = pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pipe.tokenizer.pad_token_id)[0][len(prompt_ids):]
+    eos = pipe.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ended = [i for i, token in enumerate(out.tolist()) if token in eos]
+    count = ended[0] + 1 if ended else len(out)
+    return count, "stop" if ended else "length"
+
+
 def test_greedy_completions_equal_the_pipeline(oai, models):
     response = oai.completions.create(model="gw-gen", prompt=PROMPTS, max_tokens=6, temperature=0)
     assert [choice.index for choice in response.choices] == [0, 1, 2]
+    tokenizer = local_pipeline("text-generation", models["gw-gen"]).tokenizer
+    prompt_tokens = completion_tokens = 0
     for choice, prompt in zip(response.choices, PROMPTS):
         assert choice.text == generated(models, prompt, max_new_tokens=6)
-        assert choice.finish_reason in ("stop", "length")
+        ids = tokenizer(prompt)["input_ids"]
+        count, reason = new_tokens(models, ids, 6)
+        assert choice.finish_reason == reason
+        prompt_tokens += len(ids)
+        completion_tokens += count
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert response.usage.total_tokens == prompt_tokens + completion_tokens
 
 
 def test_greedy_n_gives_n_equal_choices(oai, models):
@@ -83,6 +106,11 @@ def test_greedy_chat_equals_the_pipeline_on_the_chat_template(oai, models):
     response = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0)
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content == generated(models, CHAT, max_new_tokens=7)
+    tokenizer = local_pipeline("text-generation", models["gw-gen"]).tokenizer
+    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    count, reason = new_tokens(models, list(ids), 7)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), count)
+    assert response.choices[0].finish_reason == reason
 
 
 def test_stop_sequence_cuts_the_text_and_says_stop(oai, models):
