@@ -18,6 +18,9 @@ MAX_INPUTS = 40
 MAX_BODY_BYTES = 100_000
 """``[gateway].max_body_bytes`` of the test gateway."""
 
+CORS_ORIGIN = "https://app.example"
+"""The one origin the test gateway allows by CORS."""
+
 SLOW_S = 3.0
 """How long a gw-slow batch holding ``SLOW`` sleeps (it holds the worker's one inference thread)."""
 
@@ -43,7 +46,7 @@ def models(module_fleet, model_dir, tmp_path_factory):
         deployments.append(deployment)
     config = module_fleet.config(deployments, gateway={
         "api_keys": [API_KEY], "max_inputs_per_request": MAX_INPUTS, "max_body_bytes": MAX_BODY_BYTES,
-        "max_wait_s": 60.0})
+        "max_wait_s": 60.0, "cors_origins": [CORS_ORIGIN]})
     module_fleet.worker(config, deployments=list(DEPLOYMENTS), env={"PIPEFLEET_TEST_SLOW_S": str(SLOW_S)})
     module_fleet.gateway_config = config
     return paths

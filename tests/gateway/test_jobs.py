@@ -11,7 +11,7 @@ import pytest
 
 from tests.fault_pipelines import BATCH_LOG_PREFIX
 from tests.fleet import free_port, write_config
-from tests.gateway.conftest import API_KEY, MAX_BODY_BYTES, MAX_INPUTS
+from tests.gateway.conftest import API_KEY, CORS_ORIGIN, MAX_BODY_BYTES, MAX_INPUTS
 from tests.gateway.server import start_gateway
 from tests.gateway.sse import read_events
 from tests.oracle import assert_same, local_pipeline
@@ -172,6 +172,15 @@ def test_keys_guard_everything_but_healthz_and_metrics(gateway):
     assert httpx.get(f"{gateway.url}/metrics").status_code == 200
 
 
+def test_cors_answers_preflights_for_the_configured_origin_only(gateway):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(f"{gateway.url}/v1/jobs", headers={"Origin": CORS_ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == CORS_ORIGIN
+    other = httpx.options(f"{gateway.url}/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
 def test_deployments_and_healthz_list_the_live_deployments(http):
     names = {d["name"] for d in http.get("/v1/deployments").json()}
     assert {"gw-emb", "gw-gen", "gw-slow", "gw-faulty"} <= names
@@ -242,7 +251,7 @@ def test_no_key_means_loopback_only_unless_insecure(module_fleet, tmp_path):
     refused = start_gateway(config, tmp_path, args=["--host", "0.0.0.0"], wait=False)
     assert refused.proc.wait(60) != 0
     assert "without API keys" in refused.log()
-    insecure = start_gateway(config, tmp_path, args=["--host", "0.0.0.0", "--insecure"])
+    insecure = start_gateway(config, tmp_path, args=["--host", "0.0.0.0", "--insecure", "--workers", "2"])
     try:
         assert httpx.get(f"{insecure.url}/v1/deployments").status_code == 200  # no key needed
     finally:
