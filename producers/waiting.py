@@ -75,57 +75,80 @@ def without_result_subscription(celery_app: Any) -> Iterator[None]:
 
 
 def async_redis_for(url: str) -> Any:
-    """An asyncio Redis client on ``url`` whose pool makes bursts wait for a connection."""
+    """An asyncio Redis client on ``url`` whose pool makes bursts wait for a connection.
+
+    No periodic health check: on a pub/sub connection it reads a PONG from
+    whatever coroutine happens to send, racing the listener's own read.
+    """
     import redis.asyncio as aredis_lib
 
     pool = aredis_lib.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=30,
-                                                      socket_connect_timeout=5, health_check_interval=30)
+                                                      socket_connect_timeout=5)
     return aredis_lib.Redis(connection_pool=pool)
 
 
 class ResultListener:
-    """One pub/sub connection shared by every result wait of a client in one event loop."""
+    """One pub/sub connection shared by every result wait of a client in one event loop.
+
+    Only the reader task reads from the connection; subscribes and
+    unsubscribes only write, one at a time. When the connection fails, the
+    reader replaces it with a new one, resubscribes every watched key and
+    wakes every wait, so each reads its key again.
+    """
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self.pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self.waiters: dict[str, set[asyncio.Event]] = {}
+        self._lock = asyncio.Lock()
+        self._broken = False
         self._reader: asyncio.Task | None = None
 
     async def watch(self, key: str) -> asyncio.Event:
         """An event set whenever ``key``'s channel carries a message; pair with :meth:`unwatch`."""
         event = asyncio.Event()
-        waiters = self.waiters.setdefault(key, set())
-        waiters.add(event)
-        if len(waiters) == 1:
-            await self.pubsub.subscribe(key)
+        async with self._lock:
+            waiters = self.waiters.setdefault(key, set())
+            waiters.add(event)
+            if len(waiters) == 1 and not self._broken:
+                try:
+                    await self.pubsub.subscribe(key)
+                except Exception:  # the reader reconnects and resubscribes; the wait re-reads meanwhile
+                    logger.warning("result listener could not subscribe; reconnecting", exc_info=True)
+                    self._broken = True
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         return event
 
     async def unwatch(self, key: str, event: asyncio.Event) -> None:
         """Stop waking ``event``; unsubscribe once nobody watches ``key``."""
-        waiters = self.waiters.get(key)
-        if waiters is None:
-            return
-        waiters.discard(event)
-        if not waiters:
+        async with self._lock:
+            waiters = self.waiters.get(key)
+            if waiters is None:
+                return
+            waiters.discard(event)
+            if waiters:
+                return
             del self.waiters[key]
-            try:
-                await self.pubsub.unsubscribe(key)
-            except Exception:  # a dropped connection forgets its subscriptions anyway
-                logger.debug("unsubscribe of %s failed", key, exc_info=True)
+            if not self._broken:
+                try:
+                    await self.pubsub.unsubscribe(key)
+                except Exception:  # the reader replaces the connection, without this key
+                    self._broken = True
 
     async def _read(self) -> None:
         while self.waiters:
+            if self._broken:
+                await self._reconnect()
+                continue
             try:
                 message = await self.pubsub.get_message(timeout=REREAD_INTERVAL_S)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # waits fall back on their periodic re-read until the connection is back
+            except Exception:
                 if self.waiters:
-                    logger.warning("result listener lost its Redis connection; retrying", exc_info=True)
-                    await asyncio.sleep(RECONNECT_DELAY_S)
+                    logger.warning("result listener lost its Redis connection; reconnecting", exc_info=True)
+                    self._broken = True
                 continue
             if message is None:
                 continue
@@ -133,6 +156,25 @@ class ResultListener:
             channel = channel.decode() if isinstance(channel, bytes) else str(channel)
             for event in self.waiters.get(channel, ()):
                 event.set()
+
+    async def _reconnect(self) -> None:
+        await asyncio.sleep(RECONNECT_DELAY_S)
+        async with self._lock:
+            old, self.pubsub = self.pubsub, self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await old.aclose()
+            except Exception:  # it is being thrown away
+                pass
+            try:
+                if self.waiters:
+                    await self.pubsub.subscribe(*self.waiters)
+                self._broken = False
+            except Exception:
+                logger.warning("result listener could not reconnect; retrying", exc_info=True)
+            # Results stored while the connection was down were published to nobody.
+            for events in self.waiters.values():
+                for event in events:
+                    event.set()
 
     async def aclose(self) -> None:
         """Stop reading and drop the connection."""

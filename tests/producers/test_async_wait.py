@@ -61,3 +61,37 @@ def test_timeout_failure_and_cancel_raise_as_the_sync_result_does(client, models
         return await slow.aresult(timeout=60)
 
     assert_same(asyncio.run(main()), local_pipeline("text-classification", models["aw-tc"])("SLOW text"))
+
+
+def test_64_concurrent_submit_and_wait_loops_share_the_listener(client, models):
+    texts = [f"sentence {i}" for i in range(256)]
+
+    async def main():
+        remaining = iter(texts)
+        outputs: dict[str, object] = {}
+
+        async def loop():
+            for text in remaining:
+                job = await client.asubmit(deployment="aw-tc", inputs=text)
+                outputs[text] = await job.aresult(timeout=120)
+
+        await asyncio.gather(*(loop() for _ in range(64)))
+        return outputs
+
+    outputs = asyncio.run(main())
+    local = local_pipeline("text-classification", models["aw-tc"])
+    assert_same([outputs[text] for text in texts], [local(text) for text in texts])
+
+
+def test_waits_survive_the_listener_connection_being_killed(client, models, redis_server):
+    async def main():
+        jobs = [await client.asubmit(deployment="aw-tc", inputs=f"SLOW {i}") for i in range(2)]
+        waits = [asyncio.ensure_future(job.aresult(timeout=120)) for job in jobs]
+        await asyncio.sleep(0.5)  # let the waits subscribe
+        killed = redis_server.client(1).client_kill_filter(_type="pubsub")
+        return killed, await asyncio.gather(*waits)
+
+    killed, outputs = asyncio.run(main())
+    assert killed >= 1
+    local = local_pipeline("text-classification", models["aw-tc"])
+    assert_same(outputs, [local(f"SLOW {i}") for i in range(2)])
