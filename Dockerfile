@@ -22,17 +22,19 @@ RUN apt-get update \
  && mkdir -p /models /etc/pipefleet \
  && chown pipefleet /models
 
-# torch first, from the index matching the hardware (CUDA wheels or CPU-only wheels).
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch
-
 WORKDIR /app
+# Exact versions from the lock, as CI tested them (.ci/lock refreshes it).
+COPY .ci/lock.txt /app/lock.txt
+# torch first, from the index matching the hardware (CUDA wheels or CPU-only wheels), at the locked version.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' /app/lock.txt)"
+
 COPY pyproject.toml README.md ./
 COPY config config
 COPY producers producers
 COPY tasks tasks
 COPY worker worker
 COPY gateway gateway
-RUN pip install ".[${EXTRAS}]" && cp config/*.toml /etc/pipefleet/
+RUN pip install -c /app/lock.txt ".[${EXTRAS}]" && cp config/*.toml /etc/pipefleet/
 
 USER pipefleet
 EXPOSE 9808 5555 8000

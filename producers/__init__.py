@@ -6,12 +6,13 @@ from producers.errors import (ChunkFailed, ConfigError, FleetUnavailable, Invali
                               PipefleetError, UnknownDeployment)
 from producers.job import Job
 from producers.pipeline import FleetPipeline, pipeline
-from producers.schemas import DeploymentInfo, JobState, JobStatus
+from producers.schemas import DeploymentInfo, EventKind, JobEvent, JobState, JobStatus
 
 __all__ = [
     "ChunkFailed",
     "ConfigError",
     "DeploymentInfo",
+    "EventKind",
     "FleetClient",
     "FleetPipeline",
     "FleetUnavailable",
@@ -20,6 +21,7 @@ __all__ = [
     "Job",
     "JobCancelled",
     "JobError",
+    "JobEvent",
     "JobRejected",
     "JobState",
     "JobStatus",

@@ -20,6 +20,7 @@ from kombu.exceptions import OperationalError
 
 from producers.celery_app import make_celery
 from producers.codec import encode_input
+from producers.construction import ConstructionRequest
 from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
 from producers.discovery import DeploymentCache
@@ -163,10 +164,10 @@ class FleetClient:
         return self._redis_call(self._deployments.get, fresh=True)
 
     def resolve(self, *, task: str | None = None, model: str | None = None, deployment: str | None = None,
-                revision: str | None = None) -> DeploymentInfo:
-        """The live deployment a request names; raises UnknownDeployment listing the live ones."""
+                revision: str | None = None, construction: ConstructionRequest | None = None) -> DeploymentInfo:
+        """The live deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
         return self._redis_call(self._deployments.match, task=task, model=model, deployment=deployment,
-                                revision=revision)
+                                revision=revision, construction=construction)
 
     def submit(self, task: str | None = None, model: str | None = None, inputs: Any = None,
                params: dict[str, Any] | None = None, *, deployment: str | None = None, revision: str | None = None,

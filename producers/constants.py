@@ -54,9 +54,9 @@ DEFAULT_PRIORITY = 6
 """Priority of a job that does not ask for one; interactive jobs can overtake it."""
 
 
-def queue_name(deployment: str) -> str:
-    """The Celery queue a deployment consumes."""
-    return f"{QUEUE_PREFIX}{deployment}"
+PRIVATE_QUEUE_PREFIX = "pipefleet-worker."
+"""``pipefleet-worker.<worker>``: the queue Celery's own consumer listens on (jobs never go there)."""
+
 
 EVENTS_KEY_PREFIX = f"{KEY_PREFIX}:events:"
 """``pipefleet:events:<job_id>``: a job's event stream (Redis Stream: text pieces, progress, restart, done, error)."""
@@ -69,3 +69,13 @@ EVENTS_POLL_S = 1.0
 
 EVENTS_FINAL_GRACE_S = 2.0
 """How long a reader waits for a worker's own final event after the job's result says it ended."""
+
+
+def queue_name(deployment: str) -> str:
+    """The Celery queue a deployment consumes."""
+    return f"{QUEUE_PREFIX}{deployment}"
+
+
+def private_queue_name(worker: str) -> str:
+    """The private queue of one worker's Celery consumer."""
+    return f"{PRIVATE_QUEUE_PREFIX}{worker}"

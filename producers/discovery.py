@@ -10,6 +10,7 @@ import redis as redis_lib
 from pydantic import ValidationError
 
 from producers.constants import AD_KEY_PREFIX
+from producers.construction import ConstructionRequest, choose
 from producers.errors import UnknownDeployment
 from producers.schemas import DeploymentAd, DeploymentInfo, DeploymentTerms
 
@@ -53,8 +54,13 @@ def _describe(infos: list[DeploymentInfo]) -> str:
 
 
 def match_deployment(infos: list[DeploymentInfo], *, task: str | None, model: str | None,
-                     deployment: str | None, revision: str | None = None) -> DeploymentInfo:
-    """The deployment a request names; raises :class:`UnknownDeployment` listing the live ones."""
+                     deployment: str | None, revision: str | None = None,
+                     construction: ConstructionRequest | None = None) -> DeploymentInfo:
+    """The deployment a request names; raises :class:`UnknownDeployment` listing the live ones.
+
+    With ``construction`` (the options of ``producers.pipeline(...)``), the
+    deployment must also have been built that way; see :mod:`producers.construction`.
+    """
     if deployment is not None:
         candidates = [i for i in infos if i.name == deployment]
     else:
@@ -68,11 +74,13 @@ def match_deployment(infos: list[DeploymentInfo], *, task: str | None, model: st
         candidates = [i for i in candidates if _same_task(i.task, task)]
     if model is not None and deployment is not None:
         candidates = [i for i in candidates if i.model == model]
+    wanted = ", ".join(f"{k}={v!r}" for k, v in
+                       (("deployment", deployment), ("task", task), ("model", model), ("revision", revision))
+                       if v is not None)
     if not candidates:
-        wanted = ", ".join(f"{k}={v!r}" for k, v in
-                           (("deployment", deployment), ("task", task), ("model", model), ("revision", revision))
-                           if v is not None)
         raise UnknownDeployment(f"no live deployment serves {wanted}; {_describe(infos)}")
+    if construction is not None:
+        return choose(candidates, construction, wanted)
     if len(candidates) > 1:
         raise UnknownDeployment(
             f"several deployments match ({', '.join(c.name for c in candidates)}); pass deployment=<name>")

@@ -3,6 +3,7 @@
     pipe = pipeline("text-classification", model="distilbert/...")
     pipe("I love this")                       # same output as in-process
     pipe(["good", "bad"], batch_size=2)
+    pipeline("text-generation", model=m, dtype=torch.bfloat16, device=0)  # checked against the deployment
     for out in pipe(texts_generator()): ...  # streamed, bounded in flight
 """
 
@@ -12,6 +13,8 @@ import types
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 from producers.client import FleetClient
+from producers.construction import name_or_path, split_construction
+from producers.errors import UnknownDeployment
 from producers.job import Job
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -26,17 +29,32 @@ def _is_stream(inputs: Any) -> bool:
 
 
 class FleetPipeline:
-    """Called like a transformers Pipeline; every call is a job on the fleet."""
+    """Called like a transformers Pipeline; every call is a job on the fleet.
 
-    def __init__(self, task: str | None = None, model: str | None = None, *, client: FleetClient | None = None,
+    Construction options of ``transformers.pipeline`` (``device``, ``dtype``,
+    ``model_kwargs``, ``batch_size``, ...) are matched against the live
+    deployments at construction; see :mod:`producers.construction`. Other
+    keyword arguments become default call params, as in-process.
+    """
+
+    def __init__(self, task: str | None = None, model: Any = None, *, client: FleetClient | None = None,
                  deployment: str | None = None, revision: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 **default_params: Any) -> None:
+                 **kwargs: Any) -> None:
         self.client = client or FleetClient.from_env()
-        self.info = self.client.resolve(task=task, model=model, deployment=deployment, revision=revision)
+        construction, default_params = split_construction(model, kwargs)
+        model = name_or_path(model)
+        # A deployment without a revision serves the default branch, which in-process calls "main".
+        lookup = None if revision == "main" else revision
+        self.info = self.client.resolve(task=task, model=model, deployment=deployment, revision=lookup,
+                                        construction=construction)
+        if revision == "main" and self.info.revision not in (None, "main"):
+            raise UnknownDeployment(f"deployment {self.info.name!r} serves revision {self.info.revision!r}, "
+                                    "not 'main'")
         self.task = self.info.task
         self.model = model or self.info.model
-        self.revision = revision
+        self.revision = self.info.revision if revision is not None else None
         self.timeout_s = timeout_s
+        self.batch_size = construction.batch_size
         self.default_params = default_params
 
     def __repr__(self) -> str:
@@ -44,7 +62,7 @@ class FleetPipeline:
 
     def _params(self, params: dict[str, Any]) -> dict[str, Any]:
         merged = {**self.default_params, **params}
-        for local_only in ("batch_size", "num_workers"):
+        for local_only in ("batch_size", "num_workers"):  # the fleet batches by itself
             merged.pop(local_only, None)
         return merged
 
@@ -77,6 +95,7 @@ class FleetPipeline:
                 params["candidate_labels"] = args[0]
             else:
                 raise TypeError(f"unexpected positional arguments {args!r}")
+        batch_size = batch_size or self.batch_size
         if inputs is not None and _is_stream(inputs):
             return self.client.map(inputs, deployment=self.info.name, params=self._params(params),
                                    chunk_size=batch_size or None)
@@ -106,7 +125,12 @@ class FleetPipeline:
         return self.client.map(iterable, deployment=self.info.name, **kwargs)
 
 
-def pipeline(task: str | None = None, model: str | None = None, *, client: FleetClient | None = None,
+def pipeline(task: str | None = None, model: Any = None, *, client: FleetClient | None = None,
              **kwargs: Any) -> FleetPipeline:
-    """Like ``transformers.pipeline(task, model=...)``, but every call runs on the fleet."""
+    """Like ``transformers.pipeline(task, model=..., **options)``, but every call runs on the fleet.
+
+    Takes every construction option ``transformers.pipeline`` takes; one the live
+    deployments were not built with (another dtype, a quantization config,
+    ``trust_remote_code=True``) raises :class:`UnknownDeployment` naming what they serve.
+    """
     return FleetPipeline(task, model, client=client, **kwargs)

@@ -81,6 +81,27 @@ class ResultEnvelope(BaseModel):
     """Token counts where the worker knows them exactly (feature-extraction: ``prompt_tokens``)."""
 
 
+class Construction(BaseModel):
+    """How a deployment's pipeline was built: the ``transformers.pipeline(...)`` options a client can match.
+
+    ``dtype`` is the dtype the weights were loaded in and ``auto_dtype`` the one
+    ``dtype="auto"`` gives for this checkpoint; ``quantization`` is the model's
+    quantization config as a dict (``None``: not quantized). ``None`` elsewhere
+    means the worker could not tell.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    dtype: str | None = None
+    auto_dtype: str | None = None
+    quantization: dict[str, Any] | None = None
+    device_map: str | dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pipeline_class: str | None = None
+    batch_size: int | None = None
+
+
 class DeploymentTerms(BaseModel):
     """What a deployment serves and the limits it accepts jobs under."""
 
@@ -95,6 +116,8 @@ class DeploymentTerms(BaseModel):
     max_payload_bytes: int | None = None
     claim_check_bytes: int | None = None
     payload_ttl_s: int = 86_400
+    construction: Construction | None = None
+    """``None`` from workers older than construction matching."""
 
 
 class DeploymentAd(DeploymentTerms):

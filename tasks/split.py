@@ -29,7 +29,7 @@ from producers.payloads import load_payload, store_payload
 from producers.schemas import PayloadRef, ResultEnvelope
 from tasks.app import app
 from tasks.chunks import record_progress
-from tasks.infer import _check_model, _resolve_inputs, _sanitize, parse_spec
+from worker.jobs import check_model, parse_spec, resolve_inputs, sanitize
 from tasks.tensors import decode_model_io, encode_model_io
 from worker.inputs import prepare_inputs
 from worker.params import pipeline_call_params, validate_params
@@ -67,12 +67,12 @@ def split(self, spec: dict) -> dict:
             if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job_id}"):
                 raise JobCancelled(f"job {job_id} was cancelled")
             served = runtime.served(job.deployment)
-            _check_model(job, served)
-            inputs = _resolve_inputs(job, runtime)
+            check_model(job, served)
+            inputs = resolve_inputs(job, runtime)
             if len(inputs) != 1:
                 raise InvalidInput(f"a split job takes exactly one input, got {len(inputs)}")
             call_params = pipeline_call_params(validate_params(job.params, runtime.config.limits))
-            _sanitize(served, call_params)
+            sanitize(served, call_params)
             prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
                                       sampling_rate=served.sampling_rate,
                                       max_chars=runtime.config.limits.max_input_chars)

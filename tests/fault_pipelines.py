@@ -17,7 +17,8 @@ import sys
 import time
 from typing import Any
 
-from transformers import TextClassificationPipeline
+from transformers import (AutomaticSpeechRecognitionPipeline, TextClassificationPipeline,
+                          ZeroShotClassificationPipeline)
 
 logger = logging.getLogger(__name__)
 
@@ -87,4 +88,34 @@ class FaultyTextClassification(TextClassificationPipeline):
         rows, tokens = model_inputs["input_ids"].shape
         if rows > int(os.environ.get(OOM_ABOVE_BATCH_ENV, "2")) or tokens > OOM_ABOVE_TOKENS:
             raise RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB (batch of {rows} x {tokens})")
+        return super()._forward(model_inputs, **kwargs)
+
+
+STAGE_LOG_PREFIX = "fault-pipeline stage"
+"""Printed to stderr (with the stage name and pid) when a slow stage of a chunk pipeline starts."""
+
+SLOW_STAGE_ENV = "PIPEFLEET_TEST_SLOW_STAGE_S"
+"""Seconds a slow stage sleeps; unset means no sleep (the survivor of a kill test runs at full speed)."""
+
+
+def _slow_stage(stage: str) -> None:
+    seconds = os.environ.get(SLOW_STAGE_ENV)
+    if seconds:
+        print(f"{STAGE_LOG_PREFIX} {stage} pid={os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
+
+
+class SlowPostprocessZeroShot(ZeroShotClassificationPipeline):
+    """Zero-shot classification whose postprocess (a chord's assemble) sleeps when the env asks."""
+
+    def postprocess(self, model_outputs: Any, **kwargs: Any) -> Any:
+        _slow_stage("postprocess")
+        return super().postprocess(model_outputs, **kwargs)
+
+
+class SlowForwardSpeechRecognition(AutomaticSpeechRecognitionPipeline):
+    """Speech recognition whose window forward passes (a split job's chunks) sleep when the env asks."""
+
+    def _forward(self, model_inputs: Any, **kwargs: Any) -> Any:
+        _slow_stage("forward")
         return super()._forward(model_inputs, **kwargs)

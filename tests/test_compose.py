@@ -108,10 +108,20 @@ def test_workers_share_one_model_cache_and_flower_has_auth(compose):
     assert "FLOWER_PASSWORD:?" in flower["environment"]["PIPEFLEET_FLOWER__BASIC_AUTH"]
 
 
-def test_dockerfile_installs_torch_then_the_worker_extras():
+def test_dockerfile_installs_locked_torch_then_the_locked_worker_extras():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert "ARG EXTRAS=worker,gpu,monitor" in dockerfile and 'pip install ".[${EXTRAS}]"' in dockerfile
-    assert dockerfile.index("--index-url") < dockerfile.index('pip install ".[')
+    install = 'pip install -c /app/lock.txt ".[${EXTRAS}]"'
+    assert "ARG EXTRAS=worker,gpu,monitor" in dockerfile and install in dockerfile
+    assert "COPY .ci/lock.txt /app/lock.txt" in dockerfile and "grep '^torch==' /app/lock.txt" in dockerfile
+    assert dockerfile.index("--index-url") < dockerfile.index(install)
+
+
+def test_the_lock_pins_every_dependency_exactly():
+    lines = [line for line in (REPO_ROOT / ".ci" / "lock.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert all("==" in line and "+" not in line for line in lines), [l for l in lines if "==" not in l]
+    names = {line.split("==")[0].lower() for line in lines}
+    assert {"celery", "kombu", "redis", "torch", "transformers", "pydantic"} <= names
 
 
 def test_docker_compose_config_accepts_the_file():

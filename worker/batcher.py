@@ -109,6 +109,22 @@ class Batcher:
             self._runner.condition.notify()
         return [item.future for item in items]
 
+    def withdraw(self, job_ids: set[str]) -> set[str]:
+        """Take back the items of ``job_ids`` that no forward pass has started; returns whose were taken."""
+        if self._runner is None:
+            return set()
+        withdrawn: set[str] = set()
+        with self._runner.condition:
+            for key in list(self._groups):
+                _, items = self._groups[key]
+                kept = collections.deque(item for item in items if item.job_id not in job_ids)
+                withdrawn.update(item.job_id for item in items if item.job_id in job_ids)
+                if kept:
+                    self._groups[key] = (self._groups[key][0], kept)
+                else:
+                    del self._groups[key]
+        return withdrawn
+
     def pending_count(self) -> int:
         """Items waiting for a forward pass (call with the runner's lock held or accept a race)."""
         return sum(len(items) for _, items in self._groups.values())

@@ -42,6 +42,9 @@ SWEEP_INTERVAL_S = 0.2
 CPU_DEFAULT_NUM_BLOCKS = 64
 """KV-cache pages on the CPU when the config names none (the engine would size it from all free RAM)."""
 
+MAX_OUTPUTS_PER_PASS = 4096
+"""Engine outputs the collector takes in one pass at most."""
+
 SAMPLING_PARAMS = ("temperature", "top_k", "top_p")
 """Sampling params the engine takes per request (``per_request_processors``) when it samples."""
 
@@ -101,7 +104,7 @@ def plan_request(pipe: Any, params: dict[str, Any], options: Any, default_max_ne
         if name not in supported_sampling:
             raise InvalidParams(f"param {name!r} cannot be set per request on this engine; set it in "
                                 f"continuous_batching_options.{name}")
-        sampling[name] = generate[name]
+        sampling[name] = int(generate[name]) if name == "top_k" else float(generate[name])
     n = generate.get("num_return_sequences") or 1
     if n > 1 and not options.do_sample:
         raise InvalidParams("param 'num_return_sequences' > 1 needs sampling; this deployment's continuous "
@@ -136,6 +139,8 @@ class ContinuousBatcher:
         self.supported_sampling: set[str] = set()
         self._requests: dict[str, tuple[_Prompt, int]] = {}
         self._lock = threading.Lock()
+        # Job threads tokenize their prompts; the Rust tokenizer takes one caller at a time.
+        self._tokenizer_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._collect, name=f"pipefleet-cb-{self.name}", daemon=True)
         defaults = getattr(pipe, "_generation_defaults", {}) or {}
@@ -198,6 +203,10 @@ class ContinuousBatcher:
             logger.warning("deployment %s: warm-up failed (%s: %s); serving anyway", self.name,
                            type(error).__name__, error)
 
+    def withdraw(self, job_ids: set[str]) -> set[str]:
+        """Nothing to hand back: a job's prompts join the engine as soon as they are submitted."""
+        return set()
+
     def pending_count(self) -> int:
         """Prompts waiting or generating in the engine."""
         with self._lock:
@@ -214,8 +223,9 @@ class ContinuousBatcher:
         prompts = []
         for index, payload in enumerate(payloads):
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
-            model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
-                                                **{**self.pipe._preprocess_params, **plan.preprocess})
+            with self._tokenizer_lock:
+                model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
+                                                    **{**self.pipe._preprocess_params, **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
             prompts.append(_Prompt(item, plan, model_inputs, ids))
@@ -243,8 +253,14 @@ class ContinuousBatcher:
         while not self._stopping.is_set():
             try:
                 output = self.manager.get_result(timeout=SWEEP_INTERVAL_S)
-                if output is not None:
-                    self._deliver(output)
+                outputs = [output] if output is not None else []
+                # Drain what else is ready: a lagging collector then does one pass per request, not per token.
+                while output is not None and len(outputs) < MAX_OUTPUTS_PER_PASS:
+                    output = self.manager.get_result(timeout=0)
+                    if output is not None:
+                        outputs.append(output)
+                if outputs:
+                    self._deliver(outputs)
                 if time.monotonic() - last_sweep >= SWEEP_INTERVAL_S:
                     last_sweep = time.monotonic()
                     self._sweep()
@@ -254,33 +270,45 @@ class ContinuousBatcher:
             except Exception:  # the collector must outlive any one bad output
                 logger.exception("deployment %s: continuous batching collector error", self.name)
 
-    def _deliver(self, output: Any) -> None:
+    def _deliver(self, outputs: list[Any]) -> None:
+        latest: dict[str, Any] = {}
+        for output in outputs:  # each output holds all tokens so far: the last one per request says it all
+            if output.request_id not in latest or output.is_finished():
+                latest[output.request_id] = output
+            elif not latest[output.request_id].is_finished():
+                latest[output.request_id] = output
         with self._lock:
-            entry = self._requests.get(output.request_id)
-        if entry is None:
-            return  # a cancelled request's last output
-        prompt, j = entry
-        tokens = list(output.generated_tokens)
-        new = len(tokens) - prompt.seen_tokens.get(j, 0)
-        prompt.seen_tokens[j] = len(tokens)
-        if new > 0:
-            self.metrics.observe_tokens(new)
-        if self.streams is not None and self.streams.streaming(prompt.item.job_id):
-            index = prompt.item.index * prompt.plan.num_return_sequences + j
-            self.streams.replace([((prompt.item.job_id, index), tokens)])
-        if not output.is_finished():
-            return
-        with self._lock:
-            self._requests.pop(output.request_id, None)
-        if output.error is not None:
-            self._finish(prompt, error=_engine_error(str(output.error)))
-            return
-        prompt.outputs[j] = tokens
-        if len(prompt.outputs) == prompt.plan.num_return_sequences:
-            try:
-                self._finish(prompt, result=self._postprocess(prompt))
-            except Exception as error:
-                self._finish(prompt, error=error)
+            entries = {rid: self._requests.get(rid) for rid in latest}
+        updates, finished, new_tokens = [], [], 0
+        for request_id, output in latest.items():
+            entry = entries[request_id]
+            if entry is None:
+                continue  # a cancelled request's last outputs
+            prompt, j = entry
+            tokens = list(output.generated_tokens)
+            new_tokens += max(0, len(tokens) - prompt.seen_tokens.get(j, 0))
+            prompt.seen_tokens[j] = len(tokens)
+            if self.streams is not None and self.streams.streaming(prompt.item.job_id):
+                updates.append(((prompt.item.job_id, prompt.item.index * prompt.plan.num_return_sequences + j),
+                                tokens))
+            if output.is_finished():
+                finished.append((request_id, output, prompt, j, tokens))
+        if new_tokens:
+            self.metrics.observe_tokens(new_tokens)
+        if updates:
+            self.streams.replace(updates)
+        for request_id, output, prompt, j, tokens in finished:
+            with self._lock:
+                self._requests.pop(request_id, None)
+            if output.error is not None:
+                self._finish(prompt, error=_engine_error(str(output.error)))
+                continue
+            prompt.outputs[j] = tokens
+            if len(prompt.outputs) == prompt.plan.num_return_sequences:
+                try:
+                    self._finish(prompt, result=self._postprocess(prompt))
+                except Exception as error:
+                    self._finish(prompt, error=error)
 
     def _postprocess(self, prompt: _Prompt) -> Any:
         import torch
@@ -294,7 +322,9 @@ class ContinuousBatcher:
         padded = [sequence + [pad] * (width - len(sequence)) for sequence in sequences]
         model_outputs = {"generated_sequence": torch.tensor([padded]), "input_ids": input_ids,
                          "prompt_text": prompt.model_inputs["prompt_text"]}
-        return self.pipe.postprocess(model_outputs, **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
+        with self._tokenizer_lock:
+            return self.pipe.postprocess(model_outputs,
+                                         **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
 
     def _finish(self, prompt: _Prompt, *, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:

@@ -29,3 +29,18 @@ def pipefleet_metrics(state) -> dict:
     """Per-deployment batching metrics (batch sizes, queue wait, forward time, OOM splits)."""
     runtime = get_runtime()
     return {name: served.metrics.snapshot() for name, served in runtime.deployments.items()}
+
+
+@inspect_command(name="active_queues")
+def active_queues(state) -> list[dict]:
+    """The queues this worker consumes: Celery's own (private) one plus every deployment queue.
+
+    Replaces Celery's command of the same name, which only knows the queues of Celery's
+    own consumer; the deployment queues are claimed by :mod:`worker.consumer`. Flower and
+    ``celery inspect active_queues`` read this.
+    """
+    from producers.constants import queue_name
+
+    queues = list(state.consumer.task_consumer.queues) if state.consumer.task_consumer else []
+    queues += [state.app.amqp.queues[queue_name(name)] for name in get_runtime().deployments]
+    return [dict(queue.as_dict(recurse=True)) for queue in queues]

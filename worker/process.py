@@ -14,10 +14,14 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from config import FleetConfig, load_config
-from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, queue_name
+from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
-from producers.schemas import DeploymentAd
+from producers.schemas import Construction, DeploymentAd
 from worker.advertise import Advertiser
+from worker.construction import construction_facts
+from worker.consumer import BulkConsumer, bulk_consumer_step
+from worker.hotpath import HotPath
+from worker.kombu_layout import priority_queue_keys
 from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
 
@@ -38,11 +42,6 @@ def default_concurrency(config: FleetConfig, names: list[str]) -> int:
     """Job threads: twice the sum of ``max_batch_size``, so one batch fills while another runs."""
     total = sum(config.deployment(name).max_batch_size for name in names)
     return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * total))
-
-
-def _priority_queue_keys(name: str) -> list[str]:
-    base = queue_name(name)
-    return [base] + [f"{base}\x06\x16{step}" for step in PRIORITY_STEPS if step]
 
 
 def _deployment_of(request) -> str | None:
@@ -80,11 +79,14 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
 def _make_ads(runtime: Runtime):
     pid = os.getpid()
     started = time.time()
+    built: dict[str, Construction] = {}  # a loaded deployment never changes how it was built
 
     def make() -> list[DeploymentAd]:
         ads = []
         for name, served in runtime.deployments.items():
             d = served.config
+            if name not in built:
+                built[name] = construction_facts(d, served.pipeline)
             ads.append(DeploymentAd(
                 name=name, task=d.task, model=d.model, revision=d.revision, worker=runtime.worker_name,
                 device=served.device, queue=queue_name(name), max_batch_size=d.max_batch_size,
@@ -93,7 +95,7 @@ def _make_ads(runtime: Runtime):
                 claim_check_bytes=runtime.config.limits.claim_check_bytes,
                 payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
                 in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
-                pending_items=served.batcher.pending_count(),
+                pending_items=served.batcher.pending_count(), construction=built[name],
             ))
         return ads
 
@@ -157,7 +159,7 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"pipefleet worker: {error}", file=sys.stderr)
         return 3
     runtime.redis = redis_lib.Redis.from_url(config.broker_url)
-    queue_keys = {name: _priority_queue_keys(name) for name in names}
+    queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
 
     def queue_has_ready(name: str) -> bool:
         try:
@@ -199,13 +201,27 @@ def run_worker(args: argparse.Namespace) -> int:
 
         serve_metrics(runtime, metrics_port)
     concurrency = args.concurrency or default_concurrency(config, names)
+    consumers: list[BulkConsumer] = []
+    hostname = f"{worker_name}@{socket.gethostname()}"
+
+    def hot_path(celery_consumer, on_finished):
+        return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
+                       events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished)
+
+    app.steps["consumer"].add(bulk_consumer_step(
+        broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
+        concurrency=concurrency, on_create=consumers.append, hot_path=hot_path))
+    # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
+    # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(
-        pool="threads", concurrency=concurrency, queues=[queue_name(n) for n in names],
-        hostname=f"{worker_name}@{socket.gethostname()}", prefetch_multiplier=1, without_gossip=True,
+        pool="threads", concurrency=concurrency, queues=[private_queue_name(worker_name)],
+        hostname=hostname, prefetch_multiplier=1, without_gossip=True,
         loglevel=args.loglevel, optimization="fair",
     )
     try:
         worker.start()
     finally:
+        for consumer in consumers:
+            consumer.close()
         runtime.stop()
     return worker.exitcode or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -137,7 +138,8 @@ class Runtime:
         if task == "text-generation" and getattr(pipe, "tokenizer", None) is not None:
             from worker.streaming import TextStreams, eos_token_ids, with_streamer
 
-            streams = TextStreams(pipe.tokenizer, self.events, eos_token_ids=eos_token_ids(pipe))
+            # Its own copy: the Rust tokenizer refuses a decode while another thread encodes ("Already borrowed").
+            streams = TextStreams(copy.deepcopy(pipe.tokenizer), self.events, eos_token_ids=eos_token_ids(pipe))
         if deployment.continuous_batching:
             from worker.continuous import ContinuousBatcher
 

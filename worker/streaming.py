@@ -41,6 +41,7 @@ class _Sequence:
     prompt_tokens: int = 0
     emitted: str = ""
     finish_reason: str | None = None
+    scanned: int = 0
 
 
 def new_text(payload: Any, record: Any, params: dict[str, Any]) -> str:
@@ -120,6 +121,7 @@ class TextStreams:
             sequence.tokens = []
             sequence.prompt_tokens = prompt
             sequence.finish_reason = None
+            sequence.scanned = 0
         return []
 
     def _apply(self, updates: list[tuple[Key, list[int]]], *, cumulative: bool) -> list:
@@ -132,11 +134,15 @@ class TextStreams:
                 sequence.tokens = list(tokens)
             else:
                 sequence.tokens.extend(tokens)
-            for position, token in enumerate(sequence.tokens):
-                if token in self.eos_token_ids:
-                    del sequence.tokens[position + 1:]
-                    sequence.finish_reason = "stop"
-                    break
+            if sequence.finish_reason is None:
+                for position in range(sequence.scanned, len(sequence.tokens)):
+                    if sequence.tokens[position] in self.eos_token_ids:
+                        del sequence.tokens[position + 1:]
+                        sequence.finish_reason = "stop"
+                        break
+                sequence.scanned = len(sequence.tokens)
+            else:
+                del sequence.tokens[sequence.scanned:]
             text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True).rstrip("\ufffd")
             if len(text) > len(sequence.emitted) and text.startswith(sequence.emitted):
                 piece = text[len(sequence.emitted):]

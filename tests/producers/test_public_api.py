@@ -9,8 +9,9 @@ import producers
 from tests.fleet import REPO_ROOT
 
 PUBLIC_NAMES = [
-    "ChunkFailed", "ConfigError", "DeploymentInfo", "FleetClient", "FleetPipeline", "FleetUnavailable",
-    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobRejected", "JobState", "JobStatus",
+    "ChunkFailed", "ConfigError", "DeploymentInfo", "EventKind", "FleetClient", "FleetPipeline", "FleetUnavailable",
+    "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobEvent", "JobRejected", "JobState",
+    "JobStatus",
     "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "UnknownDeployment",
     "pipeline",
 ]

@@ -71,6 +71,36 @@ def test_device_map_auto_places_the_model_on_the_cpu(client, cpu_fleet):
     assert_same(run(client, "lm-map", TEXTS[:2], params), local(TEXTS[:2], **params))
 
 
+def test_ads_advertise_how_each_deployment_was_built(client, cpu_fleet):
+    built = {d.name: d.construction for d in client.deployments() if d.name.startswith("lm-")}
+    assert (built["lm-bf16"].dtype, built["lm-bf16"].auto_dtype) == ("bfloat16", "float32")
+    assert (built["lm-f16"].dtype, built["lm-auto-dtype"].dtype) == ("float16", "float32")
+    assert built["lm-map"].device_map == "auto" and built["lm-auto-dtype"].device_map is None
+    assert all(c.quantization is None and c.trust_remote_code is False for c in built.values())
+    assert built["lm-bf16"].pipeline_class.endswith("TextClassificationPipeline")
+
+
+def test_pipeline_dtype_picks_the_deployment_built_that_way(client, cpu_fleet):
+    import torch
+
+    from producers import UnknownDeployment, pipeline
+
+    model = cpu_fleet["text-classification"]
+    picked = {dtype: pipeline("text-classification", model=model, dtype=dtype, client=client).info.name
+              for dtype in (torch.bfloat16, torch.float16, torch.float32, "auto")}
+    assert picked == {torch.bfloat16: "lm-bf16", torch.float16: "lm-f16", torch.float32: "lm-auto-dtype",
+                      "auto": "lm-auto-dtype"}
+    # No dtype: in-process loads the checkpoint as it is, and so does the one deployment built that way.
+    assert pipeline("text-classification", model=model, client=client).info.name == "lm-auto-dtype"
+    pipe = pipeline("text-classification", model=model, torch_dtype=torch.bfloat16, device=0, client=client)
+    local = local_pipeline("text-classification", model, dtype=torch.bfloat16)
+    assert_same(pipe(TEXTS, top_k=None), local(TEXTS, top_k=None), tol=BFLOAT16_TOLERANCE)
+    with pytest.raises(UnknownDeployment) as caught:
+        pipeline("text-classification", model=model, dtype=torch.float64, client=client)
+    for served in ("lm-bf16 (text-classification", "dtype bfloat16", "dtype float16", "dtype float32"):
+        assert served in str(caught.value)
+
+
 # --- GPU: these skip without CUDA (tests/conftest.py) -----------------------------------------------------
 
 
@@ -134,4 +164,13 @@ def test_bitsandbytes_quantization_serves(fleet, model_dir, quantization):
     params = {"max_new_tokens": 4, "do_sample": False}
     with fleet.client() as client:
         result = client.submit(deployment=name, inputs=TEXTS[0], params=params).result(timeout=120)
-    assert_same(result, local(TEXTS[0], **params))
+        assert_same(result, local(TEXTS[0], **params))
+        # producers.pipeline reads the BitsAndBytesConfig object and matches it with the advertised one.
+        from producers import UnknownDeployment, pipeline
+
+        model = str(model_dir("text-generation"))
+        pipe = pipeline(model=model, model_kwargs={"quantization_config": BitsAndBytesConfig(**table)}, client=client)
+        assert pipe.info.name == name
+        other = {"load_in_4bit": True} if name == "gpu-q8" else {"load_in_8bit": True}
+        with pytest.raises(UnknownDeployment, match="quantization bitsandbytes"):
+            pipeline(model=model, model_kwargs={"quantization_config": BitsAndBytesConfig(**other)}, client=client)

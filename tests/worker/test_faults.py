@@ -24,7 +24,7 @@ VISIBILITY_TIMEOUT_S = 4
 SLOW_CLASS = "tests.fault_pipelines.SlowTextClassification"
 DIE_CLASS = "tests.fault_pipelines.DieOnLoadTextClassification"
 _RECEIVED = re.compile(r"\[([0-9a-f-]{36})\] received")
-_SUCCEEDED = re.compile(r"\[([0-9a-f-]{36})\] succeeded")
+_SUCCEEDED = re.compile(r"job ([0-9a-f-]{36}) on \S+: SUCCESS")
 
 
 def _deployment(name: str, model: str, pipeline_class: str = SLOW_CLASS, **extra) -> dict:

@@ -39,8 +39,10 @@ def model(module_fleet, model_dir, tmp_path_factory):
         {"name": "gen-static", "task": "text-generation", "model": path, "max_batch_size": 8},
         {"name": "gen-cb", "task": "text-generation", "model": path, "continuous_batching": True,
          "continuous_batching_options": {"max_batch_tokens": 256, "num_blocks": 32, "page_size": 64}},
+        {"name": "gen-cb-sample", "task": "text-generation", "model": path, "continuous_batching": True,
+         "continuous_batching_options": {"num_blocks": 32, "page_size": 64, "do_sample": True, "top_p": 0.95}},
     ])
-    module_fleet.worker(config, deployments=["gen-static", "gen-cb"], args=["--metrics-port", str(METRICS_PORT)])
+    module_fleet.worker(config, deployments=["gen-static", "gen-cb", "gen-cb-sample"], args=["--metrics-port", str(METRICS_PORT)])
     return path
 
 
@@ -213,3 +215,19 @@ def test_metrics_show_running_requests_kv_cache_and_tokens(client, model):
     samples = scrape_until(lambda s: _value(s, "pipefleet_running_requests", **labels) == 0)
     assert _value(samples, "pipefleet_generated_tokens_total", **labels) > 0
     assert _value(samples, "pipefleet_generated_tokens_per_second", **labels) > 0
+
+
+def test_sampling_engine_takes_per_request_sampling_and_several_sequences(client, model):
+    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.9, "top_p": 0.8,
+              "num_return_sequences": 3, "return_full_text": False}
+    job = client.submit(deployment="gen-cb-sample", inputs=PROMPTS, params=params)
+    events = list(job.events(timeout_s=120))
+    result = job.result(timeout=60)
+    assert [len(records) for records in result] == [3] * len(PROMPTS)
+    for index, record in enumerate(record for records in result for record in records):
+        text = "".join(e.data["text"] for e in events if e.kind is EventKind.TEXT and e.data["index"] == index)
+        assert text == record["generated_text"]
+    assert len(events[-1].data["finish_reasons"]) == 3 * len(PROMPTS)
+    with pytest.raises(InvalidParams, match="top_k"):  # the engine has no per-request top-k processor
+        client.submit(deployment="gen-cb-sample", inputs=PROMPTS[0],
+                      params={"top_k": 5, "max_new_tokens": 3}).result(timeout=60)

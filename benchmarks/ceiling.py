@@ -1,0 +1,198 @@
+"""Per-job cost of the fleet: single-job throughput on a near-free model, and CPU ms per job, in one run.
+
+    python -m benchmarks.ceiling [--n 2000] [--producers 8] [--in-flight 16] [--profile]
+
+Model: a tiny random DistilBERT text classifier (tests.tiny_models), whose forward pass costs almost nothing,
+so what is measured is the path that feeds the model: publish, consume, batch, store, fetch. One worker with
+``max_batch_size = 64``. Rows:
+
+- in-process ``pipeline(texts, batch_size=32)``: the model's own limit here;
+- one producer process submitting N single-input jobs, then collecting every result;
+- P producer processes, each keeping K jobs in flight (the web-backend pattern);
+- producer CPU per job of a plain ``submit()`` then ``result()`` loop.
+
+CPU per job is read from the processes themselves (``/proc/<pid>/stat`` of the worker, ``getrusage`` of each
+producer). With ``--profile``, a py-spy profile of the worker during the single-producer row is written to
+``.pipefleet/ceiling-worker.txt`` (collapsed stacks) (needs py-spy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.models import STATE_DIR
+from tests.fleet import REPO_ROOT, RedisServer, start_worker, worker_env, write_config
+
+TINY_DIR = STATE_DIR / "models" / "tiny-text-classification"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def ensure_tiny_model() -> Path:
+    """Build the tiny text classifier once."""
+    if not (TINY_DIR / "config.json").exists():
+        from tests import tiny_models
+
+        tiny_models.build("text-classification", TINY_DIR)
+    return TINY_DIR
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def texts(n: int) -> list[str]:
+    """Short, distinct sentences."""
+    words = ["the", "fleet", "runs", "a", "small", "model", "on", "every", "job", "fast", "queue", "worker"]
+    return [" ".join(words[(i * 7 + k) % len(words)] for k in range(4 + i % 9)) + f" {i}" for i in range(n)]
+
+
+def producer_main(argv: list[str]) -> int:
+    """Child process: submit jobs, print JSON with seconds, CPU and outputs."""
+    import resource
+
+    from producers import FleetClient
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--broker")
+    parser.add_argument("--backend")
+    parser.add_argument("--mode", choices=["burst", "in-flight", "loop"])
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--start-at", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    inputs = texts(args.offset + args.n)[args.offset:]
+    with FleetClient(args.broker, args.backend) as client:
+        client.resolve(deployment="tiny")
+        client.submit(deployment="tiny", inputs="warm").result(timeout=60)
+        while time.time() < args.start_at:
+            time.sleep(0.001)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        outputs = []
+        if args.mode == "burst":
+            jobs = client.submit_many([{"deployment": "tiny", "inputs": text} for text in inputs]) \
+                if hasattr(client, "submit_many") else [client.submit(deployment="tiny", inputs=t) for t in inputs]
+            outputs = [job.result(timeout=600) for job in jobs]
+        elif args.mode == "loop":
+            outputs = [client.submit(deployment="tiny", inputs=text).result(timeout=60) for text in inputs]
+        else:
+            window: list = []
+            for text in inputs:
+                window.append(client.submit(deployment="tiny", inputs=text))
+                if len(window) >= args.in_flight:
+                    outputs.append(window.pop(0).result(timeout=600))
+            outputs.extend(job.result(timeout=600) for job in window)
+        seconds = time.perf_counter() - started
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    json.dump({"seconds": seconds, "cpu_s": cpu_s, "n": len(outputs), "outputs": outputs}, sys.stdout)
+    return 0
+
+
+def _producer(server: RedisServer, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "benchmarks.ceiling", "--producer", "--broker", f"{server.url}/0",
+               "--backend", f"{server.url}/1", *extra]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"producer failed:\n{err[-3000:]}")
+    return json.loads(out)
+
+
+def in_process(model: Path, n: int) -> float:
+    """Items/s of the in-process pipeline with batch_size=32 (after a warm-up)."""
+    code = ("import json,sys,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
+            f"p=pipeline('text-classification',model={str(model)!r});t=texts({n});p(t[:64],batch_size=32);"
+            "s=time.perf_counter();o=p(t,batch_size=32);print(json.dumps({'s':time.perf_counter()-s,'o':o}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}),
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return n / data["s"]
+
+
+def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
+    """Every fleet row against one worker."""
+    server = RedisServer().start()
+    rows: dict[str, dict] = {}
+    try:
+        config = write_config(STATE_DIR / "ceiling.toml", broker_url=f"{server.url}/0",
+                              result_backend=f"{server.url}/1",
+                              deployments=[{"name": "tiny", "task": "text-classification", "model": str(model),
+                                            "max_batch_size": 64, "max_batch_wait_ms": 5}])
+        worker = start_worker(config, STATE_DIR, deployments=["tiny"], name="ceiling-worker",
+                              env={"OMP_NUM_THREADS": "1"}, redis_client=server.client(0))
+        pid = worker.proc.pid
+        try:
+            def measure(label: str, procs: list[subprocess.Popen], jobs: int, profile: bool = False) -> None:
+                spy = None
+                if profile:
+                    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "-p", str(pid), "-o",
+                                            str(STATE_DIR / "ceiling-worker.txt"), "--format", "raw", "-d", "15"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cpu0 = process_cpu_s(pid)
+                results = [_finish(p) for p in procs]
+                worker_cpu = process_cpu_s(pid) - cpu0
+                if spy is not None:
+                    spy.wait()
+                seconds = max(r["seconds"] for r in results)
+                rows[label] = {"jobs_per_s": jobs / seconds, "worker_cpu_ms_per_job": 1000 * worker_cpu / jobs,
+                               "producer_cpu_ms_per_job": 1000 * sum(r["cpu_s"] for r in results) / jobs}
+                print(f"  {label:<58} {jobs / seconds:8.0f} jobs/s  worker {rows[label]['worker_cpu_ms_per_job']:.2f}"
+                      f" ms/job  producer {rows[label]['producer_cpu_ms_per_job']:.2f} ms/job", flush=True)
+
+            n = args.n
+            measure(f"1 producer, {n} single jobs at once",
+                    [_producer(server, "--mode", "burst", "--n", str(n))], n, profile=args.profile)
+            per = n // args.producers
+            start_at = time.time() + 15
+            procs = [_producer(server, "--mode", "in-flight", "--n", str(per), "--offset", str(i * per),
+                               "--in-flight", str(args.in_flight), "--start-at", str(start_at))
+                     for i in range(args.producers)]
+            measure(f"{args.producers} producers x {args.in_flight} in flight", procs, per * args.producers)
+            loop_n = min(n, 300)
+            measure(f"1 producer, submit() then result() loop ({loop_n})",
+                    [_producer(server, "--mode", "loop", "--n", str(loop_n))], loop_n)
+        finally:
+            worker.terminate()
+    finally:
+        server.cleanup()
+    return rows
+
+
+def main() -> int:
+    if "--producer" in sys.argv:
+        argv = list(sys.argv[1:])
+        argv.remove("--producer")
+        return producer_main(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--producers", type=int, default=8)
+    parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", type=Path, default=STATE_DIR / "ceiling-results.json")
+    args = parser.parse_args()
+    STATE_DIR.mkdir(exist_ok=True)
+    model = ensure_tiny_model()
+    print(f"machine: {os.cpu_count()} cores; tiny DistilBERT text classifier; one worker, max_batch_size 64")
+    local = in_process(model, args.n)
+    print(f"  {'in-process pipeline(texts, batch_size=32)':<58} {local:8.0f} items/s", flush=True)
+    rows = {"in-process batch_size=32": {"jobs_per_s": local}, **run_fleet(args, model)}
+    args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
