@@ -64,7 +64,7 @@ def test_timeout_failure_and_cancel_raise_as_the_sync_result_does(client, models
 
 
 def test_64_concurrent_submit_and_wait_loops_share_the_listener(client, models):
-    texts = [f"sentence {i}" for i in range(256)]
+    texts = [f"sentence {i}" for i in range(128)]
 
     async def main():
         remaining = iter(texts)
