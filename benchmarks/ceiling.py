@@ -1,6 +1,7 @@
 """Per-job cost of the fleet: single-job throughput on a near-free model, and CPU ms per job, in one run.
 
     python -m benchmarks.ceiling [--n 2000] [--producers 8] [--in-flight 16] [--profile]
+    python -m benchmarks.ceiling --model bert-base --gpu 0        (benchmarks/gpu.sh runs this on a GPU)
 
 Model: a tiny random DistilBERT text classifier (tests.tiny_models), whose forward pass costs almost nothing,
 so what is measured is the path that feeds the model: publish, consume, batch, store, fetch. One worker with
@@ -30,6 +31,7 @@ from benchmarks.models import STATE_DIR
 from tests.fleet import REPO_ROOT, RedisServer, start_worker, worker_env, write_config
 
 TINY_DIR = STATE_DIR / "models" / "tiny-text-classification"
+BERT_BASE_DIR = STATE_DIR / "models" / "bert-base-random"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -40,6 +42,22 @@ def ensure_tiny_model() -> Path:
 
         tiny_models.build("text-classification", TINY_DIR)
     return TINY_DIR
+
+
+def ensure_bert_base() -> Path:
+    """A BERT-base-shaped classifier (12 layers, 768 wide) with random weights: realistic cost per item."""
+    if not (BERT_BASE_DIR / "config.json").exists():
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from tests.tiny_models.text import bert_tokenizer
+
+        torch.manual_seed(0)
+        tokenizer = bert_tokenizer()
+        config = BertConfig(vocab_size=len(tokenizer), num_labels=2, max_position_embeddings=512)
+        BertForSequenceClassification(config).save_pretrained(BERT_BASE_DIR)
+        tokenizer.save_pretrained(BERT_BASE_DIR)
+    return BERT_BASE_DIR
 
 
 def process_cpu_s(pid: int) -> float:
@@ -112,11 +130,12 @@ def _finish(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
-def in_process(model: Path, n: int) -> float:
-    """Items/s of the in-process pipeline with batch_size=32 (after a warm-up)."""
+def in_process(model: Path, n: int, device: int = -1, batch_size: int = 32) -> float:
+    """Items/s of the in-process pipeline with ``batch_size`` (after a warm-up)."""
     code = ("import json,sys,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
-            f"p=pipeline('text-classification',model={str(model)!r});t=texts({n});p(t[:64],batch_size=32);"
-            "s=time.perf_counter();o=p(t,batch_size=32);print(json.dumps({'s':time.perf_counter()-s,'o':o}))")
+            f"p=pipeline('text-classification',model={str(model)!r},device={device});t=texts({n});"
+            f"p(t[:64],batch_size={batch_size});"
+            f"s=time.perf_counter();o=p(t,batch_size={batch_size});print(json.dumps({{'s':time.perf_counter()-s}}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}),
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout.strip().splitlines()[-1])
@@ -131,8 +150,10 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
         config = write_config(STATE_DIR / "ceiling.toml", broker_url=f"{server.url}/0",
                               result_backend=f"{server.url}/1",
                               deployments=[{"name": "tiny", "task": "text-classification", "model": str(model),
-                                            "max_batch_size": 64, "max_batch_wait_ms": 5}])
+                                            "max_batch_size": 64, "max_batch_wait_ms": 5,
+                                            **({"device": 0} if args.gpu is not None else {})}])
         worker = start_worker(config, STATE_DIR, deployments=["tiny"], name="ceiling-worker",
+                              gpu="none" if args.gpu is None else str(args.gpu),
                               env={"OMP_NUM_THREADS": "1"}, redis_client=server.client(0))
         pid = worker.proc.pid
         try:
@@ -182,14 +203,21 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--model", choices=["tiny", "bert-base"], default="tiny")
+    parser.add_argument("--gpu", type=int, default=None, help="pin the worker (and the in-process run) to this GPU")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "ceiling-results.json")
     args = parser.parse_args()
     STATE_DIR.mkdir(exist_ok=True)
-    model = ensure_tiny_model()
-    print(f"machine: {os.cpu_count()} cores; tiny DistilBERT text classifier; one worker, max_batch_size 64")
-    local = in_process(model, args.n)
-    print(f"  {'in-process pipeline(texts, batch_size=32)':<58} {local:8.0f} items/s", flush=True)
-    rows = {"in-process batch_size=32": {"jobs_per_s": local}, **run_fleet(args, model)}
+    model = ensure_tiny_model() if args.model == "tiny" else ensure_bert_base()
+    device = "cpu" if args.gpu is None else f"cuda:{args.gpu}"
+    print(f"machine: {os.cpu_count()} cores, {device}; {args.model} text classifier (random weights); "
+          "one worker, max_batch_size 64")
+    rows: dict[str, dict] = {}
+    for batch_size in (32, 64):
+        local = in_process(model, args.n, -1 if args.gpu is None else args.gpu, batch_size)
+        rows[f"in-process batch_size={batch_size}"] = {"jobs_per_s": local}
+        print(f"  {f'in-process pipeline(texts, batch_size={batch_size})':<58} {local:8.0f} items/s", flush=True)
+    rows.update(run_fleet(args, model))
     args.json.write_text(json.dumps(rows, indent=2))
     return 0
 

@@ -149,6 +149,8 @@ class Deployment(BaseModel):
     trust_remote_code: bool = False
     max_batch_size: int = Field(default=32, gt=0, le=4096)
     max_batch_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
+    length_aware: bool = True
+    max_batch_tokens: int | None = Field(default=None, gt=0)
     chunk_size: int | None = Field(default=None, gt=0)
     allowed_hosts: list[str] = Field(default_factory=list)
     warmup: bool = True

@@ -14,6 +14,13 @@ Flush rule, per group of items that share the same call params:
    no batching delay;
 3. otherwise flush when the oldest pending item has waited ``max_batch_wait_ms``.
 
+When more items are pending than fit in one batch and the deployment measures
+lengths (text: tokens), the batch is the oldest item plus the pending items
+closest to it in length, so a forward pass pads less than a FIFO window would
+(as text-embeddings-inference groups by length); with ``max_batch_tokens``, a
+batch also stops where ``longest length × items`` would pass that budget. Each
+output still reaches its own job's future, in its job's order.
+
 At least one item is always flushed. Items of cancelled or expired jobs are
 dropped before the forward pass. When a batched call raises, the batch is
 rerun one job at a time so only the guilty job fails; on out-of-memory the
@@ -38,6 +45,7 @@ from worker.metrics import DeploymentMetrics
 logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[list[Any], dict[str, Any]], list[Any]]
+LengthOf = Callable[[list[Any]], list[int]]
 
 
 @dataclass(eq=False)
@@ -51,6 +59,7 @@ class PendingItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None
     partial: bool = False
+    length: int = 0
     cancel_id: str | None = None
     """The id a client cancels by (a chunked job's id for its chunks); defaults to ``job_id``."""
 
@@ -75,7 +84,8 @@ class Batcher:
     def __init__(self, name: str, run_batch: RunBatch, *, max_batch_size: int, max_batch_wait_ms: float,
                  more_coming: Callable[[], bool] = lambda: False,
                  find_cancelled: Callable[[list[PendingItem]], set[str]] = lambda items: set(),
-                 metrics: DeploymentMetrics | None = None) -> None:
+                 metrics: DeploymentMetrics | None = None, length_of: LengthOf | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         self.name = name
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -83,6 +93,8 @@ class Batcher:
         self.more_coming = more_coming
         self.find_cancelled = find_cancelled
         self.metrics = metrics or DeploymentMetrics(name)
+        self.length_of = length_of
+        self.max_batch_tokens = max_batch_tokens
         self._groups: "collections.OrderedDict[str, tuple[dict, collections.deque[PendingItem]]]" = (
             collections.OrderedDict())
         self._runner: DeviceRunner | None = None
@@ -98,8 +110,9 @@ class Batcher:
         """Queue a job's items; returns one future per item, in order."""
         if self._runner is None:
             raise RuntimeError(f"batcher {self.name} is not attached to a device runner")
-        items = [PendingItem(job_id, i, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
-                 for i, payload in enumerate(payloads)]
+        lengths = self._lengths(payloads)
+        items = [PendingItem(job_id, i, payload, deadline=deadline, partial=partial, cancel_id=cancel_id,
+                             length=length) for i, (payload, length) in enumerate(zip(payloads, lengths))]
         key = _params_key(params)
         with self._runner.condition:
             group = self._groups.get(key)
@@ -108,6 +121,40 @@ class Batcher:
             group[1].extend(items)
             self._runner.condition.notify()
         return [item.future for item in items]
+
+    def _lengths(self, payloads: list[Any]) -> list[int]:
+        if self.length_of is None:
+            return [0] * len(payloads)
+        try:
+            lengths = self.length_of(payloads)
+        except Exception:  # a length is only a batching hint; the forward pass reports bad input
+            logger.debug("deployment %s: cannot measure input lengths", self.name, exc_info=True)
+            return [0] * len(payloads)
+        return lengths if len(lengths) == len(payloads) else [0] * len(payloads)
+
+    def _select(self, items: "collections.deque[PendingItem]") -> list[PendingItem]:
+        """Pop one batch: FIFO when all fit, else the oldest item and those closest to it in length."""
+        size = self.max_batch_size
+        if len(items) <= size and not self.max_batch_tokens:
+            return [items.popleft() for _ in range(len(items))]
+        if self.length_of is None:
+            return [items.popleft() for _ in range(min(len(items), size))]
+        anchor = items[0].length
+        ranked = sorted(range(len(items)), key=lambda i: (abs(items[i].length - anchor), i))[:size]
+        if self.max_batch_tokens:
+            kept, longest = [], 0
+            for index in ranked:
+                longest = max(longest, items[index].length)
+                if kept and longest * (len(kept) + 1) > self.max_batch_tokens:
+                    break
+                kept.append(index)
+            ranked = kept
+        chosen = set(ranked)
+        batch = [items[i] for i in sorted(chosen)]
+        rest = [item for i, item in enumerate(items) if i not in chosen]
+        items.clear()
+        items.extend(rest)
+        return batch
 
     def withdraw(self, job_ids: set[str]) -> set[str]:
         """Take back the items of ``job_ids`` that no forward pass has started; returns whose were taken."""
@@ -147,7 +194,7 @@ class Batcher:
         waited_out = now - enqueued_at >= self.max_batch_wait_s
         if not (full or waited_out or not self.more_coming()):
             return None, enqueued_at + self.max_batch_wait_s
-        batch = [items.popleft() for _ in range(min(len(items), self.max_batch_size))]
+        batch = self._select(items)
         if not items:
             del self._groups[key]
         return (params, batch), None

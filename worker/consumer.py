@@ -39,6 +39,7 @@ from kombu.transport.virtual import Message
 from vine import promise
 
 from worker import kombu_layout
+from worker.retrying import RETRY_DELAY_S, pipeline_until_done
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ MAX_CLAIM = 256
 
 WATCH_TIMEOUT_S = 1.0
 """Longest single blocking wait of a watcher (so it notices shutdown)."""
-
-RETRY_DELAY_S = 0.5
-"""Pause after a Redis error before the loops try again."""
 
 ACCEPT = frozenset({"application/json"})
 """Content types a job message may have: JSON only, never pickle."""
@@ -117,16 +115,8 @@ class BulkAcker:
             if first is None:
                 break
             tags = self._drain(first)
-            while True:
-                try:
-                    pipe = self._client.pipeline(transaction=False)
-                    kombu_layout.ack_commands(pipe, tags)
-                    pipe.execute()
-                    break
-                except redis_lib.RedisError as error:
-                    # Keep the tags: dropping them would make kombu redeliver finished jobs.
-                    logger.warning("cannot ack %d jobs (%s); retrying", len(tags), error)
-                    time.sleep(RETRY_DELAY_S)
+            pipeline_until_done(self._client, lambda pipe, t=tags: kombu_layout.ack_commands(pipe, t),
+                                f"the acks of {len(tags)} jobs")
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush every queued ack, then stop the thread."""

@@ -34,20 +34,17 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import redis as redis_lib
 from celery import states
 from celery.worker import state as worker_state
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
+from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("pipefleet.jobs")
-
-RETRY_DELAY_S = 0.5
-"""Pause before writing results again after a Redis error."""
 
 
 @dataclass(eq=False)
@@ -105,7 +102,7 @@ class HotPath:
         self._events = events
         self._on_finished = on_finished
         self._done: queue.SimpleQueue[HotJob | None] = queue.SimpleQueue()
-        self._deadlines: list[tuple[float, int, HotJob]] = []
+        self._deadlines: list[tuple[float, int, str]] = []
         self._deadline_cv = threading.Condition()
         self._sequence = 0
         self._live: dict[str, HotJob] = {}
@@ -214,7 +211,11 @@ class HotPath:
         if job.prepared.deadline_mono is not None:
             with self._deadline_cv:
                 self._sequence += 1
-                heapq.heappush(self._deadlines, (job.prepared.deadline_mono, self._sequence, job))
+                heapq.heappush(self._deadlines, (job.prepared.deadline_mono, self._sequence, job_id))
+                if len(self._deadlines) > 2 * len(self._live) + 1024:
+                    # Finished jobs leave their entry behind; drop them before the heap outgrows the live jobs.
+                    self._deadlines = [entry for entry in self._deadlines if entry[2] in self._live]
+                    heapq.heapify(self._deadlines)
                 self._deadline_cv.notify()
         return True
 
@@ -239,7 +240,10 @@ class HotPath:
                     self._deadline_cv.wait(timeout)
                 if self._stopping:
                     return
-                _, _, job = heapq.heappop(self._deadlines)
+                _, _, job_id = heapq.heappop(self._deadlines)
+            job = self._live.get(job_id)
+            if job is None:
+                continue
             with job.lock:
                 if job.finished:
                     continue
@@ -307,17 +311,13 @@ class HotPath:
                                                 encode=True)
                 meta["task_id"] = job.job_id
                 successes.append((backend.get_key_for_task(job.job_id), backend.encode(meta)))
-        while successes:
-            try:
-                pipe = backend.client.pipeline(transaction=False)
+        if successes:
+            def store(pipe: Any) -> None:
                 for key, value in successes:
                     pipe.setex(key, backend.expires, value)
                     pipe.publish(key, value)
-                pipe.execute()
-                break
-            except redis_lib.RedisError as error:
-                logger.warning("cannot store %d results (%s); retrying", len(successes), error)
-                time.sleep(RETRY_DELAY_S)
+
+            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs")
         for job, state, value in outcomes:
             if state == states.REVOKED:
                 backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)
@@ -338,7 +338,8 @@ class HotPath:
         elif state == states.FAILURE:
             self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}")
         if job_logger.isEnabledFor(logging.INFO):
+            n_items = value.get("n_items") if state == states.SUCCESS else None
             job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,
                             extra={"job_id": job.job_id, "deployment": job.deployment, "state": state,
-                                   "duration_s": duration_s})
+                                   "n_items": n_items, "duration_s": duration_s})
 

@@ -78,6 +78,24 @@ def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int
     return outputs
 
 
+GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "summarization", "translation"})
+"""Tasks whose batches are never regrouped by length (decoding is sensitive to the padding it sees)."""
+
+
+def token_lengths(pipe: Any, task: str) -> Any:
+    """``length_of`` for a batcher: token counts of plain-text payloads, or None where lengths do not apply."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or task in GENERATIVE_TASKS:
+        return None
+
+    def length_of(payloads: list[Any]) -> list[int]:
+        if not all(isinstance(payload, str) for payload in payloads):
+            return [0] * len(payloads)
+        return [len(ids) for ids in tokenizer(payloads, add_special_tokens=True)["input_ids"]]
+
+    return length_of
+
+
 def device_label(pipe: Any, deployment: Deployment) -> str:
     """A stable name for the device a pipeline runs on (one inference thread each)."""
     if deployment.device_map is not None:
@@ -188,7 +206,9 @@ class Runtime:
 
         batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
                           max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
-                          find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics)
+                          find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics,
+                          length_of=token_lengths(pipe, task) if deployment.length_aware else None,
+                          max_batch_tokens=deployment.max_batch_tokens)
         return self._serve(deployment, pipe, batcher, device, metrics, streams)
 
     def _serve(self, deployment: Deployment, pipe: Any, batcher: Any, device: str, metrics: DeploymentMetrics,

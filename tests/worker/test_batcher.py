@@ -197,3 +197,71 @@ def test_out_of_memory_detection():
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(ValueError("out of memory"))
+
+
+class BatchRecorder(Recorder):
+    """A Recorder that also keeps each batch's payloads."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batches: list[list] = []
+
+    def __call__(self, payloads, params):
+        self.batches.append(list(payloads))
+        return super().__call__(payloads, params)
+
+
+def _lengths(payloads):
+    return [len(p) for p in payloads]
+
+
+def _submit_while_busy(batcher, runner, jobs):
+    """Queue every job while the runner is busy, so the flush sees them all pending at once."""
+    gate = threading.Event()
+    runner.call(gate.wait)
+    futures = {job_id: batcher.submit(job_id, payloads, {}) for job_id, payloads in jobs.items()}
+    gate.set()
+    return futures
+
+
+def test_length_aware_batches_group_similar_lengths_and_keep_each_jobs_order():
+    run = BatchRecorder()
+    batcher, runner = make(run, max_batch_size=4, length_of=_lengths)
+    try:
+        jobs = {f"job{i}": [("x" * (1 + (i * 7 + k * 13) % 40)) for k in range(3)] for i in range(8)}
+        futures = _submit_while_busy(batcher, runner, jobs)
+        for job_id, payloads in jobs.items():
+            assert [f.result(timeout=5) for f in futures[job_id]] == [p * 2 for p in payloads]
+    finally:
+        runner.stop()
+    assert sum(len(b) for b in run.batches) == 24 and max(len(b) for b in run.batches) <= 4
+    padded = sum(len(b) * max(map(len, b)) for b in run.batches)
+    fifo_order = [p for payloads in jobs.values() for p in payloads]
+    fifo_padded = sum(len(fifo_order[i:i + 4]) * max(map(len, fifo_order[i:i + 4])) for i in range(0, 24, 4))
+    assert padded < fifo_padded, f"grouping by length should pad less: {padded} vs FIFO {fifo_padded}"
+
+
+def test_the_oldest_item_always_goes_in_the_next_batch():
+    run = BatchRecorder()
+    batcher, runner = make(run, max_batch_size=2, length_of=_lengths)
+    try:
+        jobs = {"long": ["y" * 50], **{f"short{i}": ["s"] for i in range(6)}}
+        futures = _submit_while_busy(batcher, runner, jobs)
+        for job_futures in futures.values():
+            [f.result(timeout=5) for f in job_futures]
+    finally:
+        runner.stop()
+    assert "y" * 50 in run.batches[0]
+
+
+def test_max_batch_tokens_caps_longest_times_count():
+    run = BatchRecorder()
+    batcher, runner = make(run, max_batch_size=8, length_of=_lengths, max_batch_tokens=40)
+    try:
+        jobs = {f"job{i}": ["z" * 10] for i in range(8)}
+        futures = _submit_while_busy(batcher, runner, jobs)
+        for job_futures in futures.values():
+            [f.result(timeout=5) for f in job_futures]
+    finally:
+        runner.stop()
+    assert [len(b) for b in run.batches] == [4, 4]

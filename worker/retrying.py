@@ -1,0 +1,31 @@
+"""Redis writes that must not be dropped: retried until Redis takes them (a restart, a failover)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import redis as redis_lib
+
+logger = logging.getLogger(__name__)
+
+RETRY_DELAY_S = 0.5
+"""Pause between two tries of a write Redis refused."""
+
+
+def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str) -> None:
+    """Run ``fill(pipe)`` then the pipeline, again after each Redis error, until it succeeds.
+
+    Used for results and acks: dropping either would lose a finished job's output or make
+    kombu deliver it again.
+    """
+    while True:
+        try:
+            pipe = client.pipeline(transaction=False)
+            fill(pipe)
+            pipe.execute()
+            return
+        except redis_lib.RedisError as error:
+            logger.warning("cannot write %s (%s); retrying", what, error)
+            time.sleep(RETRY_DELAY_S)
