@@ -185,7 +185,7 @@ class HotPath:
         request = SimpleNamespace(task=headers.get("shadow") or INFER_TASK, args=args, kwargs=kwargs,
                                   hostname=self.hostname, retries=headers.get("retries", 0),
                                   delivery_info=message.delivery_info, children=[], group=None,
-                                  parent_id=headers.get("parent_id"), stamps=None)
+                                  parent_id=headers.get("parent_id"), stamps=None, chord=None, errbacks=None)
         job = HotJob(job_id, message, request, deployment if isinstance(deployment, str) else None)
         self._live[job_id] = job
         self._taken += 1
