@@ -1,6 +1,7 @@
 # The pipefleet worker image (also runs Flower). GPU build by default; the CPU variant:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
 #                --build-arg EXTRAS=worker,monitor -t pipefleet-worker:cpu .
+# The gateway image (docker-compose's gateway service) is built with EXTRAS=gateway.
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
@@ -32,8 +33,9 @@ COPY config config
 COPY producers producers
 COPY tasks tasks
 COPY worker worker
+COPY gateway gateway
 RUN pip install -c /app/lock.txt ".[${EXTRAS}]" && cp config/*.toml /etc/pipefleet/
 
 USER pipefleet
-EXPOSE 9808 5555
+EXPOSE 9808 5555 8000
 CMD ["pipefleet", "worker"]

@@ -1,7 +1,7 @@
 """Fleet configuration: pydantic models loaded from TOML with environment overrides."""
 
 from config.loader import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
-from config.models import Deployment, FleetConfig, FlowerSettings, Limits, MediaSettings
+from config.models import Deployment, FleetConfig, FlowerSettings, GatewaySettings, Limits, MediaSettings
 
 __all__ = [
     "CONFIG_ENV",
@@ -9,6 +9,7 @@ __all__ = [
     "Deployment",
     "FleetConfig",
     "FlowerSettings",
+    "GatewaySettings",
     "Limits",
     "MediaSettings",
     "load_config",

@@ -54,6 +54,42 @@ class FlowerSettings(BaseModel):
     basic_auth: list[str] = Field(default_factory=list)
 
 
+class GatewaySettings(BaseModel):
+    """``[gateway]``: the HTTP gateway's keys, CORS origins, request caps and longest wait.
+
+    ``api_keys`` are bearer keys (env ``PIPEFLEET_GATEWAY__API_KEYS='["k1","k2"]'``, or
+    ``k1,k2``). Caps left unset take their ``[limits]`` values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int | None = Field(default=None, gt=0)
+    """Largest request body; default ``[limits].max_payload_bytes``."""
+    max_inputs_per_request: int | None = Field(default=None, gt=0)
+    """Most inputs in one request; default ``[limits].max_inputs_per_job``."""
+    max_wait_s: float = Field(default=60.0, gt=0)
+    """The longest a request may hold its connection (``result?wait=``, non-streamed completions, SSE)."""
+    default_max_tokens: int = Field(default=256, gt=0)
+    """``max_tokens`` of a chat completion that does not say (completions default to 16, as OpenAI's)."""
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # An environment override may be a plain "k1,k2" rather than a JSON list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        if any(len(key) < 16 for key in value):
+            raise ValueError("each API key must be at least 16 characters")
+        return value
+
+
 class ContinuousBatchingOptions(BaseModel):
     """Tuning of transformers' continuous batching engine (``ContinuousBatchingConfig``) for one deployment.
 
@@ -118,6 +154,10 @@ class Deployment(BaseModel):
     chunk_size: int | None = Field(default=None, gt=0)
     allowed_hosts: list[str] = Field(default_factory=list)
     warmup: bool = True
+    embedding_pool: Literal["mean", "cls"] = "mean"
+    """How the gateway's ``/v1/embeddings`` pools token vectors (feature-extraction)."""
+    embedding_normalize: bool = True
+    """Whether ``/v1/embeddings`` L2-normalises the pooled vector."""
     continuous_batching: bool = False
     """Run text generation through transformers' continuous batching engine instead of static batches."""
     continuous_batching_options: ContinuousBatchingOptions = Field(default_factory=ContinuousBatchingOptions)
@@ -166,6 +206,7 @@ class FleetConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     media: MediaSettings = Field(default_factory=MediaSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     deployments: list[Deployment] = Field(default_factory=list)
     source: str | None = Field(default=None, exclude=True)
 

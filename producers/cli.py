@@ -1,7 +1,7 @@
 """The ``pipefleet`` command: client verbs here, server verbs loaded on demand.
 
 Client verbs: ``submit``, ``status``, ``result``, ``cancel``, ``deployments``, ``fleet``,
-``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``.
+``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``, ``gateway``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _SERVER_VERBS = {
     "worker": ("worker.cli", "build_parser", "run"),
     "flower": ("worker.flower", "build_parser", "run"),
     "demo": ("benchmarks.demo", "build_parser", "run"),
+    "gateway": ("gateway.cli", "build_parser", "run"),
 }
 
 

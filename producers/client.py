@@ -45,6 +45,10 @@ def _spec_summary(spec: JobSpec, n_inputs: int) -> str:
     return f"{{'deployment': {spec.deployment!r}, 'inputs': {inputs!r}, 'params': {params}}}"
 
 
+AREDIS_MAX_CONNECTIONS = 512
+"""Connections of one client's asyncio Redis pool (event streams hold one each while they wait)."""
+
+
 class FleetClient:
     """Submits jobs to deployments that live workers advertise, and tracks them."""
 
@@ -87,7 +91,11 @@ class FleetClient:
         loop = asyncio.get_running_loop()
         # Connections of redis.asyncio belong to the loop that opened them.
         if self._aredis is None or self._aredis[0] is not loop:
-            self._aredis = (loop, aredis_lib.Redis.from_url(self.broker_url, socket_connect_timeout=5))
+            # Each open event stream holds a connection in XREAD BLOCK: a blocking pool makes the
+            # stream past the pool's size wait for a connection instead of failing.
+            pool = aredis_lib.BlockingConnectionPool.from_url(
+                self.broker_url, max_connections=AREDIS_MAX_CONNECTIONS, timeout=None, socket_connect_timeout=5)
+            self._aredis = (loop, aredis_lib.Redis(connection_pool=pool))
         return self._aredis[1]
 
     def close(self) -> None:
@@ -265,3 +273,10 @@ class FleetClient:
     async def adeployments(self) -> list[DeploymentInfo]:
         """Async :meth:`deployments`."""
         return await asyncio.to_thread(self.deployments)
+
+    async def aclose(self) -> None:
+        """Release connections, the asyncio ones included."""
+        if self._aredis is not None:
+            await self._aredis[1].aclose()
+        self._aredis = None
+        await asyncio.to_thread(self.close)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 from producers.codec import decode_output
 from producers.constants import CANCEL_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.errors import ERRORS_BY_NAME, JobCancelled, JobError, JobTimeout, PipefleetError
-from producers.schemas import JobEvent, JobState, JobStatus
+from producers.schemas import FINAL_EVENT_KINDS, JobEvent, JobState, JobStatus
 
 if TYPE_CHECKING:
     from producers.client import FleetClient
@@ -54,6 +54,10 @@ def _expired(result: Any) -> bool:
     if isinstance(result, dict):
         return "expired" in str(result.get("exc_message", ""))
     return False
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 def _is_chord_error(result: Any) -> bool:
@@ -212,6 +216,40 @@ class Job:
             return self._outcome(self._meta, timeout)
         # An error may need Redis reads (a chord's failing chunk): off the event loop.
         return await asyncio.to_thread(self._outcome, self._meta, timeout)
+
+    def usage(self) -> dict[str, int] | None:
+        """Token counts the worker reported with the result (``prompt_tokens``…); None if none or not done."""
+        meta = self.client.access.call(self.client.celery.backend.get_task_meta, self.id)
+        result = meta.get("result")
+        return result.get("usage") if meta.get("status") == "SUCCESS" and isinstance(result, dict) else None
+
+    async def ausage(self) -> dict[str, int] | None:
+        """Async :meth:`usage`."""
+        return await asyncio.to_thread(self.usage)
+
+    async def afinal_event(self, grace_s: float = 0.0) -> JobEvent | None:
+        """The job's ``done``/``error`` event as its worker wrote it, read without replaying the stream.
+
+        Call it once the job is over: workers write events in the background, so
+        the final one may land just after the result; it is awaited up to
+        ``grace_s``. None if the stream holds no final event by then (a task whose
+        worker writes no events).
+        """
+        from producers.events import FIRST_ID, decode_entry, events_key
+
+        redis, key = self.client.aredis, events_key(self.id)
+        entries = await redis.xrevrange(key, count=1)
+        last = decode_entry(*entries[0]) if entries else None
+        deadline = time.monotonic() + grace_s
+        while last is None or last.kind not in FINAL_EVENT_KINDS:
+            block_ms = int((deadline - time.monotonic()) * 1000)
+            if block_ms <= 0:
+                return None
+            reply = await redis.xread({key: last.id if last else FIRST_ID}, block=block_ms)
+            for _, stream_entries in reply or []:
+                for entry_id, fields in stream_entries:
+                    last = decode_entry(entry_id, fields)
+        return last
 
     async def astatus(self) -> JobStatus:
         """Async :meth:`status`."""

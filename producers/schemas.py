@@ -77,6 +77,8 @@ class ResultEnvelope(BaseModel):
     n_items: int = 0
     offset: int = 0
     chunk_index: int | None = None
+    usage: dict[str, int] | None = None
+    """Token counts where the worker knows them exactly (feature-extraction: ``prompt_tokens``)."""
 
 
 class Construction(BaseModel):

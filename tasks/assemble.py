@@ -20,6 +20,7 @@ from tasks.tensors import decode_model_io
 from worker.runtime import get_runtime
 from worker.shapes import job_result
 from worker.stages import stage_params
+from worker.usage import add_usage
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
             envelopes = _ordered(parts, total, "items")
             outputs = [output for envelope in envelopes for output in envelope.outputs]
             result = job_result(task, [], outputs, single=False, params=params)
+            usage = add_usage([envelope.usage for envelope in envelopes])
         elif kind == "pipeline":
             envelopes = _ordered(parts, total, "windows")
             served = runtime.served(deployment)
@@ -67,6 +69,7 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
             runtime.wake(deployment)
             result = encode_output(future.result())
             outputs = [result]
+            usage = None
         else:
             raise JobError(f"unknown assembly kind {kind!r}")
     except PipefleetError:
@@ -76,4 +79,4 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
         raise JobError(f"{type(error).__name__}: {error}") from None
     _drop_payloads(runtime.redis, list(payload_keys or []))
     return ResultEnvelope(outputs=result, deployment=deployment, worker=runtime.worker_name,
-                          n_items=len(outputs)).model_dump()
+                          n_items=len(outputs), usage=usage).model_dump()

@@ -128,8 +128,17 @@ def test_docker_compose_config_accepts_the_file():
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("no docker compose here")
-    env = dict(os.environ, FLOWER_PASSWORD="test")
+    env = dict(os.environ, FLOWER_PASSWORD="test", PIPEFLEET_API_KEYS="test-key-0123456789abcdef")
     for profile in ([], ["--profile", "cpu"]):
         result = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profile, "config", "--quiet"],
                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
+
+
+def test_gateway_service_needs_api_keys_and_reads_the_fleet_config(compose):
+    gateway = compose["services"]["gateway"]
+    assert gateway["command"][:2] == ["pipefleet", "gateway"] and "--insecure" not in gateway["command"]
+    assert "PIPEFLEET_API_KEYS:?" in gateway["environment"]["PIPEFLEET_GATEWAY__API_KEYS"]
+    assert gateway["build"]["args"]["EXTRAS"] == "gateway"
+    assert _config_of(gateway).source.endswith("fleet.toml")
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])

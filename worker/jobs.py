@@ -26,6 +26,7 @@ from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment
 from worker.shapes import job_result
+from worker.usage import token_usage
 
 
 def parse_spec(spec: Any) -> JobSpec:
@@ -156,6 +157,7 @@ def finish_job(prepared: PreparedJob, outputs: list[Any], worker_name: str) -> d
     """Pool, encode and shape the outputs into the job's :class:`ResultEnvelope` (as a dict)."""
     params, job = prepared.params, prepared.job
     raw_outputs = outputs
+    usage = token_usage(prepared.served.config.task, outputs)
     if "pool" in params or "normalize" in params:
         outputs = [o if isinstance(o, dict) and "error" in o else
                    pool_output(o, pool=params.get("pool"), normalize=params.get("normalize", False))
@@ -167,7 +169,8 @@ def finish_job(prepared: PreparedJob, outputs: list[Any], worker_name: str) -> d
     else:
         result = outputs
     envelope = ResultEnvelope(outputs=result, deployment=job.deployment, worker=worker_name,
-                              n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index).model_dump()
+                              n_items=len(outputs), offset=job.offset, chunk_index=job.chunk_index,
+                              usage=usage).model_dump()
     if prepared.streams is not None:
         prepared.streams.finish(prepared.job_id, prepared.prepared, raw_outputs, prepared.call_params)
     return envelope

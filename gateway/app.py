@@ -1,0 +1,183 @@
+"""The gateway's ASGI app: routes, auth, error handlers, middleware and lifespan. Handlers only delegate.
+
+    app = create_app(load_config("fleet.toml"))   # or: pipefleet gateway --config fleet.toml
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sse_starlette.sse import EventSourceResponse
+
+from config.models import FleetConfig
+from gateway import serving_chat, serving_completion, serving_embedding, serving_jobs, serving_models
+from gateway.bodylimit import BodyLimitMiddleware
+from gateway.errors import ApiError, describe, error_response_parts, is_openai_path
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.security import KeyCheck
+from gateway.state import GatewayState
+from producers.client import FleetClient
+from producers.errors import PipefleetError
+
+logger = logging.getLogger(__name__)
+
+EXECUTOR_THREADS = 64
+"""Threads for the client's short blocking calls (submit, status); waits hold none (producers.results)."""
+
+
+def get_state(request: Request) -> GatewayState:
+    """The app's :class:`GatewayState` (a FastAPI dependency)."""
+    return request.app.state.gateway
+
+
+State = Annotated[GatewayState, Depends(get_state)]
+
+
+def _error_response(request: Request, error: Exception) -> JSONResponse:
+    status, error_type, message, param = describe(error)
+    if status >= 500 and not isinstance(error, PipefleetError):
+        logger.exception("unexpected error on %s", request.url.path, exc_info=error)
+    status, body = error_response_parts(request.url.path, status, error_type, message, param)
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_response(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = list(error.errors())
+    unsupported = [str(p["loc"][-1]) for p in problems if p.get("type") == "extra_forbidden"]
+    if unsupported:
+        message = f"unsupported field(s): {', '.join(unsupported)}"
+        error_type, param = "UnsupportedField", unsupported[0]
+    else:
+        message = "; ".join(f"{'.'.join(str(part) for part in p['loc'] if part != 'body') or 'body'}: {p['msg']}"
+                            for p in problems[:5])
+        error_type, param = "InvalidInput", None
+    status = 400 if is_openai_path(request.url.path) else 422
+    status, body = error_response_parts(request.url.path, status, error_type, message, param)
+    return JSONResponse(body, status_code=status)
+
+
+async def _counted(state: GatewayState, route: str, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    gauge = state.metrics.open_streams.labels(route)
+    gauge.inc()
+    try:
+        async for event in events:
+            yield event
+    finally:
+        gauge.dec()
+
+
+def _sse(state: GatewayState, route: str, events: AsyncIterator[Any]) -> EventSourceResponse:
+    return EventSourceResponse(_counted(state, route, events), sep="\n")
+
+
+def _add_routes(app: FastAPI, keys: KeyCheck) -> None:
+    guarded: dict[str, Any] = {"dependencies": [Depends(keys)]}
+
+    @app.post("/v1/jobs", status_code=202, **guarded)
+    async def submit_job(body: serving_jobs.JobRequest, request: Request, state: State) -> dict:
+        return await serving_jobs.submit(state, body, str(request.base_url))
+
+    @app.get("/v1/jobs/{job_id}", **guarded)
+    async def job_status(job_id: str, state: State) -> dict:
+        return await serving_jobs.status(state, job_id)
+
+    @app.get("/v1/jobs/{job_id}/result", **guarded)
+    async def job_result(job_id: str, state: State, wait: Annotated[float, Query(ge=0)] = 0.0) -> JSONResponse:
+        status, body = await serving_jobs.result(state, job_id, wait)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/jobs/{job_id}/events", **guarded)
+    async def job_events(job_id: str, state: State,
+                         last_event_id: Annotated[str | None, Header()] = None) -> EventSourceResponse:
+        return _sse(state, "/v1/jobs/{job_id}/events", await serving_jobs.events(state, job_id, last_event_id))
+
+    @app.delete("/v1/jobs/{job_id}", **guarded)
+    async def cancel_job(job_id: str, state: State) -> dict:
+        return await serving_jobs.cancel(state, job_id)
+
+    @app.get("/v1/deployments", **guarded)
+    async def deployments(state: State) -> list:
+        return await serving_jobs.deployments(state)
+
+    @app.get("/v1/models", **guarded)
+    async def models(state: State) -> Any:
+        return await serving_models.list_models(state)
+
+    @app.post("/v1/embeddings", **guarded)
+    async def embeddings(body: EmbeddingRequest, state: State) -> Any:
+        return await serving_embedding.create_embedding(state, body)
+
+    @app.post("/v1/completions", **guarded)
+    async def completions(body: CompletionRequest, state: State) -> Any:
+        if body.stream:
+            return _sse(state, "/v1/completions", await serving_completion.stream_completion(state, body))
+        return await serving_completion.create_completion(state, body)
+
+    @app.post("/v1/chat/completions", **guarded)
+    async def chat_completions(body: ChatCompletionRequest, state: State) -> Any:
+        if body.stream:
+            return _sse(state, "/v1/chat/completions", await serving_chat.stream_chat_completion(state, body))
+        return await serving_chat.create_chat_completion(state, body)
+
+
+async def _health(state: GatewayState) -> JSONResponse:
+    try:
+        await asyncio.to_thread(state.client.redis.ping)
+        infos = await state.client.adeployments()
+    except Exception as error:  # any failure here means "not healthy", and says why
+        return JSONResponse({"status": "unavailable", "redis": f"{type(error).__name__}: {error}",
+                             "deployments": []}, status_code=503)
+    return JSONResponse({"status": "ok", "redis": "ok", "deployments": [
+        {"name": info.name, "task": info.task, "model": info.model, "workers": info.workers} for info in infos]})
+
+
+def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> FastAPI:
+    """The gateway for ``config`` (its broker, ``[limits]`` and ``[gateway]`` table)."""
+    metrics = GatewayMetrics()
+    keys = KeyCheck(config.gateway.api_keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        fleet = client or FleetClient(config.broker_url, config.result_backend, result_ttl_s=config.result_ttl_s,
+                                      visibility_timeout_s=config.visibility_timeout_s)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="gateway"))
+        app.state.gateway = GatewayState(client=fleet, config=config, metrics=metrics)
+        try:
+            yield
+        finally:
+            await fleet.aclose()
+
+    app = FastAPI(title="pipefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_exception_handler(ApiError, _error_response)
+    app.add_exception_handler(PipefleetError, _error_response)
+    app.add_exception_handler(RequestValidationError, _validation_response)
+    app.add_exception_handler(Exception, _error_response)
+
+    @app.get("/healthz")
+    async def healthz(state: State) -> JSONResponse:
+        return await _health(state)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    _add_routes(app, keys)
+    # Added innermost first: metrics see every response, CORS answers preflights, the cap runs before routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.gateway.max_body_bytes or config.limits.max_payload_bytes)
+    if config.gateway.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.gateway.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

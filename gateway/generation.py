@@ -1,0 +1,144 @@
+"""What completions and chat completions share: sampling params, stop sequences, finish reasons, usage.
+
+OpenAI's fields map onto the text-generation pipeline's call params:
+``max_tokens`` → ``max_new_tokens``; ``temperature`` 0 → greedy
+(``do_sample=False``), otherwise ``do_sample=True`` with ``temperature`` and
+``top_p``; ``seed`` → the fleet's ``seed``; ``stop`` → ``stop_sequence``
+(generation stops there, and the stop text is cut from the answer, as OpenAI
+does). ``n`` samples become ``num_return_sequences``; greedy ``n`` repeats the
+prompt, since greedy decoding gives one answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.protocol import GenerationFields, Usage
+from producers.errors import InvalidParams
+from producers.job import Job
+
+
+def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any]:
+    """The pipeline call params of an OpenAI generation request."""
+    params: dict[str, Any] = {"max_new_tokens": max_tokens, "return_full_text": False}
+    if request.temperature == 0:
+        params["do_sample"] = False
+    else:
+        params.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        if request.n > 1:
+            params["num_return_sequences"] = request.n
+    if request.seed is not None:
+        params["seed"] = request.seed
+    stops = request.stops()
+    if len(stops) > 4:
+        raise InvalidParams("'stop' takes at most 4 sequences")
+    if stops:
+        params["stop_sequence"] = stops
+    return params
+
+
+def expand_inputs(request: GenerationFields, prompts: list[Any]) -> list[Any]:
+    """The job's inputs: each prompt once, or ``n`` times under greedy decoding."""
+    copies = request.n if request.temperature == 0 else 1
+    return [prompt for prompt in prompts for _ in range(copies)]
+
+
+def texts_per_prompt(outputs: Any, n_prompts: int, n: int) -> list[list[str]]:
+    """The generated texts of a job's result, ``n`` per prompt, in choice order."""
+    if not isinstance(outputs, list):
+        outputs = [outputs]
+    sequences: list[str] = []
+    for output in outputs:
+        records = output if isinstance(output, list) else [output]
+        sequences += [str(record["generated_text"]) for record in records]
+    if len(sequences) != n_prompts * n:
+        raise InvalidParams(f"the deployment returned {len(sequences)} texts for {n_prompts} prompt(s) x n={n}")
+    return [sequences[i * n:(i + 1) * n] for i in range(n_prompts)]
+
+
+def flat_texts(outputs: Any, n_prompts: int, n: int) -> list[str]:
+    """The generated texts in choice order (choice ``i * n + j`` is prompt ``i``'s ``j``-th text)."""
+    return [text for texts in texts_per_prompt(outputs, n_prompts, n) for text in texts]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether one was found."""
+    cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+class StopScanner:
+    """Hands out a stream's text, holding back what may still turn into a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(stop) for stop in stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text safe to send after ``piece`` arrives ('' once a stop sequence was seen)."""
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        text, found = cut_at_stop(self.buffer, self.stops)
+        if found:
+            self.stopped = True
+            self.buffer = ""
+            return text
+        ready = self.buffer[:len(self.buffer) - self.hold] if self.hold else self.buffer
+        self.buffer = self.buffer[len(ready):]
+        return ready
+
+    def flush(self) -> str:
+        """What is left when the stream ends."""
+        text, self.buffer = ("" if self.stopped else self.buffer), ""
+        return text
+
+
+@dataclass
+class Outcome:
+    """Token counts and finish reasons of a finished generation job (one reason per sequence)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reasons: list[str] | None
+
+    def usage(self) -> Usage:
+        """As OpenAI's ``usage``."""
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
+
+
+def outcome_from_done(data: dict[str, Any]) -> Outcome:
+    """The :class:`Outcome` a text-generation job's ``done`` event carries (workers count the tokens)."""
+    usage = data.get("usage") or {}
+    reasons = data.get("finish_reasons")
+    return Outcome(prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                   completion_tokens=int(usage.get("completion_tokens", 0)),
+                   finish_reasons=[str(r) for r in reasons] if isinstance(reasons, list) else None)
+
+
+async def job_outcome(job: Job) -> Outcome:
+    """The token counts and finish reasons a finished generation job's worker reported in its ``done`` event.
+
+    Zero counts and no reasons when its worker wrote no events.
+    """
+    from producers.constants import EVENTS_FINAL_GRACE_S
+    from producers.schemas import EventKind
+
+    event = await job.afinal_event(grace_s=EVENTS_FINAL_GRACE_S)
+    if event is not None and event.kind is EventKind.DONE:
+        return outcome_from_done(event.data)
+    return Outcome(0, 0, None)
+
+
+def finish_reason(index: int, stopped: bool, outcome: Outcome) -> str:
+    """``stop`` or ``length`` for sequence ``index``: a stop sequence, else what the worker saw."""
+    if stopped:
+        return "stop"
+    reasons = outcome.finish_reasons
+    if reasons and index < len(reasons) and reasons[index] in ("stop", "length"):
+        return reasons[index]
+    return "stop"

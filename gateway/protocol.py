@@ -1,0 +1,241 @@
+"""Pydantic models of the OpenAI API that the gateway serves (requests, responses, stream chunks).
+
+Requests forbid unknown fields. Fields OpenAI defines that pipefleet does not
+implement are listed in each request's ``NEUTRAL``: they pass only with a
+value that changes nothing (``null``, ``0``, ``false``…), as some SDKs send
+them that way; any other value is refused with a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class OpenAIRequest(BaseModel):
+    """Base of the request models: unknown fields are errors, neutral unsupported values are dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if not (key in cls.NEUTRAL and any(value == n and type(value) is type(n) or value is n
+                                                   for n in cls.NEUTRAL[key]))}
+
+
+_COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "user": (None,),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+}
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class GenerationFields(OpenAIRequest):
+    """Sampling fields shared by completions and chat completions."""
+
+    model: str
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        """The stop sequences as a list (empty strings dropped)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [stop for stop in stops if stop]
+
+
+class CompletionRequest(GenerationFields):
+    """``POST /v1/completions``."""
+
+    NEUTRAL = {**_COMMON_NEUTRAL, "echo": (None, False), "suffix": (None,), "best_of": (None, 1)}
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
+
+
+class TextPart(BaseModel):
+    """One ``{"type": "text", "text": ...}`` part of a message's content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat; content is text, or a list of text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The message's content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    """``POST /v1/chat/completions``."""
+
+    NEUTRAL = {**_COMMON_NEUTRAL, "top_logprobs": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+               "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
+               "store": (None, False), "metadata": (None,), "modalities": (None, ["text"])}
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class EmbeddingRequest(OpenAIRequest):
+    """``POST /v1/embeddings``; ``input`` is a string or a list of strings."""
+
+    NEUTRAL = {"user": (None,), "dimensions": (None,)}
+
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def _created() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int | None = None
+    total_tokens: int = 0
+
+
+class EmbeddingData(BaseModel):
+    """One input's vector: floats, or base64 of little-endian float32."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    """The answer of ``/v1/embeddings``."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    """One generated text of ``/v1/completions`` (or its piece, in a stream chunk)."""
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    """The answer of ``/v1/completions``, and each of its stream chunks."""
+
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    """The generated message of a chat choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    """One generated message of ``/v1/chat/completions``."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """The answer of ``/v1/chat/completions``."""
+
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    """What a chat stream chunk adds to its choice's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's piece in a chat stream chunk."""
+
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE chunk of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """One entry of ``/v1/models``: a live deployment (``id``) and the model it serves (``root``)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pipefleet"
+    root: str
+    task: str
+
+
+class ModelList(BaseModel):
+    """The answer of ``/v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,74 @@
+"""``POST /v1/chat/completions`` on a text-generation deployment.
+
+The messages travel as one chat input, so the worker's pipeline applies the
+tokenizer's chat template (with the generation prompt) exactly as
+``pipe(messages)`` does in-process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, AsyncIterator
+
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
+                                sampling_params, texts_per_prompt)
+from gateway.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                              ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, Usage)
+from gateway.serving_models import resolve_model
+from gateway.state import GatewayState
+from gateway.streaming import openai_stream
+from producers.errors import InvalidParams, PayloadTooLarge
+from producers.job import Job
+
+TASK = "text-generation"
+PATH = "/v1/chat/completions"
+
+
+def _max_tokens(state: GatewayState, request: ChatCompletionRequest) -> int:
+    if request.max_tokens is not None and request.max_completion_tokens is not None \
+            and request.max_tokens != request.max_completion_tokens:
+        raise InvalidParams("'max_tokens' and 'max_completion_tokens' disagree; send one of them")
+    return request.max_completion_tokens or request.max_tokens or state.settings.default_max_tokens
+
+
+async def _submit(state: GatewayState, request: ChatCompletionRequest) -> Job:
+    if request.n > state.max_inputs:
+        raise PayloadTooLarge(f"n={request.n} exceeds this gateway's {state.max_inputs} inputs per request")
+    info = await resolve_model(state, request.model, TASK)
+    chat = [{"role": message.role, "content": message.text()} for message in request.messages]
+    return await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, [chat]),
+                                      params=sampling_params(request, _max_tokens(state, request)))
+
+
+async def create_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    """Generate ``n`` assistant messages and wait for them."""
+    job = await _submit(state, request)
+    outputs = await state.output_within_max_wait(job)
+    outcome = await job_outcome(job)
+    stops = request.stops()
+    choices = []
+    for index, generated in enumerate(texts_per_prompt(outputs, 1, request.n)[0]):
+        text, stopped = cut_at_stop(generated, stops)
+        choices.append(ChatChoice(index=index, message=AssistantMessage(content=text),
+                                  finish_reason=finish_reason(index, stopped, outcome)))
+    return ChatCompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
+
+
+async def stream_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    """Submit the job, then its text as chat chunks: a role delta first, ``[DONE]`` last."""
+    job = await _submit(state, request)
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:
+        choices = [] if index is None else [ChatChunkChoice(index=index, delta=DeltaMessage(content=text),
+                                                            finish_reason=reason)]
+        return ChatCompletionChunk(id=chunk_id, model=request.model, choices=choices, usage=usage)
+
+    def first(index: int) -> Any:
+        return ChatCompletionChunk(id=chunk_id, model=request.model, choices=[
+            ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return openai_stream(job, path=PATH, n_choices=request.n, stops=request.stops(), make_chunk=make_chunk,
+                         include_usage=include_usage, first=first, max_wait_s=state.settings.max_wait_s,
+                         whole_texts=lambda output: flat_texts(output, 1, request.n))

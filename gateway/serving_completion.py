@@ -1,0 +1,64 @@
+"""``POST /v1/completions`` on a text-generation deployment: prompts in, generated text out."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, AsyncIterator
+
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
+                                sampling_params, texts_per_prompt)
+from gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from gateway.serving_models import resolve_model
+from gateway.state import GatewayState
+from gateway.streaming import openai_stream
+from producers.errors import InvalidInput, PayloadTooLarge
+from producers.job import Job
+
+TASK = "text-generation"
+PATH = "/v1/completions"
+
+
+async def _submit(state: GatewayState, request: CompletionRequest) -> tuple[Job, int]:
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not prompts:
+        raise InvalidInput("'prompt' is an empty list")
+    if len(prompts) * request.n > state.max_inputs:
+        raise PayloadTooLarge(f"{len(prompts)} prompt(s) x n={request.n} exceed this gateway's "
+                              f"{state.max_inputs} inputs per request")
+    info = await resolve_model(state, request.model, TASK)
+    max_tokens = request.max_tokens or state.settings.default_max_tokens
+    job = await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, prompts),
+                                     params=sampling_params(request, max_tokens))
+    return job, len(prompts)
+
+
+async def create_completion(state: GatewayState, request: CompletionRequest) -> CompletionResponse:
+    """Generate ``n`` texts per prompt and wait for them."""
+    job, n_prompts = await _submit(state, request)
+    outputs = await state.output_within_max_wait(job)
+    outcome = await job_outcome(job)
+    stops = request.stops()
+    choices = []
+    for prompt_index, texts in enumerate(texts_per_prompt(outputs, n_prompts, request.n)):
+        for j, generated in enumerate(texts):
+            index = prompt_index * request.n + j
+            text, stopped = cut_at_stop(generated, stops)
+            choices.append(CompletionChoice(index=index, text=text,
+                                            finish_reason=finish_reason(index, stopped, outcome)))
+    return CompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
+
+
+async def stream_completion(state: GatewayState, request: CompletionRequest) -> AsyncIterator[str]:
+    """Submit the job, then its text as completion chunks (``data`` strings, ``[DONE]`` last)."""
+    job, n_prompts = await _submit(state, request)
+    chunk_id = f"cmpl-{uuid.uuid4().hex}"
+
+    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:
+        choices = [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=reason)]
+        return CompletionResponse(id=chunk_id, model=request.model, choices=choices, usage=usage)
+
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return openai_stream(job, path=PATH, n_choices=n_prompts * request.n, stops=request.stops(),
+                         make_chunk=make_chunk, include_usage=include_usage,
+                         whole_texts=lambda output: flat_texts(output, n_prompts, request.n),
+                         max_wait_s=state.settings.max_wait_s)

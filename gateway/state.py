@@ -1,0 +1,60 @@
+"""What every request handler shares: the fleet client and the gateway's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from typing import Any
+
+from config.models import Deployment, FleetConfig, GatewaySettings
+from gateway.metrics import GatewayMetrics
+from producers.client import FleetClient
+from producers.errors import JobTimeout
+from producers.job import Job
+
+
+@dataclass
+class GatewayState:
+    """The fleet client, the settings and metrics of one gateway app (no per-request state)."""
+
+    client: FleetClient
+    config: FleetConfig
+    metrics: GatewayMetrics
+
+    @property
+    def settings(self) -> GatewaySettings:
+        """The ``[gateway]`` table."""
+        return self.config.gateway
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request body cap: ``[gateway].max_body_bytes`` or ``[limits].max_payload_bytes``."""
+        return self.settings.max_body_bytes or self.config.limits.max_payload_bytes
+
+    @property
+    def max_inputs(self) -> int:
+        """Most inputs per request: ``[gateway].max_inputs_per_request`` or ``[limits].max_inputs_per_job``."""
+        return self.settings.max_inputs_per_request or self.config.limits.max_inputs_per_job
+
+    def clamp_wait(self, wait_s: float | None) -> float:
+        """A requested wait, within ``[0, max_wait_s]``."""
+        return min(max(0.0, wait_s or 0.0), self.settings.max_wait_s)
+
+    def deployment_config(self, name: str) -> Deployment | None:
+        """This config's deployment ``name``, if the gateway's config lists it (for its gateway options)."""
+        for deployment in self.config.deployments:
+            if deployment.name == name:
+                return deployment
+        return None
+
+    async def output_within_max_wait(self, job: Job) -> Any:
+        """The job's output; past ``max_wait_s`` the job is cancelled (nobody waits for it) and JobTimeout raised."""
+        try:
+            return await job.aresult(timeout=self.settings.max_wait_s)
+        except JobTimeout:
+            status = await job.astatus()
+            if status.state.value in ("PENDING", "RUNNING"):
+                await job.acancel()
+                raise JobTimeout(f"job {job.id} did not finish within the gateway's max_wait_s "
+                                 f"({self.settings.max_wait_s:g} s); it was cancelled") from None
+            raise

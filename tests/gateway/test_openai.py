@@ -1,0 +1,217 @@
+"""The OpenAI-compatible API through the official ``openai`` package, against a real gateway and fleet.
+
+The oracle is in-process ``transformers.pipeline`` on the same tiny models.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy
+import openai
+import pytest
+
+from tests.gateway.conftest import API_KEY
+from tests.oracle import local_pipeline
+
+TEXTS = ["the cat sat on the mat", "a stormy night over the sea and the hills", "hello"]
+PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog", "a stormy night"]
+CHAT = [{"role": "system", "content": "you are terse."}, {"role": "user", "content": "where does alice live?"}]
+
+
+@pytest.fixture(scope="module")
+def oai(gateway):
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+def pooled(models, text: str) -> numpy.ndarray:
+    tokens = numpy.asarray(local_pipeline("feature-extraction", models["gw-emb"])(text), dtype=numpy.float32)[0]
+    vector = tokens.mean(axis=0)
+    return vector / numpy.linalg.norm(vector)
+
+
+def generated(models, inputs, **params) -> str:
+    pipe = local_pipeline("text-generation", models["gw-gen"])
+    return pipe(inputs, do_sample=False, return_full_text=False, **params)[0]["generated_text"]
+
+
+def test_models_lists_every_live_deployment(oai, models):
+    cards = {card.id: card for card in oai.models.list().data}
+    assert {"gw-emb", "gw-gen", "gw-slow", "gw-faulty"} <= set(cards)
+    assert cards["gw-gen"].owned_by == "pipefleet"
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64", None])
+def test_embeddings_equal_in_process_mean_pooled_normalised_vectors(oai, models, encoding_format):
+    # Unasked, the SDK requests base64 and decodes it itself; asked for base64, it hands back the string.
+    extra = {} if encoding_format is None else {"encoding_format": encoding_format}
+    response = oai.embeddings.create(model="gw-emb", input=TEXTS, **extra)
+    assert [item.index for item in response.data] == [0, 1, 2]
+    for item, text in zip(response.data, TEXTS):
+        vector = item.embedding
+        if encoding_format == "base64":
+            vector = numpy.frombuffer(base64.b64decode(vector), dtype="<f4")
+        assert numpy.allclose(numpy.asarray(vector), pooled(models, text), atol=1e-4)
+    tokenizer = local_pipeline("feature-extraction", models["gw-emb"]).tokenizer
+    expected_tokens = sum(len(tokenizer(text)["input_ids"]) for text in TEXTS)
+    assert response.usage.prompt_tokens == expected_tokens == response.usage.total_tokens
+
+
+def test_embeddings_of_one_string_by_model_id(oai, models):
+    response = oai.embeddings.create(model=models["gw-emb"], input=TEXTS[0])
+    assert len(response.data) == 1
+    assert numpy.allclose(numpy.asarray(response.data[0].embedding), pooled(models, TEXTS[0]), atol=1e-4)
+
+
+def new_tokens(models, prompt_ids: list[int], max_new_tokens: int) -> tuple[int, str]:
+    """How many tokens greedy generate() adds to ``prompt_ids``, and OpenAI's finish reason for it."""
+    import torch
+
+    pipe = local_pipeline("text-generation", models["gw-gen"])
+    ids = torch.tensor([prompt_ids])
+    out = pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pipe.tokenizer.pad_token_id)[0][len(prompt_ids):]
+    eos = pipe.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ended = [i for i, token in enumerate(out.tolist()) if token in eos]
+    count = ended[0] + 1 if ended else len(out)
+    return count, "stop" if ended else "length"
+
+
+def test_greedy_completions_equal_the_pipeline(oai, models):
+    response = oai.completions.create(model="gw-gen", prompt=PROMPTS, max_tokens=6, temperature=0)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    tokenizer = local_pipeline("text-generation", models["gw-gen"]).tokenizer
+    prompt_tokens = completion_tokens = 0
+    for choice, prompt in zip(response.choices, PROMPTS):
+        assert choice.text == generated(models, prompt, max_new_tokens=6)
+        ids = tokenizer(prompt)["input_ids"]
+        count, reason = new_tokens(models, ids, 6)
+        assert choice.finish_reason == reason
+        prompt_tokens += len(ids)
+        completion_tokens += count
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert response.usage.total_tokens == prompt_tokens + completion_tokens
+
+
+def test_greedy_n_gives_n_equal_choices(oai, models):
+    response = oai.completions.create(model="gw-gen", prompt=PROMPTS[1], max_tokens=4, temperature=0, n=2)
+    expected = generated(models, PROMPTS[1], max_new_tokens=4)
+    assert [choice.text for choice in response.choices] == [expected, expected]
+
+
+def test_greedy_chat_equals_the_pipeline_on_the_chat_template(oai, models):
+    response = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == generated(models, CHAT, max_new_tokens=7)
+    tokenizer = local_pipeline("text-generation", models["gw-gen"]).tokenizer
+    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    count, reason = new_tokens(models, list(ids), 7)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), count)
+    assert response.choices[0].finish_reason == reason
+
+
+def test_stop_sequence_cuts_the_text_and_says_stop(oai, models):
+    full = generated(models, PROMPTS[1], max_new_tokens=12)
+    stop = full.strip()[2:5] if len(full.strip()) > 5 else None
+    if not stop:
+        pytest.skip(f"the tiny model generated too little text to pick a stop sequence: {full!r}")
+    response = oai.completions.create(model="gw-gen", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop)
+    choice = response.choices[0]
+    assert choice.text == full[:full.find(stop)]
+    assert choice.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(oai):
+    first, second = (oai.completions.create(model="gw-gen", prompt=PROMPTS[0], max_tokens=5, temperature=0.9,
+                                            top_p=0.9, seed=7) for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
+
+
+def test_wrong_key_raises_authentication_error(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="wrong-key-0123456789", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_unsupported_fields_are_refused_by_name(oai):
+    with pytest.raises(openai.BadRequestError, match="logprobs") as caught:
+        oai.completions.create(model="gw-gen", prompt="hi", max_tokens=2, logprobs=2)
+    assert caught.value.body["code"] == "UnsupportedField"
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=2, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        oai.embeddings.create(model="gw-emb", input="hi", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match="frobnicate"):
+        oai.completions.create(model="gw-gen", prompt="hi", max_tokens=2, extra_body={"frobnicate": True})
+
+
+def test_neutral_values_of_unsupported_fields_pass(oai, models):
+    response = oai.completions.create(model="gw-gen", prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                      presence_penalty=0, frequency_penalty=0, echo=False)
+    assert response.choices[0].text == generated(models, PROMPTS[0], max_new_tokens=3)
+
+
+def test_unknown_model_and_wrong_task_are_not_found(oai):
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        oai.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        oai.embeddings.create(model="gw-gen", input="hi")
+
+
+def test_bad_params_are_bad_requests_in_openai_shape(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model="gw-gen", prompt="hi", max_tokens=10**7, temperature=0)
+    assert caught.value.body["code"] == "InvalidParams"
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_streamed_completion_chunks_concatenate_to_the_non_streamed_text(oai):
+    whole = oai.completions.create(model="gw-gen", prompt=PROMPTS[:2], max_tokens=8, temperature=0)
+    texts = {0: "", 1: ""}
+    reasons = {}
+    chunks = list(oai.completions.create(model="gw-gen", prompt=PROMPTS[:2], max_tokens=8, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert [texts[0], texts[1]] == [choice.text for choice in whole.choices]
+    assert reasons == {choice.index: choice.finish_reason for choice in whole.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_streamed_chat_starts_with_the_role_and_concatenates_to_the_message(oai):
+    whole = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0)
+    stream = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=7, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(chunk.usage is None for chunk in chunks)  # include_usage was not asked for
+
+
+def test_streamed_stop_sequence_is_held_back_and_cut(oai, models):
+    full = generated(models, PROMPTS[1], max_new_tokens=12)
+    stop = full.strip()[2:5] if len(full.strip()) > 5 else None
+    if not stop:
+        pytest.skip(f"the tiny model generated too little text to pick a stop sequence: {full!r}")
+    chunks = list(oai.completions.create(model="gw-gen", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                         stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full[:full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_raw_stream_ends_with_done(gateway):
+    import httpx
+
+    body = {"model": "gw-gen", "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        data = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "data: [DONE]"
