@@ -255,12 +255,27 @@ class FleetClient:
             ids += json.loads(record_raw).get("chunk_ids", [])
         self.access.call(self.redis.set, f"{CANCEL_KEY_PREFIX}{job_id}", "1", ex=86_400)
         self.celery.control.revoke(ids)
-        backend = self.celery.backend
+        self.access.call(self._store_revoked, ids)
+
+    def _store_revoked(self, ids: list[str]) -> None:
+        """Record every unfinished id as REVOKED, as Celery's backend would, in two round trips in all."""
         from celery.exceptions import TaskRevokedError
 
-        for task_id in ids:
-            if backend.get_task_meta(task_id).get("status") not in ("SUCCESS", "FAILURE", "REVOKED"):
-                backend.store_result(task_id, TaskRevokedError("cancelled by the client"), "REVOKED")
+        backend = self.celery.backend
+        keys = [backend.get_key_for_task(task_id) for task_id in ids]
+        stored = backend.client.mget(keys)
+        pipe = backend.client.pipeline(transaction=False)
+        error = backend.prepare_exception(TaskRevokedError("cancelled by the client"))
+        for task_id, key, raw in zip(ids, keys, stored):
+            if raw is not None and backend.decode(raw).get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                continue
+            # The meta Celery's Redis backend writes for a revoked task (celery-task-meta-<id>).
+            meta = backend._get_result_meta(result=error, state="REVOKED", traceback=None, request=None)
+            meta["task_id"] = task_id
+            value = backend.encode(meta)
+            pipe.setex(key, backend.expires, value)
+            pipe.publish(key, value)
+        pipe.execute()
 
     async def asubmit(self, *args: Any, **kwargs: Any) -> Job:
         """Async :meth:`submit` for asyncio backends (FastAPI and friends)."""
