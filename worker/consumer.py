@@ -221,6 +221,9 @@ class BulkConsumer:
     def close(self, drain_timeout_s: float = 60.0) -> None:
         """Stop claiming, let hot-path jobs finish, then flush the acks (after Celery's pool has stopped)."""
         self.stop()
+        # A claim may be between its reply and its hand-over: let the loop finish it before handing back.
+        if self._thread.is_alive():
+            self._thread.join(WATCH_TIMEOUT_S + 5)
         if self.hot_path is not None:
             handed_back = self.hot_path.hand_back_unstarted()
             if handed_back:

@@ -247,7 +247,9 @@ def with_streamer(streams: TextStreams, pipe: Any, items: list[Any], payloads: l
                   params: dict[str, Any]) -> dict[str, Any]:
     """``params`` plus a streamer for this static batch, when its jobs stream and ``generate`` can stream."""
     generate_kwargs = params.get("generate_kwargs") or {}
-    beams = params.get("num_beams", generate_kwargs.get("num_beams", 1)) or 1
+    # The model's own generation config may ask for beams when the call does not.
+    config = getattr(pipe, "generation_config", None) or getattr(getattr(pipe, "model", None), "generation_config", None)
+    beams = params.get("num_beams", generate_kwargs.get("num_beams", getattr(config, "num_beams", 1))) or 1
     if beams > 1 or len(items) != len(payloads):  # beam search refuses streamers; finish() sends its text
         return params
     targets = [(item.job_id, item.index) if streams.streaming(item.job_id) else None for item in items]

@@ -37,13 +37,12 @@ def test_many_concurrent_waits_need_no_executor_threads(client, models):
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
         jobs = [await client.asubmit(deployment="aw-tc", inputs=text) for text in texts]
         outputs = await asyncio.gather(*(job.aresult(timeout=120) for job in jobs))
-        _, listener = client.async_results()
-        return outputs, dict(listener.waiters)
+        return outputs, client.waiter.book.has_waits()
 
-    outputs, waiters_left = asyncio.run(main())
+    outputs, waits_left = asyncio.run(main())
     local = local_pipeline("text-classification", models["aw-tc"])
     assert_same(outputs, [local(text) for text in texts])
-    assert waiters_left == {}
+    assert not waits_left
 
 
 def test_timeout_failure_and_cancel_raise_as_the_sync_result_does(client, models):
@@ -63,7 +62,7 @@ def test_timeout_failure_and_cancel_raise_as_the_sync_result_does(client, models
     assert_same(asyncio.run(main()), local_pipeline("text-classification", models["aw-tc"])("SLOW text"))
 
 
-def test_64_concurrent_submit_and_wait_loops_share_the_listener(client, models):
+def test_64_concurrent_submit_and_wait_loops_share_the_waiter(client, models):
     texts = [f"sentence {i}" for i in range(128)]
 
     async def main():
@@ -83,7 +82,7 @@ def test_64_concurrent_submit_and_wait_loops_share_the_listener(client, models):
     assert_same([outputs[text] for text in texts], [local(text) for text in texts])
 
 
-def test_waits_survive_the_listener_connection_being_killed(client, models, redis_server):
+def test_waits_survive_the_waiters_pubsub_connection_being_killed(client, models, redis_server):
     async def main():
         jobs = [await client.asubmit(deployment="aw-tc", inputs=f"SLOW {i}") for i in range(2)]
         waits = [asyncio.ensure_future(job.aresult(timeout=120)) for job in jobs]
