@@ -84,7 +84,12 @@ def _kill_during_stage(fleet: Fleet, *, deployment: dict, inputs, params: dict, 
         finally:
             os.kill(survivor.proc.pid, signal.SIGCONT)
         killed_at = time.monotonic()
-        assert_same(job.result(timeout=120), local)
+        try:
+            output = job.result(timeout=120)
+        except Exception as error:
+            raise AssertionError(f"{error}\nstatus: {job.status()}\nsurvivor log:\n{survivor.log()[-6000:]}"
+                                 f"\nvictim log:\n{victim.log()[-3000:]}") from error
+        assert_same(output, local)
         recovered_s = time.monotonic() - killed_at
     _figures(f"kill-during-{stage}", sent=1, completed=1, lost=0, done_after_kill_s=round(recovered_s, 1))
 
