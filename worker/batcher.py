@@ -15,7 +15,7 @@ Flush rule, per group of items that share the same call params:
 3. otherwise flush when the oldest pending item has waited ``max_batch_wait_ms``.
 
 When more items are pending than fit in one batch and the deployment measures
-lengths (text: tokens), the batch is the oldest item plus the pending items
+lengths (text: characters, or tokens under a token budget), the batch is the oldest item plus the pending items
 closest to it in length, so a forward pass pads less than a FIFO window would
 (as text-embeddings-inference groups by length); with ``max_batch_tokens``, a
 batch also stops where ``longest length × items`` would pass that budget. Each

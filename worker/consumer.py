@@ -38,6 +38,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport.virtual import Message
 from vine import promise
 
+from producers.constants import CANCEL_KEY_PREFIX
 from worker import kombu_layout
 from worker.retrying import RETRY_DELAY_S, pipeline_until_done
 
@@ -256,25 +257,51 @@ class BulkConsumer:
                 continue
             if raws:
                 self.claimed += len(raws)
-                for raw in raws:
-                    self._deliver(raw)
+                payloads = self._decode(raws)
+                cancelled = self._cancelled(payloads)
+                for payload in payloads:
+                    self._deliver(payload, cancelled)
                 continue
             self._wake.clear()
             self._watcher.armed.set()
             self._wake.wait(WATCH_TIMEOUT_S)
             self._watcher.armed.clear()
 
-    def _deliver(self, raw: bytes) -> None:
+    @staticmethod
+    def _decode(raws: list[bytes]) -> list[dict]:
+        payloads = []
+        for raw in raws:
+            try:
+                payloads.append(json.loads(raw))
+            except ValueError as error:  # recorded as unacked but unreadable: keep it for inspection
+                logger.error("unreadable message left in the unacked hash: %s", error)
+        return payloads
+
+    def _cancelled(self, payloads: list[dict]) -> set[str]:
+        """Ids among these messages whose cancel flag is set: one MGET for the whole claim."""
+        ids = [p.get("headers", {}).get("id") for p in payloads if isinstance(p.get("headers"), dict)]
+        ids = [job_id for job_id in ids if isinstance(job_id, str)]
+        if not ids:
+            return set()
+        try:
+            flags = self._client.mget([f"{CANCEL_KEY_PREFIX}{job_id}" for job_id in ids])
+        except redis_lib.RedisError as error:
+            logger.warning("cannot read cancel flags (%s); the batcher reads them later", error)
+            return set()
+        return {job_id for job_id, flag in zip(ids, flags) if flag}
+
+    def _deliver(self, payload: dict, cancelled: set[str]) -> None:
         """One claimed message into Celery, as ``Consumer.create_task_handler`` does."""
         celery = self._celery
         try:
-            message = Message(json.loads(raw), channel=self.channel)
-        except Exception as error:  # recorded as unacked but unreadable: keep it for inspection
+            message = Message(payload, channel=self.channel)
+        except Exception as error:
             logger.error("unreadable message left in the unacked hash: %s", error)
             return
         message.accept = ACCEPT
         try:
-            if self.hot_path is not None and self.hot_path.offer(message):
+            if self.hot_path is not None and self.hot_path.offer(message, cancelled=message.headers.get("id")
+                                                                  in cancelled):
                 return
         except Exception:
             logger.exception("hot path refused message %s; handing it to Celery", message.delivery_tag)

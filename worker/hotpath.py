@@ -162,8 +162,11 @@ class HotPath:
             time.sleep(0.05)
         return self.in_hand <= 0
 
-    def offer(self, message: Any) -> bool:
-        """Take a claimed message if it is a plain job (True), else leave it to Celery (False)."""
+    def offer(self, message: Any, *, cancelled: bool = False) -> bool:
+        """Take a claimed message if it is a plain job (True), else leave it to Celery (False).
+
+        ``cancelled``: the job's cancel flag was set when it was claimed; it ends as cancelled, unrun.
+        """
         if not _plain_infer(message):
             return False
         decoded = _decode_body(message)
@@ -196,6 +199,10 @@ class HotPath:
         self._event("task-received", uuid=job_id, name=INFER_TASK, args=headers.get("argsrepr"),
                     kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                     parent_id=headers.get("parent_id"), retries=request.retries)
+        if cancelled:
+            job.error = JobCancelled(f"job {job_id} was cancelled")
+            self._done.put(job)
+            return True
         try:
             job.prepared = prepare_job(self.runtime, spec, job_id)
             job.futures = job.prepared.submit()

@@ -34,6 +34,9 @@ Eager PyTorch releases the GIL around every op; with CPython's default 5 ms
 interval, dozens of busy job threads stall the device thread between ops.
 """
 
+CANCEL_RECHECK_AGE_S = 0.2
+"""Items that waited in a batcher this long have their cancel flags read again before their forward pass."""
+
 MAX_DEFAULT_CONCURRENCY = 512
 """Upper bound of the default job-thread count."""
 
@@ -172,9 +175,15 @@ def run_worker(args: argparse.Namespace) -> int:
 
     runtime.queue_has_ready = queue_has_ready
     def find_cancelled(items) -> set[str]:
-        # One round trip per batch, not per job: revoked ids are in memory, cancel flags in Redis.
+        # Revoked ids are in memory. Cancel flags in Redis are read once per batch, and only for items that
+        # have waited here a while: a job's flag was already read when it was claimed (worker.consumer), and
+        # a round trip on the inference thread delays every forward pass of an idle worker.
         gone = {item.job_id for item in items if item.job_id in worker_state.revoked}
-        parents = list(dict.fromkeys(item.cancel_id or item.job_id for item in items))
+        now = time.monotonic()
+        parents = list(dict.fromkeys(item.cancel_id or item.job_id for item in items
+                                     if now - item.enqueued_at >= CANCEL_RECHECK_AGE_S))
+        if not parents:
+            return gone
         try:
             flags = runtime.redis.mget([f"{CANCEL_KEY_PREFIX}{parent}" for parent in parents])
         except redis_lib.RedisError as error:

@@ -82,8 +82,12 @@ GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "summar
 """Tasks whose batches are never regrouped by length (decoding is sensitive to the padding it sees)."""
 
 
-def token_lengths(pipe: Any, task: str) -> Any:
-    """``length_of`` for a batcher: token counts of plain-text payloads, or None where lengths do not apply."""
+def text_lengths(pipe: Any, task: str, *, tokens: bool) -> Any:
+    """``length_of`` for a batcher, or None where lengths do not apply (no tokenizer, generative tasks).
+
+    Lengths are characters, free to measure, unless ``tokens`` (a ``max_batch_tokens`` budget is set): then
+    the tokenizer counts them, once per job, on the thread that hands the job over.
+    """
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None or task in GENERATIVE_TASKS:
         return None
@@ -91,6 +95,8 @@ def token_lengths(pipe: Any, task: str) -> Any:
     def length_of(payloads: list[Any]) -> list[int]:
         if not all(isinstance(payload, str) for payload in payloads):
             return [0] * len(payloads)
+        if not tokens:
+            return [len(payload) for payload in payloads]
         return [len(ids) for ids in tokenizer(payloads, add_special_tokens=True)["input_ids"]]
 
     return length_of
@@ -207,7 +213,8 @@ class Runtime:
         batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
                           max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
                           find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics,
-                          length_of=token_lengths(pipe, task) if deployment.length_aware else None,
+                          length_of=(text_lengths(pipe, task, tokens=deployment.max_batch_tokens is not None)
+                                     if deployment.length_aware else None),
                           max_batch_tokens=deployment.max_batch_tokens)
         return self._serve(deployment, pipe, batcher, device, metrics, streams)
 
