@@ -42,7 +42,8 @@ def main() -> int:
     for index, (axis, rows) in enumerate(zip(axes[:, 0], panels)):
         labels = [label for label, _ in rows][::-1]
         rates = [rate for _, rate in rows][::-1]
-        colors = ["#9e9e9e" if label.startswith("in-process") else "#1f77b4" for label in labels]
+        colors = ["#9e9e9e" if label.startswith("in-process") else "#ff7f0e" if label.startswith("naive") else "#1f77b4"
+                  for label in labels]
         axis.barh(labels, rates, color=colors)
         for y, rate in enumerate(rates):
             axis.text(rate, y, f" {rate:,.0f}", va="center", fontsize=8)
