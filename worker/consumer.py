@@ -190,7 +190,6 @@ class BulkConsumer:
         signals.task_postrun.connect(self._on_task_done, weak=False)
         signals.task_revoked.connect(self._on_task_done, weak=False)
         self.hot_path = hot_path(celery_consumer, self._on_task_done) if hot_path is not None else None
-        self.claimed = 0
 
     def _watch_client(self) -> redis_lib.Redis:
         return redis_lib.Redis.from_url(self._broker_url, socket_timeout=WATCH_TIMEOUT_S + 10)
@@ -256,7 +255,6 @@ class BulkConsumer:
                 time.sleep(RETRY_DELAY_S)
                 continue
             if raws:
-                self.claimed += len(raws)
                 payloads = self._decode(raws)
                 cancelled = self._cancelled(payloads)
                 for payload in payloads:

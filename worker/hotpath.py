@@ -210,9 +210,6 @@ class HotPath:
             job.error = error
             self._done.put(job)
             return True
-        finally:
-            if job.deployment is not None:
-                self.runtime.wake(job.deployment)
         self._event("task-started", uuid=job_id, hostname=self.hostname)
         job.remaining = len(job.futures)
         for future in job.futures:
