@@ -143,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_parser(verb: str) -> argparse.ArgumentParser | None:
+    """The argument parser of a server verb (its module is imported only now), or None for a client verb."""
+    if verb not in _SERVER_VERBS:
+        return None
+    import importlib
+
+    module_name, parser_name, _ = _SERVER_VERBS[verb]
+    return getattr(importlib.import_module(module_name), parser_name)()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pipefleet`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
