@@ -72,7 +72,7 @@ def make_celery(name: str = "pipefleet", **settings) -> Celery:
 class ProducerRedisBackend(RedisBackend):
     """Celery's Redis result backend without the pub/sub subscription Celery opens for each task it sends.
 
-    Producers wait through :mod:`producers.results`. The subscriptions Celery
+    Producers wait through :mod:`producers.result_waiter`. The subscriptions Celery
     would open for each sent task and each chord chunk are never read, so their
     messages would only pile up on an idle connection, and unsubscribing them
     when their ``AsyncResult`` is collected needs Redis still up (at interpreter

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 import redis as redis_lib
 from pydantic import ValidationError
 
-from producers import chunking, streaming
+from producers import chunking, client_map
 from producers.celery_app import make_celery, producer_backend_url
 from producers.construction import ConstructionRequest
 from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
@@ -29,7 +29,7 @@ from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
 from producers.redis_access import RedisAccess, safe_url
 from producers.requests import JobRequest, PreparedJob, prepare
-from producers.results import ResultWaiter
+from producers.result_waiter import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -236,9 +236,9 @@ class FleetClient:
         ``progress=True`` shows a tqdm bar; ``timeout_s`` bounds each chunk's wait.
         Chunks that can go out together are published in one round trip.
         """
-        chunk_size = streaming.check_window(chunk_size, max_in_flight)
+        chunk_size = client_map.check_window(chunk_size, max_in_flight)
         info = self.resolve(task=task, model=model, deployment=deployment, revision=revision)
-        return streaming.stream(self.publisher, self.waiter, self.access, info, iterable, params=dict(params or {}),
+        return client_map.stream(self.publisher, self.waiter, self.access, info, iterable, params=dict(params or {}),
                                 chunk_size=chunk_size, max_in_flight=max_in_flight, progress=progress,
                                 timeout_s=timeout_s, column=column, priority=priority, model=model,
                                 revision=revision)

@@ -1,4 +1,4 @@
-"""The bookkeeping of :class:`producers.results.ResultWaiter`: which jobs are waited for, and what was read.
+"""The bookkeeping of :class:`producers.result_waiter.ResultWaiter`: which jobs are waited for, and what was read.
 
 No I/O here. The book knows:
 

@@ -24,7 +24,7 @@ from producers.job import error_from_meta
 from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
 from producers.redis_access import RedisAccess
-from producers.results import ResultWaiter
+from producers.result_waiter import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
 
 logger = logging.getLogger(__name__)
