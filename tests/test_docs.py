@@ -19,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,12 @@ PAGES = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md")])
 PENDING_PAGES = {"ownership.md", "batches.md", "webhooks.md", "production.md", "sampling.md", "quantization.md"}
 
 SHELLS = {"bash", "sh", "shell"}
+#: Other spellings of the languages the test runs.
+ALIASES = {"py": "python", "python3": "python", "shell-session": "console", "jsonl": "json", "yml": "yaml"}
+#: Languages a block is run or loaded in; ``not-code`` is for the others.
+RUNNABLE = {"python", "toml", "json", "yaml", "console", *SHELLS}
 MARK = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)(.*)$")
 STATIC_MARKS = {"static", "not-code"}
 
 SHELL_PRELUDE = """
@@ -102,12 +106,15 @@ def parse_blocks(page: Path) -> list[Block]:
         elif fence:
             closing = fence.group(1)
             end = index + 1
-            while end < len(lines) and not lines[end].startswith(closing):
+            while end < len(lines) and not lines[end].strip().startswith(closing):
                 end += 1
             if end == len(lines):
                 raise AssertionError(f"{page.name}:{index + 1}: the block is never closed")
-            blocks.append(Block(page, index + 1, fence.group(2).lower(), "\n".join(lines[index + 1:end]) + "\n",
-                                marks))
+            language = fence.group(2).lower()
+            if "no-run" in fence.group(3).split():  # the helpers' brief's spelling of a static block
+                marks.append("static marked no-run in its info string")
+            source = textwrap.dedent("\n".join(lines[index + 1:end])) + "\n"  # blocks inside list items
+            blocks.append(Block(page, index + 1, ALIASES.get(language, language), source, marks))
             marks = []
             index = end
         elif marks and line.strip():
@@ -229,6 +236,12 @@ def load_json(block: Block) -> None:
                 json.loads(line)
 
 
+def load_yaml(block: Block) -> None:
+    import yaml
+
+    list(yaml.safe_load_all(block.source))
+
+
 def check_error_tree(block: Block) -> None:
     """Each class is a direct subclass of its parent in ``producers.errors``; none is missing."""
     from producers import errors
@@ -315,8 +328,10 @@ def run_block(block: Block, page: Page, request: pytest.FixtureRequest) -> None:
         load_toml(block, page.directory)
     elif language == "json":
         load_json(block)
+    elif language == "yaml":
+        load_yaml(block)
     elif block.mark("not-code") is not None:
-        assert language in {"text", ""}, f"{block.where}: 'not-code' is for text blocks, not {language}"
+        assert language not in RUNNABLE, f"{block.where}: a {language} block is code; run it or mark it static"
     elif block.mark("static") is not None:
         if language == "python":
             compile(block.source, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
@@ -362,7 +377,7 @@ def test_every_block_of_the_page_runs(page_path, docs_env, docs_models, tmp_path
 
 def test_a_block_without_a_way_to_run_fails_loudly(tmp_path):
     page = tmp_path / "new.md"
-    page.write_text("# New\n\n```yaml\nkey: value\n```\n")
+    page.write_text("# New\n\n```js\nconsole.log(1)\n```\n")
     (block,) = parse_blocks(page)
     with pytest.raises(AssertionError, match="neither runs nor carries a docs-test mark"):
         run_block(block, Page(tmp_path, {}, {}), request=None)
@@ -380,6 +395,15 @@ def test_marks_need_reasons_and_a_block(tmp_path):
     page.write_text("<!-- docs-test: static needs a GPU here -->\n\nSome text.\n\n```bash\ntrue\n```\n")
     with pytest.raises(AssertionError, match="not right before a block"):
         parse_blocks(page)
+
+
+def test_indented_blocks_and_no_run_info_strings_are_found(tmp_path):
+    page = tmp_path / "new.md"
+    page.write_text("- a step:\n\n  ```py\n  x = 1\n  ```\n\n```python no-run\nimport kubernetes\n```\n")
+    first, second = parse_blocks(page)
+    assert (first.language, first.source, first.marks) == ("python", "x = 1\n", [])
+    assert second.mark("static") == "marked no-run in its info string"
+    run_block(second, Page(tmp_path, {}, {}), request=None)  # compiled, not run
 
 
 def test_static_shell_blocks_are_parsed_by_the_cli(tmp_path):
