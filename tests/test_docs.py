@@ -58,6 +58,8 @@ ALIASES = {"py": "python", "python3": "python", "shell-session": "console", "jso
 #: Languages a block is run or loaded in; ``not-code`` is for the others.
 RUNNABLE = {"python", "toml", "json", "yaml", "console", *SHELLS}
 MARK = re.compile(r"^<!--\s*docs-test:\s*(.*?)\s*-->\s*$")
+PAGE_MARK = re.compile(r"^<!--\s*docs-test-page:\s*(.*?)\s*-->\s*$")
+PAGE_MARKS = {"tested-by", "fixture"}
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)(.*)$")
 STATIC_MARKS = {"static", "not-code"}
 
@@ -94,11 +96,19 @@ class Block:
 
 def parse_blocks(page: Path) -> list[Block]:
     """The fenced blocks of a Markdown page; a mark not followed by a block is an error."""
-    blocks, marks = [], []
+    blocks, marks, page_marks = [], [], []
     lines = page.read_text().splitlines()
     index = 0
+    while index < len(lines) and (not lines[index].strip() or PAGE_MARK.match(lines[index].strip())):
+        if lines[index].strip():
+            page_marks.append(PAGE_MARK.match(lines[index].strip()).group(1))
+        index += 1
+    for mark in page_marks:
+        assert mark.partition("=")[0] in PAGE_MARKS, f"{page.name}: a page mark is one of {PAGE_MARKS}, not {mark!r}"
     while index < len(lines):
         line = lines[index]
+        if PAGE_MARK.match(line.strip()):
+            raise AssertionError(f"{page.name}:{index + 1}: docs-test-page marks go at the very top of the page")
         mark = MARK.match(line.strip())
         fence = FENCE.match(line)
         if mark:
@@ -114,7 +124,7 @@ def parse_blocks(page: Path) -> list[Block]:
             if "no-run" in fence.group(3).split():  # the helpers' brief's spelling of a static block
                 marks.append("static marked no-run in its info string")
             source = textwrap.dedent("\n".join(lines[index + 1:end])) + "\n"  # blocks inside list items
-            blocks.append(Block(page, index + 1, ALIASES.get(language, language), source, marks))
+            blocks.append(Block(page, index + 1, ALIASES.get(language, language), source, page_marks + marks))
             marks = []
             index = end
         elif marks and line.strip():
@@ -132,8 +142,8 @@ def check_marks(block: Block) -> None:
         key = head.partition("=")[0]
         if key in STATIC_MARKS:
             assert len(rest.split()) >= 3, f"{block.where}: '{key}' needs a reason of a few words, got {rest!r}"
-        elif key == "fixture":
-            assert head.partition("=")[2], f"{block.where}: 'fixture=NAME' names no fixture"
+        elif key in ("fixture", "tested-by"):
+            assert head.partition("=")[2], f"{block.where}: '{key}=' names nothing"
         elif key != "error-tree":
             raise AssertionError(f"{block.where}: unknown docs-test mark {mark!r} (see docs/development.md)")
 
@@ -242,6 +252,19 @@ def load_yaml(block: Block) -> None:
     list(yaml.safe_load_all(block.source))
 
 
+def check_tested_by(block: Block, test_path: str) -> None:
+    """The named test reads this page, or holds every line of the block's code."""
+    path = REPO_ROOT / test_path
+    assert path.is_file(), f"{block.where}: tested-by names {test_path}, which does not exist"
+    text = path.read_text()
+    if block.page.name in text:
+        return
+    code = [line.strip() for line in block.source.splitlines() if line.strip() and not line.strip().startswith("#")]
+    missing = [line for line in code if line not in text]
+    assert not missing, (f"{block.where}: {test_path} neither names {block.page.name} nor holds these lines of "
+                         f"the block: {missing[:5]}")
+
+
 def check_error_tree(block: Block) -> None:
     """Each class is a direct subclass of its parent in ``producers.errors``; none is missing."""
     from producers import errors
@@ -322,6 +345,12 @@ def run_block(block: Block, page: Page, request: pytest.FixtureRequest) -> None:
         page.namespace.update(provided)
         page.env.update({k: v for k, v in provided.items() if isinstance(v, str)})
     language = block.language
+    tested_by = block.mark("tested-by")
+    if tested_by:
+        check_tested_by(block, tested_by)
+        if language == "python":
+            compile(block.source, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            return
     if block.mark("error-tree") is not None:
         check_error_tree(block)
     elif language == "toml":
@@ -404,6 +433,18 @@ def test_indented_blocks_and_no_run_info_strings_are_found(tmp_path):
     assert (first.language, first.source, first.marks) == ("python", "x = 1\n", [])
     assert second.mark("static") == "marked no-run in its info string"
     run_block(second, Page(tmp_path, {}, {}), request=None)  # compiled, not run
+
+
+def test_a_page_tested_elsewhere_names_a_test_that_runs_its_blocks(tmp_path):
+    mark = "<!-- docs-test-page: tested-by=tests/test_layers.py -->\n# Elsewhere\n\n"
+    page = tmp_path / "elsewhere.md"
+    page.write_text(mark + '```python\nPACKAGES = ["producers", "config", "worker", "tasks", "gateway"]\n```\n')
+    (block,) = parse_blocks(page)
+    assert block.mark("tested-by") == "tests/test_layers.py"
+    run_block(block, Page(tmp_path, {}, {}), request=None)  # that test holds the line; compiled, not run
+    page.write_text(mark + "```python\nprint('a line no test holds')\n```\n")
+    with pytest.raises(AssertionError, match="neither names elsewhere.md nor holds"):
+        run_block(parse_blocks(page)[0], Page(tmp_path, {}, {}), request=None)
 
 
 def test_static_shell_blocks_are_parsed_by_the_cli(tmp_path):
