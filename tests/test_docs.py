@@ -496,3 +496,10 @@ def test_the_readme_stays_a_front_door():
 def test_pages_are_found():
     assert {p.name for p in PAGES} >= {"README.md", "index.md", "architecture.md", "client.md"}
     assert shutil.which("bash") and shutil.which("curl"), "the shell blocks need bash and curl"
+
+
+def test_a_fixture_mark_requests_that_fixture(tmp_path, request):
+    page = tmp_path / "new.md"
+    page.write_text("<!-- docs-test: fixture=tmp_path -->\n```python\nx = 1\n```\n")
+    with pytest.raises(AssertionError, match="fixture tmp_path must return a dict"):
+        run_block(parse_blocks(page)[0], Page(tmp_path, {}, {}), request)
