@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from producers.schemas import QuantizationSummary
+
 
 class OpenAIRequest(BaseModel):
     """Base of the request models: unknown fields are errors, neutral unsupported values are dropped."""
@@ -232,6 +234,8 @@ class ModelCard(BaseModel):
     owned_by: str = "pipefleet"
     root: str
     task: str
+    quantization: QuantizationSummary | None = None
+    """How the deployment's weights are quantized (``None``: not quantized, or an older worker)."""
 
 
 class ModelList(BaseModel):

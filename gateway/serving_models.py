@@ -31,4 +31,7 @@ async def resolve_model(state: GatewayState, name: str, task: str) -> Deployment
 async def list_models(state: GatewayState) -> ModelList:
     """Every live deployment as an OpenAI model card."""
     infos = await state.client.adeployments()
-    return ModelList(data=[ModelCard(id=info.name, created=0, root=info.model, task=info.task) for info in infos])
+    return ModelList(data=[
+        ModelCard(id=info.name, created=0, root=info.model, task=info.task,
+                  quantization=info.construction.quantization_summary if info.construction else None)
+        for info in infos])

@@ -10,7 +10,7 @@ import enum
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class JobState(str, enum.Enum):
@@ -81,6 +81,36 @@ class ResultEnvelope(BaseModel):
     """Token counts where the worker knows them exactly (feature-extraction: ``prompt_tokens``)."""
 
 
+class QuantizationSummary(BaseModel):
+    """A quantized deployment's config read out: method, bits, quant type and the dtype it computes in.
+
+    bitsandbytes 8-bit (LLM.int8) multiplies int8 by int8, with outlier columns
+    in float16, and returns the activations' dtype: ``compute_dtype`` is then
+    the deployment's loaded dtype. 4-bit dequantizes nf4 or fp4 weights to
+    ``bnb_4bit_compute_dtype`` for each matmul.
+    """
+
+    method: str
+    bits: int | None = None
+    quant_type: str | None = None
+    compute_dtype: str | None = None
+    double_quant: bool | None = None
+
+    @classmethod
+    def of(cls, table: dict[str, Any], model_dtype: str | None) -> "QuantizationSummary":
+        """Read a quantization config dict (``BitsAndBytesConfig.to_dict()``) of a model loaded in ``model_dtype``."""
+        method = str(table.get("quant_method") or ("bitsandbytes" if table.get("load_in_8bit")
+                                                    or table.get("load_in_4bit") else "unknown"))
+        if table.get("load_in_8bit"):
+            return cls(method=method, bits=8, quant_type="int8", compute_dtype=model_dtype)
+        if table.get("load_in_4bit"):
+            return cls(method=method, bits=4, quant_type=table.get("bnb_4bit_quant_type"),
+                       compute_dtype=table.get("bnb_4bit_compute_dtype"),
+                       double_quant=table.get("bnb_4bit_use_double_quant"))
+        bits = table.get("bits")
+        return cls(method=method, bits=bits if isinstance(bits, int) else None)
+
+
 class Construction(BaseModel):
     """How a deployment's pipeline was built: the ``transformers.pipeline(...)`` options a client can match.
 
@@ -100,6 +130,12 @@ class Construction(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pipeline_class: str | None = None
     batch_size: int | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def quantization_summary(self) -> QuantizationSummary | None:
+        """``quantization`` read out (method, bits, quant type, compute dtype); ``None``: not quantized."""
+        return None if self.quantization is None else QuantizationSummary.of(self.quantization, self.dtype)
 
 
 class DeploymentTerms(BaseModel):

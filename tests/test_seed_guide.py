@@ -21,8 +21,9 @@ the decoded array. The fleet runs the blocks exactly as written: device options 
 deployment decides.
 
 Not run: the ChunkPipeline block (pseudo-code: a Pipeline has no ``model_forward``) and ``!pip install``.
-The quantized block needs bitsandbytes on a GPU in-process; on this fleet, which serves gemma-7b in bfloat16
-unquantized, it must raise UnknownDeployment naming that, and without its ``model_kwargs`` it must run.
+On this fleet, which serves gemma-7b in bfloat16 unquantized, the quantized block must raise UnknownDeployment
+naming that, and without its ``model_kwargs`` it must run; against a fleet serving gemma-7b in 8-bit it runs
+unchanged (tests/tasks/test_quantized_deployments.py).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ for out in pipeline(data()):
 ''',
 }
 
-#: The guide's quantized block: bitsandbytes on a GPU in-process; see :func:`test_quantized_block`.
+#: The guide's quantized block; see :func:`test_quantized_block`.
 QUANTIZED = '''
 import torch
 from transformers import pipeline, BitsAndBytesConfig

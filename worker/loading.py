@@ -9,37 +9,9 @@ from typing import Any
 
 from config.models import Deployment
 from producers.errors import ConfigError
+from worker.quantization import bitsandbytes_config, check_can_load
 
 logger = logging.getLogger(__name__)
-
-_TORCH_DTYPE_KEYS = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
-
-
-def _quantization_config(deployment: Deployment, table: dict[str, Any]) -> Any:
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"deployment {deployment.name!r}: quantization_config needs bitsandbytes on a CUDA GPU, "
-            "and this worker has no CUDA device (check --gpu and CUDA_VISIBLE_DEVICES)"
-        )
-    try:
-        importlib.import_module("bitsandbytes")
-    except ImportError as error:
-        raise ConfigError(
-            f"deployment {deployment.name!r}: quantization_config needs the 'bitsandbytes' package "
-            "(pip install 'pipefleet[gpu]')"
-        ) from error
-    table = dict(table)
-    for key in _TORCH_DTYPE_KEYS:
-        if isinstance(table.get(key), str):
-            table[key] = getattr(torch, table[key])
-    try:
-        return BitsAndBytesConfig(**table)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"deployment {deployment.name!r}: invalid quantization_config: {error}") from error
-
 
 def _import_class(dotted: str) -> type:
     module_name, _, class_name = dotted.replace(":", ".").rpartition(".")
@@ -65,7 +37,7 @@ def pipeline_arguments(deployment: Deployment) -> dict[str, Any]:
         arguments["batch_size"] = deployment.batch_size
     model_kwargs = dict(deployment.model_kwargs)
     if "quantization_config" in model_kwargs:
-        model_kwargs["quantization_config"] = _quantization_config(deployment, model_kwargs["quantization_config"])
+        model_kwargs["quantization_config"] = bitsandbytes_config(deployment, model_kwargs["quantization_config"])
     if model_kwargs:
         arguments["model_kwargs"] = model_kwargs
     pipeline_kwargs = dict(deployment.pipeline_kwargs)
@@ -95,6 +67,9 @@ def load_pipeline(deployment: Deployment) -> Any:
     register_all()
     _check_dtype_on_device(deployment)
     arguments = pipeline_arguments(deployment)
+    quantization = arguments.get("model_kwargs", {}).get("quantization_config")
+    if quantization is not None:
+        check_can_load(deployment, quantization)
     started = time.perf_counter()
     try:
         pipe = pipeline(**arguments)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
-from producers.construction import (choose, describe, device_name, dtype_name, mismatches,
+from producers.construction import (choose, describe, device_name, dtype_name, mismatches, quantization_dict,
                                     split_construction)
 from producers.discovery import match_deployment
 from producers.errors import UnknownDeployment
@@ -129,3 +129,19 @@ def test_ads_of_older_workers_are_not_checked(caplog):
     with caplog.at_level(logging.WARNING, logger="producers.construction"):
         assert choose([old], request, "model='m'").name == "gen"
     assert "does not advertise" in caplog.text
+
+
+def test_the_quantization_summary_reads_the_advertised_config_and_travels_as_json():
+    from producers.schemas import QuantizationSummary
+
+    nf4 = quantization_dict(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True))
+    info = _info(quantization=nf4)
+    assert info.construction.quantization_summary == QuantizationSummary(
+        method="bitsandbytes", bits=4, quant_type="nf4", compute_dtype="bfloat16", double_quant=True)
+    eight = _info(dtype="bfloat16", quantization=quantization_dict(BitsAndBytesConfig(load_in_8bit=True)))
+    assert eight.construction.quantization_summary.model_dump() == {
+        "method": "bitsandbytes", "bits": 8, "quant_type": "int8", "compute_dtype": "bfloat16", "double_quant": None}
+    assert _info().construction.quantization_summary is None
+    # The summary is derived: an ad carrying it reads back (a client ignores it and derives its own).
+    assert DeploymentInfo.model_validate_json(info.model_dump_json()) == info

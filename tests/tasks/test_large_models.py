@@ -1,8 +1,9 @@
 """Large-model options of a deployment: dtype, device_map and quantization.
 
 The CPU tests share one worker. The ``gpu`` tests start their own worker pinned
-to a GPU and skip without CUDA (quantization without CUDA failing at start-up
-is tested in tests/worker/test_worker_process.py).
+to a GPU and skip without CUDA. bitsandbytes on the CPU is tested in
+tests/tasks/test_quantized_deployments.py, its start-up check in
+tests/worker/test_quantization.py.
 """
 
 from __future__ import annotations
@@ -150,7 +151,6 @@ def test_device_map_auto_spans_every_pinned_gpu(fleet, model_dir):
     {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "bnb_4bit_quant_type": "nf4"},
 ], ids=["8bit", "4bit"])
 def test_bitsandbytes_quantization_serves(fleet, model_dir, quantization):
-    pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     name = "gpu-q8" if quantization.get("load_in_8bit") else "gpu-q4"
@@ -165,6 +165,10 @@ def test_bitsandbytes_quantization_serves(fleet, model_dir, quantization):
     with fleet.client() as client:
         result = client.submit(deployment=name, inputs=TEXTS[0], params=params).result(timeout=120)
         assert_same(result, local(TEXTS[0], **params))
+        # bitsandbytes runs on the CPU too: the ad shows the worker placed the quantized model on the GPU.
+        info = client.resolve(deployment=name)
+        assert info.devices == ["cuda:0"] and local.model.device.type == "cuda"
+        assert info.construction.quantization_summary.bits == (8 if name == "gpu-q8" else 4)
         # producers.pipeline reads the BitsAndBytesConfig object and matches it with the advertised one.
         from producers import UnknownDeployment, pipeline
 

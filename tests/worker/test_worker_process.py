@@ -99,12 +99,14 @@ def test_a_model_that_fails_to_load_stops_the_worker_at_start_up(module_fleet, t
         assert "wp-broken" not in {d.name for d in client.deployments()}
 
 
-def test_quantization_without_cuda_fails_at_start_up(module_fleet, model_dir):
+def test_quantization_bitsandbytes_cannot_run_here_fails_at_start_up(module_fleet, model_dir):
+    # bitsandbytes quantizes on this CPU (tests/tasks/test_quantized_deployments.py), not on a GPU it lacks.
     config = module_fleet.config([{
         "name": "wp-q", "task": "text-classification", "model": str(model_dir("text-classification")),
-        "model_kwargs": {"quantization_config": {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}},
+        "device": 0, "model_kwargs": {"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}},
     }])
     result = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "--gpu", "none"],
                             cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 3
-    assert "wp-q" in result.stderr and "CUDA" in result.stderr
+    assert ("pipefleet worker: deployment 'wp-q': quantization_config (4-bit nf4, compute float32) runs on 'cuda', "
+            "and this worker has no such device") in result.stderr
