@@ -194,23 +194,42 @@ class HotPath:
         job = HotJob(job_id, message, request, deployment if isinstance(deployment, str) else None)
         self._live[job_id] = job
         self._taken += 1
+        # From here on the job is this path's: whatever fails ends the job, never hands it to Celery too.
+        try:
+            self._start(job, spec, headers, cancelled)
+        except Exception as error:
+            logger.exception("job %s could not start on the hot path", job_id)
+            with job.lock:
+                if job.finished:
+                    return True
+                job.finished = True
+            for future in job.futures:
+                future.cancel()
+            job.error = error
+            self._done.put(job)
+        return True
+
+    def _start(self, job: HotJob, spec: dict, headers: dict, cancelled: bool) -> None:
+        job_id, request = job.job_id, job.request
         if job_logger.isEnabledFor(logging.INFO):
             logger.info("Task %s[%s] received", request.task, job_id)
-        self._event("task-received", uuid=job_id, name=INFER_TASK, args=headers.get("argsrepr"),
+        self._event("task-received", uuid=job_id, name=request.task, args=headers.get("argsrepr"),
                     kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                     parent_id=headers.get("parent_id"), retries=request.retries)
         if cancelled:
             job.error = JobCancelled(f"job {job_id} was cancelled")
+            job.finished = True
             self._done.put(job)
-            return True
+            return
         try:
             job.prepared = prepare_job(self.runtime, spec, job_id)
             job.futures = job.prepared.submit()
         except Exception as error:
             job.error = error
+            job.finished = True
             self._done.put(job)
-            return True
-        self._event("task-started", uuid=job_id, hostname=self.hostname)
+            return
+        self._event("task-started", uuid=job_id)  # the dispatcher adds hostname and pid
         job.remaining = len(job.futures)
         for future in job.futures:
             future.add_done_callback(lambda _f, j=job: self._item_done(j))
@@ -223,12 +242,15 @@ class HotPath:
                     self._deadlines = [entry for entry in self._deadlines if entry[2] in self._live]
                     heapq.heapify(self._deadlines)
                 self._deadline_cv.notify()
-        return True
 
     def _event(self, kind: str, **fields: Any) -> None:
-        dispatcher = self._events()
-        if dispatcher is not None and dispatcher.enabled:
-            dispatcher.send(kind, **fields)
+        """Send one Celery task event (as Celery's own request does); a failed send never touches the job."""
+        try:
+            dispatcher = self._events()
+            if dispatcher is not None and dispatcher.enabled:
+                dispatcher.send(kind, **fields)
+        except Exception:
+            logger.warning("could not send the %s event of a job", kind, exc_info=True)
 
     def _item_done(self, job: HotJob) -> None:
         with job.lock:
@@ -342,7 +364,10 @@ class HotPath:
             self._event("task-succeeded", uuid=job.job_id, result=f"{value.get('n_items')} item(s)",
                         runtime=duration_s)
         elif state == states.FAILURE:
-            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}")
+            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}",
+                        traceback=None)
+        elif state == states.REVOKED:
+            self._event("task-revoked", uuid=job.job_id, terminated=False, signum=None, expired=False)
         if job_logger.isEnabledFor(logging.INFO):
             n_items = value.get("n_items") if state == states.SUCCESS else None
             job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,
