@@ -10,14 +10,16 @@ on two threads: the consumer thread prepares and submits, and one commit thread
 finishes the jobs whose items are done, writing their Celery results (the same
 ``celery-task-meta-<id>`` value and pub/sub notice Celery's Redis backend writes,
 so ``AsyncResult`` and every client read them unchanged) for many jobs in one
-pipeline, then acking them in one more. Anything else goes back to Celery's own
+pipeline, then acking them through the ack thread. Each job is committed on its
+own: one that cannot be encoded or stored is dead-lettered, and never keeps
+its slot. Anything else goes back to Celery's own
 strategy (:meth:`HotPath.offer` returns False), so chords, ETAs, expiry and
 revokes keep Celery's semantics.
 
 A job's deadline is watched from its submission: when it passes first, the job
 fails with :class:`~producers.errors.JobTimeout` and its pending items are
 dropped. At-least-once: a worker killed between the result write and the ack
-runs the job again; results are overwritten with the same value.
+runs the job again; the first final result stays (:mod:`worker.first_result`).
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ from celery.worker import state as worker_state
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
+from celery.exceptions import TaskRevokedError
+
+from worker.first_result import FirstResultStore, encoded_meta
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
+from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("pipefleet.jobs")
+
+TICK_S = 1.0
+"""Longest wait of the commit and deadline loops, so their supervisor sees them go round."""
 
 
 @dataclass(eq=False)
@@ -95,9 +104,13 @@ class HotPath:
     """Runs plain ``infer`` jobs straight from claimed messages; see the module docstring."""
 
     def __init__(self, runtime: Runtime, *, backend: Any, hostname: str, events: Callable[[], Any],
-                 on_finished: Callable[[int], None]) -> None:
+                 on_finished: Callable[[int], None], supervisor: Supervisor,
+                 dead_letter: Callable[[HotJob, str], None] = lambda job, reason: None) -> None:
         self.runtime = runtime
         self.backend = backend
+        self._results = FirstResultStore(backend)
+        self._supervisor = supervisor
+        self._dead_letter = dead_letter
         self.hostname = hostname
         self._events = events
         self._on_finished = on_finished
@@ -110,8 +123,12 @@ class HotPath:
         self._committed = 0
         self._committed_lock = threading.Lock()
         self._stopping = False
-        self._committer = threading.Thread(target=self._commit_loop, name="pipefleet-commit", daemon=True)
-        self._timer = threading.Thread(target=self._deadline_loop, name="pipefleet-deadlines", daemon=True)
+        self._committer = threading.Thread(target=guarded("commit", self._commit_loop), name="pipefleet-commit",
+                                           daemon=True)
+        self._timer = threading.Thread(target=guarded("deadlines", self._deadline_loop), name="pipefleet-deadlines",
+                                       daemon=True)
+        supervisor.watch("commit", self._committer)
+        supervisor.watch("deadlines", self._timer)
 
     def start(self) -> None:
         """Start the commit and deadline threads."""
@@ -262,30 +279,44 @@ class HotPath:
 
     def _deadline_loop(self) -> None:
         while not self._stopping:
-            with self._deadline_cv:
-                while not self._stopping and (not self._deadlines or self._deadlines[0][0] > time.monotonic()):
-                    timeout = None if not self._deadlines else self._deadlines[0][0] - time.monotonic()
-                    self._deadline_cv.wait(timeout)
-                if self._stopping:
-                    return
-                _, _, job_id = heapq.heappop(self._deadlines)
-            job = self._live.get(job_id)
-            if job is None:
-                continue
-            with job.lock:
-                if job.finished:
-                    continue
-                job.finished = True
-            unfinished = sum(1 for f in job.futures if not f.done())
-            for future in job.futures:
-                future.cancel()
-            job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
-                                   "unfinished")
-            self._done.put(job)
+            self._supervisor.tick("deadlines")
+            try:
+                self._expire_next()
+            except Exception:  # one job's expiry must not end the watch over every other deadline
+                logger.exception("deadline watch failed one round")
+
+    def _expire_next(self) -> None:
+        with self._deadline_cv:
+            if not self._stopping and (not self._deadlines or self._deadlines[0][0] > time.monotonic()):
+                timeout = TICK_S if not self._deadlines else min(TICK_S, self._deadlines[0][0] - time.monotonic())
+                self._deadline_cv.wait(max(0.0, timeout))
+                return
+            if self._stopping:
+                return
+            _, _, job_id = heapq.heappop(self._deadlines)
+        job = self._live.get(job_id)
+        if job is None:
+            return
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        unfinished = sum(1 for f in job.futures if not f.done())
+        for future in job.futures:
+            future.cancel()
+        job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
+                               "unfinished")
+        self._done.put(job)
 
     def _commit_loop(self) -> None:
         while True:
-            first = self._done.get()
+            self._supervisor.tick("commit")
+            try:
+                first = self._done.get(timeout=TICK_S)
+            except queue.Empty:
+                if self._stopping:
+                    return
+                continue
             jobs = [first] if first is not None else []
             while True:
                 try:
@@ -297,7 +328,7 @@ class HotPath:
             if jobs:
                 try:
                     self._commit(jobs)
-                except Exception:  # the loop must never die; the jobs stay unacked and are redelivered
+                except Exception:  # _commit settles every job itself; this keeps the loop whatever happens
                     logger.exception("could not commit %d jobs", len(jobs))
             if first is None or (self._stopping and self._done.empty()):
                 return
@@ -323,40 +354,61 @@ class HotPath:
                 job.prepared.failed(error)
         return states.FAILURE, error
 
-    def _commit(self, jobs: list[HotJob]) -> None:
-        outcomes = [(job, *self._outcome(job)) for job in jobs]
-        for job, state, _ in outcomes:
-            # Counted before the result is visible, so a client that sees the result sees the count.
+    def _settle(self, job: HotJob) -> tuple[str, Any, str] | None:
+        """Outcome, metric and encoded result of one job; None (and dead-lettered) if it cannot be encoded."""
+        try:
+            state, value = self._outcome(job)
             served = self.runtime.deployments.get(job.deployment or "")
             if served is not None:
+                # Counted before the result is visible, so a client that sees the result sees the count.
                 served.metrics.observe_job("CANCELLED" if state == states.REVOKED else state)
-        backend = self.backend
-        successes = []
-        for job, state, value in outcomes:
-            if state == states.SUCCESS:
-                # Exactly what Celery's Redis backend stores for a finished task (celery-task-meta-<id>).
-                meta = backend._get_result_meta(result=value, state=state, traceback=None, request=job.request,
-                                                encode=True)
-                meta["task_id"] = job.job_id
-                successes.append((backend.get_key_for_task(job.job_id), backend.encode(meta)))
-        if successes:
-            def store(pipe: Any) -> None:
-                for key, value in successes:
-                    pipe.setex(key, backend.expires, value)
-                    pipe.publish(key, value)
+            stored = TaskRevokedError("cancelled") if state == states.REVOKED else value
+            return state, value, encoded_meta(self.backend, job.job_id, state, stored, job.request)
+        except Exception as error:
+            logger.exception("job %s: its outcome could not be encoded", job.job_id)
+            self._dead_letter(job, f"its outcome could not be encoded: {type(error).__name__}: {error}")
+            return None
 
-            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs")
-        for job, state, value in outcomes:
-            if state == states.REVOKED:
-                backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)
-            elif state == states.FAILURE:
-                backend.mark_as_failure(job.job_id, value, request=job.request)
-            job.message.ack()
-            self._live.pop(job.job_id, None)
-            self._finished(job, state, value)
-        with self._committed_lock:
-            self._committed += len(jobs)
-        self._on_finished(len(jobs))
+    def _store(self, settled: list) -> list:
+        """Write the results of ``settled`` jobs in one pipeline; returns those stored (others are dead-lettered)."""
+        try:
+            pipeline_until_done(self.backend.client,
+                                lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
+                                              for job, (state, _, encoded) in settled],
+                                f"the results of {len(settled)} jobs")
+            return settled
+        except Exception:
+            logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
+        stored = []
+        for job, outcome in settled:
+            try:
+                pipeline_until_done(self.backend.client,
+                                    lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
+                                    f"the result of job {job.job_id}")
+                stored.append((job, outcome))
+            except Exception as error:
+                logger.exception("job %s: its result could not be stored", job.job_id)
+                self._dead_letter(job, f"its result could not be stored: {type(error).__name__}: {error}")
+        return stored
+
+    def _commit(self, jobs: list[HotJob]) -> None:
+        settled = []
+        try:
+            settled = [(job, outcome) for job in jobs if (outcome := self._settle(job)) is not None]
+            if settled:
+                settled = self._store(settled)
+            for job, (state, value, _) in settled:
+                try:
+                    job.message.ack()
+                    self._finished(job, state, value)
+                except Exception:
+                    logger.exception("job %s: could not finish its bookkeeping", job.job_id)
+        finally:
+            for job in jobs:
+                self._live.pop(job.job_id, None)
+            with self._committed_lock:
+                self._committed += len(jobs)
+            self._on_finished(len(jobs))
 
     def _finished(self, job: HotJob, state: str, value: Any) -> None:
         duration_s = round(time.perf_counter() - job.received_at, 6)
