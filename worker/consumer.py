@@ -335,6 +335,9 @@ class BulkConsumer:
         claimed = []
         for tag, raw in zip(reply[0::2], reply[1::2]):
             tag = tag.decode(errors="replace")
+            if not tag:  # the claim script already moved it to the dead-letter list
+                self.dead_letters.record(raw, "not a kombu message (no delivery tag)")
+                continue
             try:
                 payload = decode_strict(raw)
                 problem = envelope_problem(payload, known)

@@ -95,6 +95,12 @@ class DeadLetters:
         """Messages this worker dead-lettered."""
         self._script = client.register_script(kombu_layout.DEAD_LETTER_SCRIPT)
 
+    def record(self, raw: bytes | str, reason: str) -> None:
+        """Count and log a message the claim script dead-lettered itself (it had no delivery tag)."""
+        self.count += 1
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        logger.error("dead-lettered message without a tag: %s (%r)", reason, text[:200])
+
     def send(self, tag: str, reason: str, raw: bytes | str, job_id: str | None = None) -> bool:
         """Dead-letter the unacked message ``tag``; False if it was no longer unacked (someone else did)."""
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw

@@ -70,6 +70,8 @@ class HotJob:
     error: BaseException | None = None
     remaining: int = 0
     finished: bool = False
+    duplicate: bool = False
+    """Another run of this job had already stored its final result; this run's was dropped."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -372,19 +374,22 @@ class HotPath:
     def _store(self, settled: list) -> list:
         """Write the results of ``settled`` jobs in one pipeline; returns those stored (others are dead-lettered)."""
         try:
-            pipeline_until_done(self.backend.client,
-                                lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
-                                              for job, (state, _, encoded) in settled],
-                                f"the results of {len(settled)} jobs")
+            written = pipeline_until_done(self.backend.client,
+                                          lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
+                                                        for job, (state, _, encoded) in settled],
+                                          f"the results of {len(settled)} jobs")
+            for (job, _), stored in zip(settled, written):
+                job.duplicate = not stored
             return settled
         except Exception:
             logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
         stored = []
         for job, outcome in settled:
             try:
-                pipeline_until_done(self.backend.client,
-                                    lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
-                                    f"the result of job {job.job_id}")
+                [written] = pipeline_until_done(
+                    self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
+                    f"the result of job {job.job_id}")
+                job.duplicate = not written
                 stored.append((job, outcome))
             except Exception as error:
                 logger.exception("job %s: its result could not be stored", job.job_id)
@@ -420,6 +425,11 @@ class HotPath:
                         traceback=None)
         elif state == states.REVOKED:
             self._event("task-revoked", uuid=job.job_id, terminated=False, signum=None, expired=False)
+        if job.duplicate:
+            logger.warning("job %s on %s ran again after another run stored its result (this worker lost its "
+                           "lease or died before its ack); this run's %s is dropped", job.job_id, job.deployment,
+                           state)
+            state = f"DUPLICATE-{state}"
         if job_logger.isEnabledFor(logging.INFO):
             n_items = value.get("n_items") if state == states.SUCCESS else None
             job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,

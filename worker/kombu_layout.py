@@ -72,6 +72,8 @@ local function take(key, raw)
   if type(tag) ~= 'string' then
     redis.call('LPUSH', KEYS[3], cjson.encode({reason = 'not a kombu message (no delivery tag)', tag = false,
                                                  job_id = false, at = tonumber(ARGV[2]), message = raw}))
+    taken[#taken + 1] = ''  -- reported to the worker (log line, metric) with an empty tag
+    taken[#taken + 1] = raw
     return
   end
   local info = type(properties.delivery_info) == 'table' and properties.delivery_info or {}
@@ -108,7 +110,8 @@ if count > 0 then redis.call('SADD', KEYS[5], ARGV[3]) end
 return taken
 """
 """Atomically pop up to ARGV[1] messages, record each as unacked (as kombu's ``QoS.append`` does) and as held
-by this worker; returns ``[tag, raw, tag, raw, ...]``.
+by this worker; returns ``[tag, raw, tag, raw, ...]``, where an empty tag marks a message that had none and
+went straight to the dead-letter list.
 
 A message is never only in a worker's memory: it is either in a queue list or in
 the unacked hash, whatever moment the worker dies at. Within a priority step the

@@ -111,3 +111,19 @@ class Supervisor:
             logging.shutdown()
             self._exit(EXIT_STALLED)
         return False
+
+
+def reliability_snapshot(runtime: Any) -> dict:
+    """Ownership and health figures of a worker: recovered and dead-lettered jobs, held jobs, thread liveness."""
+    consumer = getattr(runtime, "consumer", None)
+    supervisor = getattr(runtime, "supervisor", None)
+    lease = consumer.lease if consumer is not None else None
+    return {
+        "recovered_jobs_total": lease.recovered if lease is not None else 0,
+        "held_jobs": lease.held if lease is not None else 0,
+        "oldest_claim_age_s": round(lease.oldest_claim_age_s(), 3) if lease is not None else 0.0,
+        "lease_lapses_total": lease.lapses if lease is not None else 0,
+        "dead_lettered_total": consumer.dead_letters.count if consumer is not None else 0,
+        "thread_liveness_s": supervisor.liveness() if supervisor is not None else {},
+        "stalled_threads": supervisor.stalled() if supervisor is not None else [],
+    }

@@ -46,7 +46,7 @@ def _claim(client, queue_name: str, limit: int = 10, now: float | None = None, w
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
     reply = script(keys=keys, args=kombu_layout.claim_args(limit, time.time() if now is None else now, worker,
                                                            [limit], 0))
-    return reply[1::2]
+    return [raw for tag, raw in zip(reply[0::2], reply[1::2]) if tag]
 
 
 def _tag(raw: bytes) -> str:
