@@ -162,6 +162,7 @@ class LeaseKeeper:
         self._healthy = healthy
         self._tick = tick
         self._chores = list(chores or [])
+        self._renewed = False
         self._renew = client.register_script(RENEW_SCRIPT)
         self._reap = client.register_script(REAP_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
@@ -183,7 +184,8 @@ class LeaseKeeper:
             args=[int(self.ttl_s * 1000), repr(now), self.worker])
         self.held = int(held)
         self.oldest_claim_at = float(oldest) if oldest else None
-        if lapsed:
+        first, self._renewed = not self._renewed, True
+        if lapsed and not first:
             self.lapses += 1
             logger.warning("worker %s found its lease lapsed; jobs it held went back to their queues, and its "
                            "results for them are dropped if another worker already stored one", self.worker)
