@@ -370,3 +370,18 @@ def test_every_poison_entry_ended_in_the_dead_letter_list_and_good_entries_were_
     _assert_serving(client, served)
     print(f"FIGURES poison: {len(POISONED)} poison entries dead-lettered, {len(good_ids)} good unacked entries "
           f"restored behind them")
+
+
+def test_the_ownership_pages_python_blocks_run_on_this_fleet(client, served, capsys):
+    """Every ```python block of docs/ownership.md, run against this module's worker (after the poison above)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "ownership.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/ownership.md", "exec"), {"client": client})
+    printed = capsys.readouterr().out
+    assert "unknown task" in printed, "the dead-letter block printed no record"
+    assert served["worker"].name in printed, "the reliability block printed no worker"

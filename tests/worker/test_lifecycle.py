@@ -87,3 +87,29 @@ def test_warm_shutdown_hands_unstarted_jobs_back_to_the_queue(module_fleet, two_
         assert queued == len(jobs) - len(finished), "every unfinished job is back in the queue"
         assert redis.hlen("unacked") == 0
     redis.delete(b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
+
+
+def test_warm_shutdown_hands_back_unstarted_jobs_of_celerys_path_too(module_fleet, two_workers):
+    """Group members take Celery's own path; those not started at SIGTERM go back to the queue at once."""
+    from celery import group, signature
+
+    from producers.constants import INFER_TASK
+
+    config = two_workers["config"]
+    redis = module_fleet.server.client(0)
+    lone = module_fleet.worker(config, deployments=["lc-slow"], args=["--concurrency", "2"],
+                               env={SLOW_S_ENV: "1.0"})
+    with module_fleet.client() as client:
+        members = [signature(INFER_TASK, kwargs={"spec": {"deployment": "lc-slow",
+                                                          "inputs": [f"{SLOW_MARKER} group {i}"]}},
+                             queue="pipefleet.lc-slow", app=client.celery) for i in range(8)]
+        result = group(members).apply_async()
+        time.sleep(1.0)
+        assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
+        finished = [r for r in result.results if r.state == "SUCCESS"]
+        queued = sum(redis.llen(key) for key in (b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*")))
+        assert "Task pipefleet.infer[" in lone.log(), "the group members did not take Celery's path"
+        assert len(finished) < len(members)
+        assert queued == len(members) - len(finished), "every unfinished group member is back in the queue"
+        assert redis.hlen("unacked") == 0
+    redis.delete(b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
