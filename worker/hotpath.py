@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -44,6 +44,7 @@ from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
 from celery.exceptions import TaskRevokedError
 
 from worker.first_result import FirstResultStore, encoded_meta
+from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
@@ -51,6 +52,12 @@ from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("pipefleet.jobs")
+
+MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
+"""Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
+
+PREPARE_THREADS_PER_DEPLOYMENT = 4
+"""Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
 
 TICK_S = 1.0
 """Longest wait of the commit and deadline loops, so their supervisor sees them go round."""
@@ -125,6 +132,7 @@ class HotPath:
         self._committed = 0
         self._committed_lock = threading.Lock()
         self._stopping = False
+        self._preparers: dict[str, ThreadPoolExecutor] = {}
         self._committer = threading.Thread(target=guarded("commit", self._commit_loop), name="pipefleet-commit",
                                            daemon=True)
         self._timer = threading.Thread(target=guarded("deadlines", self._deadline_loop), name="pipefleet-deadlines",
@@ -144,6 +152,8 @@ class HotPath:
         with self._deadline_cv:
             self._deadline_cv.notify()
         self._committer.join(10)
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def in_hand(self) -> int:
@@ -217,16 +227,33 @@ class HotPath:
         try:
             self._start(job, spec, headers, cancelled)
         except Exception as error:
-            logger.exception("job %s could not start on the hot path", job_id)
-            with job.lock:
-                if job.finished:
-                    return True
-                job.finished = True
-            for future in job.futures:
-                future.cancel()
-            job.error = error
-            self._done.put(job)
+            self._fail_unstarted(job, error)
         return True
+
+    def _fail_unstarted(self, job: HotJob, error: BaseException) -> None:
+        logger.error("job %s could not start on the hot path", job.job_id,
+                     exc_info=(type(error), error, error.__traceback__))
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        for future in job.futures:
+            future.cancel()
+        job.error = error
+        self._done.put(job)
+
+    def _preparer(self, deployment: str) -> ThreadPoolExecutor:
+        pool = self._preparers.get(deployment)
+        if pool is None:
+            pool = self._preparers.setdefault(deployment, ThreadPoolExecutor(
+                PREPARE_THREADS_PER_DEPLOYMENT, thread_name_prefix=f"pipefleet-prepare-{deployment}"))
+        return pool
+
+    def _prepare_off_thread(self, job: HotJob, spec: dict) -> None:
+        try:
+            self._prepare(job, spec)
+        except Exception as error:  # a pool thread: the job fails, the pool goes on
+            self._fail_unstarted(job, error)
 
     def _start(self, job: HotJob, spec: dict, headers: dict, cancelled: bool) -> None:
         job_id, request = job.job_id, job.request
@@ -240,6 +267,15 @@ class HotPath:
             job.finished = True
             self._done.put(job)
             return
+        served = self.runtime.deployments.get(job.deployment or "")
+        if served is not None and served.config.task in MEDIA_TASKS:
+            # Fetching and decoding media can take seconds: never on the claim thread, which serves every deployment.
+            self._preparer(served.config.name).submit(self._prepare_off_thread, job, spec)
+        else:
+            self._prepare(job, spec)
+
+    def _prepare(self, job: HotJob, spec: dict) -> None:
+        job_id = job.job_id
         try:
             job.prepared = prepare_job(self.runtime, spec, job_id)
             job.futures = job.prepared.submit()
