@@ -166,12 +166,3 @@ return 1
 def dead_letter_keys(worker: str) -> list[str]:
     """KEYS of :data:`DEAD_LETTER_SCRIPT`."""
     return [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, claims_key(worker)]
-
-
-def ack_commands(pipe, tags: list[str]) -> None:
-    """Queue on ``pipe`` the removal of ``tags`` from the unacked bookkeeping (kombu's ``QoS.ack``).
-
-    Only for messages no worker's lease holds; a worker acks its own with :data:`ACK_SCRIPT`.
-    """
-    pipe.hdel(UNACKED_KEY, *tags)
-    pipe.zrem(UNACKED_INDEX_KEY, *tags)
