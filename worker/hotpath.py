@@ -172,12 +172,8 @@ class HotPath:
             withdrawn |= served.batcher.withdraw(set(live))
         for job_id in withdrawn:
             job = live[job_id]
-            with job.lock:
-                if job.finished:
-                    continue
-                job.finished = True
-            for future in job.futures:
-                future.cancel()
+            if not self._end(job):
+                continue
             job.message.reject(requeue=True)
             self._live.pop(job_id, None)
             with self._committed_lock:
@@ -233,14 +229,20 @@ class HotPath:
     def _fail_unstarted(self, job: HotJob, error: BaseException) -> None:
         logger.error("job %s could not start on the hot path", job.job_id,
                      exc_info=(type(error), error, error.__traceback__))
+        if self._end(job):
+            job.error = error
+            self._done.put(job)
+
+    @staticmethod
+    def _end(job: HotJob) -> bool:
+        """Mark ``job`` finished and cancel its pending items; False if something else ended it first."""
         with job.lock:
             if job.finished:
-                return
+                return False
             job.finished = True
         for future in job.futures:
             future.cancel()
-        job.error = error
-        self._done.put(job)
+        return True
 
     def _preparer(self, deployment: str) -> ThreadPoolExecutor:
         pool = self._preparers.get(deployment)
@@ -335,13 +337,9 @@ class HotPath:
         job = self._live.get(job_id)
         if job is None:
             return
-        with job.lock:
-            if job.finished:
-                return
-            job.finished = True
         unfinished = sum(1 for f in job.futures if not f.done())
-        for future in job.futures:
-            future.cancel()
+        if not self._end(job):
+            return
         job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
                                "unfinished")
         self._done.put(job)

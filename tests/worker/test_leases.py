@@ -54,10 +54,15 @@ def _hold_one_slow_job(fleet: Fleet, client, holder, other, text: str) -> str:
     return job_id
 
 
+def _slow_and_fast_worker(fleet: Fleet, model: str, deployment: str, job_s: float):
+    """Two workers of one deployment: the first sleeps ``job_s`` per slow batch, the second does not."""
+    config = fleet.config([_deployment(deployment, model)])
+    return (fleet.worker(config, deployments=[deployment], env={SLOW_S_ENV: str(job_s)}),
+            fleet.worker(config, deployments=[deployment], env={SLOW_S_ENV: "0"}))
+
+
 def _long_job_runs_once(fleet: Fleet, model: str, job_s: float) -> None:
-    config = fleet.config([_deployment("lease-long", model)])
-    holder = fleet.worker(config, deployments=["lease-long"], env={SLOW_S_ENV: str(job_s)})
-    idle = fleet.worker(config, deployments=["lease-long"], env={SLOW_S_ENV: "0"})
+    holder, idle = _slow_and_fast_worker(fleet, model, "lease-long", job_s)
     text = "SLOW a long job that outlives its lease"
     with fleet.client() as client:
         job_id = _hold_one_slow_job(fleet, client, holder, idle, text)
@@ -84,9 +89,7 @@ def test_a_ninety_second_job_runs_once_beside_an_idle_worker(fleet: Fleet, model
 
 def _recovery_after_kill(fleet: Fleet, model: str, job_s: float) -> float:
     """Kill a worker in the middle of one ``job_s`` forward pass; seconds until the job completes elsewhere."""
-    config = fleet.config([_deployment("lease-kill", model)])
-    victim = fleet.worker(config, deployments=["lease-kill"], env={SLOW_S_ENV: str(job_s)})
-    survivor = fleet.worker(config, deployments=["lease-kill"], env={SLOW_S_ENV: "0"})
+    victim, survivor = _slow_and_fast_worker(fleet, model, "lease-kill", job_s)
     text = f"SLOW a job of {job_s} s whose worker dies"
     with fleet.client() as client:
         job_id = _hold_one_slow_job(fleet, client, victim, survivor, text)
@@ -127,9 +130,7 @@ def test_a_worker_paused_past_its_lease_never_replaces_the_stored_result(fleet: 
     """SIGSTOP the holder mid-job: the fleet reruns the job; when the holder wakes, its own result is dropped."""
     model = str(model_dir("text-classification"))
     job_s = 4.0
-    config = fleet.config([_deployment("lease-stop", model)])
-    paused = fleet.worker(config, deployments=["lease-stop"], env={SLOW_S_ENV: str(job_s)})
-    other = fleet.worker(config, deployments=["lease-stop"], env={SLOW_S_ENV: "0"})
+    paused, other = _slow_and_fast_worker(fleet, model, "lease-stop", job_s)
     text = "SLOW a job whose worker is paused"
     with fleet.client() as client:
         job_id = _hold_one_slow_job(fleet, client, paused, other, text)
