@@ -295,7 +295,7 @@ class BulkConsumer:
         return self._concurrency - len(worker_state.reserved_requests) - in_hand
 
     def _sweep_poison(self) -> None:
-        self.dead_letters.sweep_unacked(self._visibility_timeout_s)
+        self.dead_letters.sweep_unacked(self._visibility_timeout_s, self._celery.strategies)
 
     def _run(self) -> None:
         while not self._stopping.is_set():

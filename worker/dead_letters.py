@@ -23,6 +23,7 @@ from typing import Any, Collection
 import redis as redis_lib
 from celery import states
 
+from producers.constants import QUEUE_PREFIX
 from producers.errors import DeadLettered
 from worker import kombu_layout
 
@@ -119,12 +120,15 @@ class DeadLetters:
                 logger.warning("could not store the failure of dead-lettered job %s", job_id, exc_info=True)
         return True
 
-    def sweep_unacked(self, visibility_timeout_s: float) -> int:
-        """Dead-letter unacked entries kombu's sweep could not restore; returns how many.
+    def sweep_unacked(self, visibility_timeout_s: float, known_tasks: Collection[str]) -> int:
+        """Dead-letter unacked entries kombu's sweep could not restore, or whose job no worker could run.
 
         Looks only at entries kombu's sweep is about to see (older than the
         visibility timeout, less :data:`SWEEP_LEAD_S`), so live claims, whose
-        scores the lease keeps fresh, are never read.
+        scores the lease keeps fresh, are never read. Entries of other apps'
+        queues (another Celery app on the same Redis) are only dead-lettered
+        when they are not JSON, since kombu's sweep stops at those for everyone.
+        Returns how many were moved.
         """
         lead = min(SWEEP_LEAD_S, visibility_timeout_s / 2)
         due = self.client.zrangebyscore(kombu_layout.UNACKED_INDEX_KEY, "-inf",
@@ -137,14 +141,14 @@ class DeadLetters:
             if record is None:
                 continue
             tag_text = tag.decode(errors="replace") if isinstance(tag, bytes) else tag
-            reason, payload = self._record_problem(record)
+            reason, payload = self._record_problem(record, known_tasks)
             if reason is not None and self.send(tag_text, f"unrestorable unacked entry: {reason}", record,
                                                 job_id_of(payload)):
                 moved += 1
         return moved
 
     @staticmethod
-    def _record_problem(record: bytes) -> tuple[str | None, Any]:
+    def _record_problem(record: bytes, known_tasks: Collection[str]) -> tuple[str | None, Any]:
         try:
             entry = decode_strict(record)
         except PoisonMessage as error:
@@ -152,4 +156,7 @@ class DeadLetters:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], dict)
                 and all(isinstance(part, str) for part in entry[1:])):
             return "not a [message, exchange, routing key] entry", None
-        return None, entry[0]
+        if not entry[2].startswith(QUEUE_PREFIX):
+            return None, entry[0]
+        # kombu's restore would drop a message whose headers or properties are not objects; none of these can run.
+        return envelope_problem(entry[0], known_tasks), entry[0]
