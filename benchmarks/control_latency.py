@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--producers", type=int, default=2, help="threads keeping the queue full")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="broadcast reply timeout (the tests' 5 s)")
+    parser.add_argument("--gil-profile", help="also record the saturated worker with py-spy --gil into this SVG")
     args = parser.parse_args()
 
     from producers import FleetClient
@@ -85,7 +86,14 @@ def main() -> None:
             for thread in threads:
                 thread.start()
             time.sleep(2.0)
+            profiler = None
+            if args.gil_profile:
+                profiler = subprocess.Popen(["py-spy", "record", "--gil", "--threads", "-d", "15", "-o",
+                                             args.gil_profile, "-p", str(worker.proc.pid)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             saturated = _time_broadcasts(client, args.samples, args.timeout_s)
+            if profiler is not None:
+                profiler.wait(60)
             stop.set()
             for thread in threads:
                 thread.join(120)

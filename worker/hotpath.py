@@ -133,6 +133,8 @@ class HotPath:
         self._committed_lock = threading.Lock()
         self._stopping = False
         self._preparers: dict[str, ThreadPoolExecutor] = {}
+        self._own_dispatcher: Any = None
+        self._dispatcher_lock = threading.Lock()
         self._committer = threading.Thread(target=guarded("commit", self._commit_loop), name="pipefleet-commit",
                                            daemon=True)
         self._timer = threading.Thread(target=guarded("deadlines", self._deadline_loop), name="pipefleet-deadlines",
@@ -154,6 +156,12 @@ class HotPath:
         self._committer.join(10)
         for pool in self._preparers.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_dispatcher is not None:
+            try:
+                self._own_dispatcher.close()
+                self._own_dispatcher.connection.release()
+            except Exception:  # shutting down: the connection goes with the process
+                logger.debug("could not close the event dispatcher", exc_info=True)
 
     @property
     def in_hand(self) -> int:
@@ -301,13 +309,28 @@ class HotPath:
                 self._deadline_cv.notify()
 
     def _event(self, kind: str, **fields: Any) -> None:
-        """Send one Celery task event (as Celery's own request does); a failed send never touches the job."""
+        """Send one Celery task event (as Celery's own request does); a failed send never touches the job.
+
+        Sent on this worker's own dispatcher, from the calling thread, while Celery's dispatcher is enabled
+        (``task_events`` or Flower's enable_events). Celery's dispatcher buffers task events and publishes
+        them one by one from its event loop: under load that kept the loop from answering remote control
+        (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``).
+        """
         try:
-            dispatcher = self._events()
-            if dispatcher is not None and dispatcher.enabled:
-                dispatcher.send(kind, **fields)
+            celery_dispatcher = self._events()
+            if celery_dispatcher is not None and celery_dispatcher.enabled:
+                self._dispatcher().send(kind, **fields)
         except Exception:
             logger.warning("could not send the %s event of a job", kind, exc_info=True)
+
+    def _dispatcher(self) -> Any:
+        if self._own_dispatcher is None:
+            with self._dispatcher_lock:
+                if self._own_dispatcher is None:
+                    app = self.backend.app
+                    self._own_dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
+                                                                 enabled=True)
+        return self._own_dispatcher
 
     def _item_done(self, job: HotJob) -> None:
         with job.lock:
