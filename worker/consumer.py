@@ -115,6 +115,20 @@ class BulkAcker:
         """Queue one tag for removal."""
         self._tags.put(tag)
 
+    def ack_now(self, tags: list[str]) -> None:
+        """Remove ``tags`` on the calling thread, retrying through Redis errors (the hot path's commit).
+
+        Done right after a job's result is stored, so the window in which a killed worker's finished job
+        runs again is one round trip, not a wait in the ack queue.
+        """
+        while True:
+            try:
+                self._script(keys=self._keys, args=tags)
+                return
+            except redis_lib.RedisError as error:
+                logger.warning("could not ack %d jobs (%s); retrying", len(tags), error)
+                time.sleep(RETRY_DELAY_S)
+
     def _drain(self, first: str) -> list[str]:
         tags = [first]
         while True:
@@ -239,7 +253,7 @@ class BulkConsumer:
         supervisor.watch("claim", self._thread)
         signals.task_postrun.connect(self._on_task_done, weak=False)
         signals.task_revoked.connect(self._on_task_done, weak=False)
-        self.hot_path = (hot_path(celery_consumer, self._on_task_done, self._dead_letter_job)
+        self.hot_path = (hot_path(celery_consumer, self._on_task_done, self._dead_letter_job, self.acker.ack_now)
                          if hot_path is not None else None)
 
     def _watch_client(self) -> redis_lib.Redis:

@@ -114,12 +114,14 @@ class HotPath:
 
     def __init__(self, runtime: Runtime, *, backend: Any, hostname: str, events: Callable[[], Any],
                  on_finished: Callable[[int], None], supervisor: Supervisor,
-                 dead_letter: Callable[[HotJob, str], None] = lambda job, reason: None) -> None:
+                 dead_letter: Callable[[HotJob, str], None] = lambda job, reason: None,
+                 ack: Callable[[list[str]], None] | None = None) -> None:
         self.runtime = runtime
         self.backend = backend
         self._results = FirstResultStore(backend)
         self._supervisor = supervisor
         self._dead_letter = dead_letter
+        self._ack = ack
         self.hostname = hostname
         self._events = events
         self._on_finished = on_finished
@@ -459,9 +461,17 @@ class HotPath:
             settled = [(job, outcome) for job in jobs if (outcome := self._settle(job)) is not None]
             if settled:
                 settled = self._store(settled)
+            acked = False
+            if settled and self._ack is not None:
+                try:
+                    self._ack([job.message.delivery_tag for job, _ in settled])
+                    acked = True
+                except Exception:  # the ack thread takes them instead
+                    logger.exception("could not ack %d jobs at once", len(settled))
             for job, (state, value, _) in settled:
                 try:
-                    job.message.ack()
+                    if not acked:
+                        job.message.ack()
                     self._finished(job, state, value)
                 except Exception:
                     logger.exception("job %s: could not finish its bookkeeping", job.job_id)

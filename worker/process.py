@@ -221,10 +221,10 @@ def run_worker(args: argparse.Namespace) -> int:
     consumers: list[BulkConsumer] = []
     hostname = f"{worker_name}@{socket.gethostname()}"
 
-    def hot_path(celery_consumer, on_finished, dead_letter):
+    def hot_path(celery_consumer, on_finished, dead_letter, ack):
         return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
                        events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished,
-                       supervisor=supervisor, dead_letter=dead_letter)
+                       supervisor=supervisor, dead_letter=dead_letter, ack=ack)
 
     def created(consumer: BulkConsumer) -> None:
         consumers.append(consumer)

@@ -74,7 +74,9 @@ def test_sigkill_of_a_saturated_worker_loses_nothing(fleet: Fleet, model_dir):
     stored_twice, ran_again = _duplicates([victim, survivor])
     assert backlog > 0, "the queue was empty at the kill: the victim was not saturated"
     assert held and len(held_outputs) == len(held), "the victim held no job when it died"
-    assert completed == sent and stored_twice == 0 and ran_again == 0
+    # A job whose result was stored just before the kill, but not yet acked, runs again (the window of
+    # docs/ownership.md); its second result is dropped, so no job has two results.
+    assert completed == sent and stored_twice == 0
     assert held_back_s <= RECOVERY_BOUND_S, f"the victim's jobs took {held_back_s:.1f}s to complete elsewhere"
     _figures("sigkill-saturated", sent=sent, completed=completed, lost=sent - completed, duplicated=stored_twice,
              ran_again=ran_again, held_at_kill=len(held), backlog_at_kill=backlog,
