@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
+from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -195,6 +195,13 @@ class FleetConfig(BaseModel):
     result_backend: str = "redis://127.0.0.1:6379/1"
     result_ttl_s: int = Field(default=86_400, gt=0)
     visibility_timeout_s: int = Field(default=3600, gt=0)
+    """Last-resort bound: kombu's sweep requeues a job whose worker renewed nothing for this long.
+
+    Live workers renew every held job's score with their lease, so this never
+    cuts a long job short; dead workers' jobs come back with the lease instead.
+    """
+    lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0)
+    """A worker's jobs go back to their queues this long after its lease thread last renewed."""
     worker_metrics_port: int | None = None
     task_events: bool = False
     """Send Celery task events from the start; Flower switches them on by itself while it watches."""

@@ -1,7 +1,7 @@
 """pipefleet's client library: what web backends import. Never imports torch or transformers."""
 
 from producers.client import FleetClient
-from producers.errors import (ChunkFailed, ConfigError, FleetUnavailable, InvalidInput, InvalidParams, JobCancelled,
+from producers.errors import (ChunkFailed, ConfigError, DeadLettered, FleetUnavailable, InvalidInput, InvalidParams, JobCancelled,
                               JobError, JobRejected, JobTimeout, MediaError, OutOfMemory, PayloadTooLarge,
                               PipefleetError, UnknownDeployment)
 from producers.job import Job
@@ -12,6 +12,7 @@ from producers.schemas import DeploymentInfo, EventKind, JobEvent, JobState, Job
 __all__ = [
     "ChunkFailed",
     "ConfigError",
+    "DeadLettered",
     "DeploymentInfo",
     "EventKind",
     "FleetClient",

@@ -47,6 +47,21 @@ HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 15
 """Advertisements expire this long after the last heartbeat (dead workers vanish)."""
 
+LEASE_KEY_PREFIX = f"{KEY_PREFIX}:lease:"
+"""``pipefleet:lease:<worker>``: present while the worker lives (a short TTL its lease thread renews)."""
+
+CLAIMS_KEY_PREFIX = f"{KEY_PREFIX}:claims:"
+"""``pipefleet:claims:<worker>``: hash of the delivery tags a worker holds -> where each came from."""
+
+LEASE_HOLDERS_KEY = f"{KEY_PREFIX}:lease-holders"
+"""Set of the workers that may hold claims; every worker's reaper checks their leases."""
+
+DEAD_LETTER_KEY = f"{KEY_PREFIX}:dead-letter"
+"""List of poison messages (JSON records: reason, tag, job id, the raw message), newest first."""
+
+LEASE_TTL_S = 5.0
+"""A worker's lease lapses this long after its last renewal; its jobs then go back to their queues."""
+
 PRIORITY_STEPS = (0, 3, 6, 9)
 """Redis priority sub-queues; 0 is the most urgent, as in Celery's Redis transport."""
 

@@ -72,6 +72,10 @@ class ChunkFailed(JobError):
     """One chunk of a chunked job failed; the message names the chunk and item."""
 
 
+class DeadLettered(JobError):
+    """The job's message could not be run (unknown task, malformed, undecodable) and was dead-lettered."""
+
+
 class JobTimeout(PipefleetError):
     """The job did not finish within its deadline."""
 
@@ -86,6 +90,6 @@ ERRORS_BY_NAME: dict[str, type[PipefleetError]] = {
     for cls in (
         PipefleetError, ConfigError, FleetUnavailable, JobRejected, UnknownDeployment,
         InvalidInput, InvalidParams, PayloadTooLarge, MediaError, JobError, OutOfMemory,
-        ChunkFailed, JobTimeout, JobCancelled,
+        ChunkFailed, DeadLettered, JobTimeout, JobCancelled,
     )
 }

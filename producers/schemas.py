@@ -168,6 +168,9 @@ class DeploymentAd(DeploymentTerms):
     pending_items: int = 0
     started_at: float = Field(default_factory=time.time)
     heartbeat_at: float = Field(default_factory=time.time)
+    healthy: bool = True
+    """False while one of the worker's threads is stalled or dead (``stalled`` names them)."""
+    stalled: list[str] = Field(default_factory=list)
 
 
 class DeploymentInfo(DeploymentTerms):

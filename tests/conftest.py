@@ -62,8 +62,12 @@ class Fleet:
         self._configs = 0
 
     def config(self, deployments: list[dict[str, Any]], **settings: Any) -> Path:
-        """Write a config with these deployments and settings; returns its path."""
+        """Write a config with these deployments and settings; returns its path.
+
+        Task events are on unless a test says otherwise: every fleet test runs the way it does while Flower watches.
+        """
         self._configs += 1
+        settings.setdefault("task_events", True)
         return write_config(self.directory / f"fleet{self._configs}.toml", broker_url=self.broker_url,
                             result_backend=self.result_backend, deployments=deployments, **settings)
 

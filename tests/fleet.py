@@ -149,3 +149,35 @@ def wait_for_worker(worker: WorkerProcess, redis_client: redis.Redis, timeout_s:
         time.sleep(0.1)
     worker.kill()
     raise RuntimeError(f"worker {worker.name} did not become ready:\n{worker.log()[-4000:]}")
+
+
+def held_job_ids(redis_client: redis.Redis, worker_name: str) -> set[str]:
+    """Ids of the jobs whose messages ``worker_name``'s lease holds right now (claimed, not acked)."""
+    import json
+
+    tags = list(redis_client.hkeys(f"pipefleet:claims:{worker_name}"))
+    if not tags:
+        return set()
+    ids = set()
+    for record in redis_client.hmget("unacked", tags):
+        if record:
+            ids.add(json.loads(record)[0]["headers"]["id"])
+    return ids
+
+
+def job_log_counts(workers: list[WorkerProcess]) -> tuple[dict[str, int], dict[str, int]]:
+    """``(stored, duplicate)``: per job id, how many runs stored a SUCCESS, and how many ran again after it.
+
+    Read from every worker's log (the per-job lines of ``pipefleet.jobs``).
+    """
+    import re
+
+    stored: dict[str, int] = {}
+    again: dict[str, int] = {}
+    for worker in workers:
+        text = worker.log()
+        for job_id in re.findall(r"job ([0-9a-f-]{36}) on \S+: SUCCESS", text):
+            stored[job_id] = stored.get(job_id, 0) + 1
+        for job_id in re.findall(r"job ([0-9a-f-]{36}) on \S+: DUPLICATE-", text):
+            again[job_id] = again.get(job_id, 0) + 1
+    return stored, again

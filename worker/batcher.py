@@ -303,6 +303,11 @@ class DeviceRunner:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"pipefleet-device-{device}", daemon=True)
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The inference thread (for supervision)."""
+        return self._thread
+
     def add(self, batcher: Batcher) -> None:
         """Serve ``batcher`` on this device."""
         batcher.attach(self)
@@ -357,7 +362,12 @@ class DeviceRunner:
 
     def _loop(self) -> None:
         while True:
-            picked = self._next_batch()
+            try:
+                picked = self._next_batch()
+            except Exception:  # a flush rule that raised: never lose the inference thread over it
+                logger.exception("device %s: could not pick the next batch", self.device)
+                time.sleep(0.1)
+                continue
             if picked is None:
                 break
             batcher, params, batch = picked

@@ -6,12 +6,18 @@ the two round trips plus one ack per job cost more CPU than a small model. This
 consumer instead:
 
 1. claims up to its free capacity in one ``EVALSHA`` that pops the messages and
-   records them in kombu's own unacked hash in the same atomic step
-   (:data:`worker.kombu_layout.CLAIM_SCRIPT`), so a message is always in a queue
-   or in the unacked hash, and kombu's sweeper redelivers it if this worker dies;
-2. hands each message to Celery's own task strategy, so every job keeps its
-   Celery request, id, result, revoke, events and chord membership;
-3. acks in bulk: a background thread removes many finished tags per pipeline.
+   records them in kombu's own unacked hash and in this worker's lease in the
+   same atomic step (:data:`worker.kombu_layout.CLAIM_SCRIPT`), so a message is
+   always in a queue or held by a live worker's lease (:mod:`worker.lease`:
+   when the worker dies its jobs go back within seconds); deployments of one
+   priority step are served round robin, a batch each per turn;
+2. dead-letters poison messages (:mod:`worker.dead_letters`) and hands each
+   other message to the hot path or to Celery's own task strategy, so every job
+   keeps its Celery request, id, result, revoke, events and chord membership;
+3. acks in bulk: a background thread removes many finished tags per round trip.
+
+Every loop here survives an exception in one message and ticks its
+:class:`~worker.supervision.Supervisor` entry, so a stall is seen.
 
 When it has capacity and the queues are empty it waits without taking anything:
 one watcher thread per queue list blocks in ``BLMOVE key key LEFT LEFT`` (a
@@ -22,10 +28,8 @@ that leaves the message in place, hence one watcher per list.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import queue
 import threading
 import time
 from typing import Any, Callable
@@ -38,158 +42,60 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport.virtual import Message
 from vine import promise
 
-from producers.constants import CANCEL_KEY_PREFIX
+from producers.constants import CANCEL_KEY_PREFIX, LEASE_TTL_S
 from worker import kombu_layout
-from worker.retrying import RETRY_DELAY_S, pipeline_until_done
+from worker.consumer_threads import WATCH_TIMEOUT_S, BulkAcker, ClaimedChannel, QueueWatcher
+from worker.dead_letters import DeadLetters, PoisonMessage, decode_strict, envelope_problem, job_id_of
+from worker.lease import LeaseKeeper
+from worker.retrying import RETRY_DELAY_S
+from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
 
 MAX_CLAIM = 256
 """Most messages taken in one claim, whatever the free capacity."""
 
-WATCH_TIMEOUT_S = 1.0
-"""Longest single blocking wait of a watcher (so it notices shutdown)."""
-
 ACCEPT = frozenset({"application/json"})
 """Content types a job message may have: JSON only, never pickle."""
-
-
-class ClaimedChannel:
-    """The channel of claimed messages: what kombu's ``Message.ack``/``reject`` call back into."""
-
-    no_ack_consumers = None
-
-    def __init__(self, acker: "BulkAcker", requeue: Callable[[str], None]) -> None:
-        self._acker = acker
-        self._requeue = requeue
-
-    def decode_body(self, body: str, encoding: str | None) -> bytes | str:
-        """Undo the transport's body encoding (kombu's Redis transport uses base64)."""
-        if encoding == "base64":
-            return base64.b64decode(body)
-        return body
-
-    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
-        """The job is done: drop it from the unacked bookkeeping (batched)."""
-        self._acker.ack(delivery_tag)
-
-    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        """Give the message back to its queue, or drop it."""
-        if requeue:
-            self._requeue(delivery_tag)
-        else:
-            self._acker.ack(delivery_tag)
-
-
-class BulkAcker:
-    """Removes acked tags from kombu's unacked bookkeeping, many per round trip, on its own thread."""
-
-    def __init__(self, client: redis_lib.Redis) -> None:
-        self._client = client
-        self._tags: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pipefleet-acker", daemon=True)
-        self._stopped = threading.Event()
-
-    def start(self) -> None:
-        """Start the ack thread."""
-        self._thread.start()
-
-    def ack(self, tag: str) -> None:
-        """Queue one tag for removal."""
-        self._tags.put(tag)
-
-    def _drain(self, first: str) -> list[str]:
-        tags = [first]
-        while True:
-            try:
-                tag = self._tags.get_nowait()
-            except queue.Empty:
-                return tags
-            if tag is None:
-                self._stopped.set()
-                return tags
-            tags.append(tag)
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            first = self._tags.get()
-            if first is None:
-                break
-            tags = self._drain(first)
-            pipeline_until_done(self._client, lambda pipe, t=tags: kombu_layout.ack_commands(pipe, t),
-                                f"the acks of {len(tags)} jobs")
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Flush every queued ack, then stop the thread."""
-        self._tags.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-
-class QueueWatcher:
-    """One thread per queue list; sets ``wake`` when an armed wait finds the list non-empty."""
-
-    def __init__(self, client_factory: Callable[[], redis_lib.Redis], keys: list[str],
-                 wake: threading.Event) -> None:
-        self._client_factory = client_factory
-        self._keys = keys
-        self._wake = wake
-        self.armed = threading.Event()
-        self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(key,), name=f"pipefleet-watch-{i}", daemon=True)
-                         for i, key in enumerate(keys)]
-
-    def start(self) -> None:
-        """Start one watcher thread per key."""
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        """Ask the watchers to end after their current wait."""
-        self._stopping.set()
-        self.armed.set()
-
-    def _watch(self, key: str) -> None:
-        client = self._client_factory()
-        while not self._stopping.is_set():
-            if not self.armed.wait(WATCH_TIMEOUT_S):
-                continue
-            try:
-                found = client.blmove(key, key, WATCH_TIMEOUT_S, "LEFT", "LEFT")
-            except redis_lib.RedisError as error:
-                logger.debug("watcher of %r: %s", key, error)
-                time.sleep(RETRY_DELAY_S)
-                continue
-            if found is not None:
-                self.armed.clear()
-                self._wake.set()
 
 
 class BulkConsumer:
     """Claims messages from the deployment queues and hands them to Celery's task strategies."""
 
     def __init__(self, celery_consumer: Any, *, broker_url: str, queues: list[str],
-                 priority_steps: tuple[int, ...], concurrency: int,
-                 hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> None:
+                 priority_steps: tuple[int, ...], concurrency: int, worker: str, supervisor: Supervisor,
+                 quanta: list[int] | None = None, lease_ttl_s: float = LEASE_TTL_S,
+                 visibility_timeout_s: float = 3600,
+                 hot_path: Callable[..., Any] | None = None) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
         self._concurrency = concurrency
+        self._worker = worker
+        self._supervisor = supervisor
+        self._visibility_timeout_s = visibility_timeout_s
         self._queue_keys = kombu_layout.priority_queue_keys(queues, priority_steps)
+        self._quanta = list(quanta or [MAX_CLAIM] * len(queues))
+        self._first = 0
         self._client = redis_lib.Redis.from_url(broker_url)
         self._claim = self._client.register_script(kombu_layout.CLAIM_SCRIPT)
-        self._keys = kombu_layout.claim_keys(self._queue_keys)
-        self.acker = BulkAcker(redis_lib.Redis.from_url(broker_url))
+        self._keys = kombu_layout.claim_keys(self._queue_keys, worker)
+        self.dead_letters = DeadLetters(self._client, worker, celery_consumer.app.backend)
+        self.lease = LeaseKeeper(redis_lib.Redis.from_url(broker_url), worker, ttl_s=lease_ttl_s,
+                                 healthy=supervisor.healthy, tick=lambda: supervisor.tick("lease"),
+                                 chores=[self._sweep_poison])
+        supervisor.watch("lease", self.lease.thread)
+        self.acker = BulkAcker(redis_lib.Redis.from_url(broker_url), worker, supervisor)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
-        self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake)
+        self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake, supervisor)
         self._stopping = threading.Event()
         self._paused = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pipefleet-consumer", daemon=True)
-        self._kombu_lock = threading.Lock()
-        self._kombu_connection: Any = None
+        self._thread = threading.Thread(target=guarded("claim", self._run), name="pipefleet-consumer", daemon=True)
+        supervisor.watch("claim", self._thread)
         signals.task_postrun.connect(self._on_task_done, weak=False)
         signals.task_revoked.connect(self._on_task_done, weak=False)
-        self.hot_path = hot_path(celery_consumer, self._on_task_done) if hot_path is not None else None
+        self.hot_path = (hot_path(celery_consumer, self._on_task_done, self._dead_letter_job, self.acker.ack_now)
+                         if hot_path is not None else None)
 
     def _watch_client(self) -> redis_lib.Redis:
         return redis_lib.Redis.from_url(self._broker_url, socket_timeout=WATCH_TIMEOUT_S + 10)
@@ -200,13 +106,14 @@ class BulkConsumer:
         self._wake.set()
         if self._thread.is_alive():
             return
+        self.lease.start()
         self.acker.start()
         if self.hot_path is not None:
             self.hot_path.start()
         self._watcher.start()
         self._thread.start()
-        logger.info("bulk consumer claiming from %d queue lists, up to %d jobs in hand",
-                    len(self._queue_keys), self._concurrency)
+        logger.info("bulk consumer claiming from %d queue lists, up to %d jobs in hand, lease %ss",
+                    len(self._queue_keys), self._concurrency, self.lease.ttl_s)
 
     def pause(self) -> None:
         """Claim nothing until :meth:`start`; jobs in hand keep running."""
@@ -219,7 +126,7 @@ class BulkConsumer:
         self._watcher.stop()
 
     def close(self, drain_timeout_s: float = 60.0) -> None:
-        """Stop claiming, let hot-path jobs finish, then flush the acks (after Celery's pool has stopped)."""
+        """Stop claiming, hand back unstarted jobs, let the others finish, flush the acks, give the lease up."""
         self.stop()
         # A claim may be between its reply and its hand-over: let the loop finish it before handing back.
         if self._thread.is_alive():
@@ -229,10 +136,11 @@ class BulkConsumer:
             if handed_back:
                 logger.info("handed %d unstarted jobs back to their queue", handed_back)
             if not self.hot_path.wait_idle(drain_timeout_s):
-                logger.warning("%d jobs still running at shutdown; they stay unacked and are redelivered",
+                logger.warning("%d jobs still running at shutdown; they go back to their queue with the lease",
                                self.hot_path.in_hand)
             self.hot_path.stop()
         self.acker.close()
+        self.lease.stop()
 
     def _on_task_done(self, *_: Any, **__: Any) -> None:
         self._wake.set()
@@ -241,44 +149,74 @@ class BulkConsumer:
         in_hand = self.hot_path.in_hand if self.hot_path is not None else 0
         return self._concurrency - len(worker_state.reserved_requests) - in_hand
 
+    def _sweep_poison(self) -> None:
+        self.dead_letters.sweep_unacked(self._visibility_timeout_s, self._celery.strategies)
+
     def _run(self) -> None:
         while not self._stopping.is_set():
-            free = self._free()
-            if free <= 0 or self._paused.is_set():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
+            self._supervisor.tick("claim")
             try:
-                raws = self._claim(keys=self._keys, args=[min(free, MAX_CLAIM), repr(time.time())])
+                self._round()
             except redis_lib.RedisError as error:
                 logger.warning("cannot claim jobs (%s); retrying", error)
                 time.sleep(RETRY_DELAY_S)
-                continue
-            if raws:
-                payloads = self._decode(raws)
-                cancelled = self._cancelled(payloads)
-                for payload in payloads:
-                    self._deliver(payload, cancelled)
-                continue
-            self._wake.clear()
-            self._watcher.armed.set()
-            self._wake.wait(WATCH_TIMEOUT_S)
-            self._watcher.armed.clear()
+            except Exception:  # one bad round must not stop claiming for good
+                logger.exception("claim round failed; claiming again")
+                time.sleep(RETRY_DELAY_S)
 
-    @staticmethod
-    def _decode(raws: list[bytes]) -> list[dict]:
-        payloads = []
-        for raw in raws:
+    def _round(self) -> None:
+        free = self._free()
+        if free <= 0 or self._paused.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        self._first = (self._first + 1) % len(self._quanta)
+        reply = self._claim(keys=self._keys, args=kombu_layout.claim_args(
+            min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first))
+        if reply:
+            claimed = self._decode(reply)
+            cancelled = self._cancelled([payload for _, _, payload in claimed])
+            for tag, raw, payload in claimed:
+                self._deliver_or_dead_letter(tag, raw, payload, cancelled)
+            return
+        self._wake.clear()
+        self._watcher.armed.set()
+        self._wake.wait(WATCH_TIMEOUT_S)
+        self._watcher.armed.clear()
+
+    def _decode(self, reply: list[bytes]) -> list[tuple[str, bytes, dict]]:
+        """``(tag, raw, payload)`` of each runnable message; poison goes to the dead-letter list."""
+        known = self._celery.strategies
+        claimed = []
+        for tag, raw in zip(reply[0::2], reply[1::2]):
+            tag = tag.decode(errors="replace")
+            if not tag:  # the claim script already moved it to the dead-letter list
+                self.dead_letters.record(raw, "not a kombu message (no delivery tag)")
+                continue
             try:
-                payloads.append(json.loads(raw))
-            except ValueError as error:  # recorded as unacked but unreadable: keep it for inspection
-                logger.error("unreadable message left in the unacked hash: %s", error)
-        return payloads
+                payload = decode_strict(raw)
+                problem = envelope_problem(payload, known)
+            except PoisonMessage as error:
+                payload, problem = None, str(error)
+            if problem is None:
+                claimed.append((tag, raw, payload))
+            else:
+                self._dead_letter(tag, problem, raw, job_id_of(payload))
+        return claimed
+
+    def _dead_letter(self, tag: str, reason: str, raw: bytes, job_id: str | None) -> None:
+        try:
+            self.dead_letters.send(tag, reason, raw, job_id)
+        except Exception:  # stays held by this worker's lease; it goes back to its queue if the worker dies
+            logger.exception("could not dead-letter message %s (%s)", tag, reason)
+
+    def _dead_letter_job(self, job: Any, reason: str) -> None:
+        message = job.message
+        self._dead_letter(message.delivery_tag, reason, json.dumps(message.serializable(), default=str), job.job_id)
 
     def _cancelled(self, payloads: list[dict]) -> set[str]:
         """Ids among these messages whose cancel flag is set: one MGET for the whole claim."""
-        ids = [p.get("headers", {}).get("id") for p in payloads if isinstance(p.get("headers"), dict)]
-        ids = [job_id for job_id in ids if isinstance(job_id, str)]
+        ids = [p["headers"]["id"] for p in payloads]
         if not ids:
             return set()
         try:
@@ -288,29 +226,26 @@ class BulkConsumer:
             return set()
         return {job_id for job_id, flag in zip(ids, flags) if flag}
 
-    def _deliver(self, payload: dict, cancelled: set[str]) -> None:
-        """One claimed message into Celery, as ``Consumer.create_task_handler`` does."""
-        celery = self._celery
+    def _deliver_or_dead_letter(self, tag: str, raw: bytes, payload: dict, cancelled: set[str]) -> None:
         try:
-            message = Message(payload, channel=self.channel)
+            self._deliver(payload, cancelled)
         except Exception as error:
-            logger.error("unreadable message left in the unacked hash: %s", error)
-            return
+            logger.exception("could not hand message %s to a job path", tag)
+            self._dead_letter(tag, f"could not be handed to a job path: {type(error).__name__}: {error}", raw,
+                              job_id_of(payload))
+
+    def _deliver(self, payload: dict, cancelled: set[str]) -> None:
+        """One claimed message into the hot path or Celery, as ``Consumer.create_task_handler`` does."""
+        celery = self._celery
+        message = Message(payload, channel=self.channel)
         message.accept = ACCEPT
         try:
-            if self.hot_path is not None and self.hot_path.offer(message, cancelled=message.headers.get("id")
+            if self.hot_path is not None and self.hot_path.offer(message, cancelled=message.headers["id"]
                                                                   in cancelled):
                 return
-        except Exception:
+        except Exception:  # raised before the hot path took the job: Celery runs it
             logger.exception("hot path refused message %s; handing it to Celery", message.delivery_tag)
-        try:
-            task_name = message.headers["task"]
-        except (TypeError, KeyError):
-            return celery.on_unknown_message(None, message)
-        try:
-            strategy = celery.strategies[task_name]
-        except KeyError as error:
-            return celery.on_unknown_task(None, message, error)
+        strategy = celery.strategies[message.headers["task"]]
         try:
             strategy(message, None, promise(message.ack_log_error), promise(message.reject_log_error),
                      celery.on_task_message)
@@ -318,22 +253,15 @@ class BulkConsumer:
             celery.on_invalid_task(None, message, error)
         except DecodeError as error:
             celery.on_decode_error(message, error)
-        except Exception:
-            logger.exception("could not hand message %s to Celery; it stays unacked for redelivery",
-                             message.delivery_tag)
 
     def _requeue(self, tag: str) -> None:
-        # kombu's own restore: the message goes back to its queue and priority step, marked redelivered.
-        with self._kombu_lock:
-            if self._kombu_connection is None:
-                self._kombu_connection = self._celery.app.connection_for_write()
-            self._kombu_connection.default_channel.qos.restore_by_tag(tag, leftmost=True)
+        # Back to the head of the list it came from, and out of this worker's lease, in one step.
+        if not self.lease.release(tag):
+            logger.warning("message %s was no longer held by this worker; not requeued", tag)
 
 
-def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tuple[int, ...],
-                       concurrency: int, on_create: Callable[[BulkConsumer], None],
-                       hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> type:
-    """A consumer bootstep class that runs a :class:`BulkConsumer` on ``queues``."""
+def bulk_consumer_step(*, on_create: Callable[[BulkConsumer], None], **options: Any) -> type:
+    """A consumer bootstep class that runs a :class:`BulkConsumer` built with ``options``."""
 
     class BulkConsumerStep(bootsteps.StartStopStep):
         """Claims jobs from the deployment queues (pipefleet's bulk consumer)."""
@@ -347,9 +275,7 @@ def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tu
 
         def start(self, c: Any) -> None:
             if self.consumer is None:
-                self.consumer = BulkConsumer(c, broker_url=broker_url, queues=queues,
-                                             priority_steps=priority_steps, concurrency=concurrency,
-                                             hot_path=hot_path)
+                self.consumer = BulkConsumer(c, **options)
                 on_create(self.consumer)
             self.consumer.start()
 

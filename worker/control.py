@@ -31,6 +31,14 @@ def pipefleet_metrics(state) -> dict:
     return {name: served.metrics.snapshot() for name, served in runtime.deployments.items()}
 
 
+@inspect_command(name="pipefleet_reliability")
+def pipefleet_reliability(state) -> dict:
+    """Jobs recovered from dead workers, dead letters, held jobs and their oldest age, thread liveness."""
+    from worker.supervision import reliability_snapshot
+
+    return reliability_snapshot(get_runtime())
+
+
 @inspect_command(name="active_queues")
 def active_queues(state) -> list[dict]:
     """The queues this worker consumes: Celery's own (private) one plus every deployment queue.

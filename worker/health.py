@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 
@@ -21,13 +22,21 @@ def check(config: FleetConfig, names: list[str], worker_name: str | None = None)
         print(f"unhealthy: cannot reach Redis: {error}", file=sys.stderr)
         return 1
     missing = []
+    stalled: set[str] = set()
     for name in names:
         mine = [k for k in keys if k.startswith(f"{AD_KEY_PREFIX}{name}:")
                 and (worker_name or f"-{host}-") in k[len(f"{AD_KEY_PREFIX}{name}:"):]]
         if not mine:
             missing.append(name)
+        for raw in client.mget(mine) if mine else []:
+            ad = json.loads(raw) if raw else {}
+            if ad.get("healthy") is False:
+                stalled.update(f"{ad.get('worker')}: {thread}" for thread in ad.get("stalled") or ["?"])
     if missing:
         print(f"unhealthy: no live advertisement from this host for {', '.join(missing)}", file=sys.stderr)
+        return 1
+    if stalled:
+        print(f"unhealthy: stalled threads ({', '.join(sorted(stalled))})", file=sys.stderr)
         return 1
     print(f"healthy: {', '.join(names)} advertised from {host}")
     return 0

@@ -10,14 +10,16 @@ on two threads: the consumer thread prepares and submits, and one commit thread
 finishes the jobs whose items are done, writing their Celery results (the same
 ``celery-task-meta-<id>`` value and pub/sub notice Celery's Redis backend writes,
 so ``AsyncResult`` and every client read them unchanged) for many jobs in one
-pipeline, then acking them in one more. Anything else goes back to Celery's own
+pipeline, then acking them through the ack thread. Each job is committed on its
+own: one that cannot be encoded or stored is dead-lettered, and never keeps
+its slot. Anything else goes back to Celery's own
 strategy (:meth:`HotPath.offer` returns False), so chords, ETAs, expiry and
 revokes keep Celery's semantics.
 
 A job's deadline is watched from its submission: when it passes first, the job
 fails with :class:`~producers.errors.JobTimeout` and its pending items are
 dropped. At-least-once: a worker killed between the result write and the ack
-runs the job again; results are overwritten with the same value.
+runs the job again; the first final result stays (:mod:`worker.first_result`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -39,12 +41,26 @@ from celery.worker import state as worker_state
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
+from celery.exceptions import TaskRevokedError
+
+from worker.first_result import FirstResultStore, encoded_meta
+from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
+from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
 job_logger = logging.getLogger("pipefleet.jobs")
+
+MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
+"""Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
+
+PREPARE_THREADS_PER_DEPLOYMENT = 4
+"""Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
+
+TICK_S = 1.0
+"""Longest wait of the commit and deadline loops, so their supervisor sees them go round."""
 
 
 @dataclass(eq=False)
@@ -61,6 +77,8 @@ class HotJob:
     error: BaseException | None = None
     remaining: int = 0
     finished: bool = False
+    duplicate: bool = False
+    """Another run of this job had already stored its final result; this run's was dropped."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -95,9 +113,15 @@ class HotPath:
     """Runs plain ``infer`` jobs straight from claimed messages; see the module docstring."""
 
     def __init__(self, runtime: Runtime, *, backend: Any, hostname: str, events: Callable[[], Any],
-                 on_finished: Callable[[int], None]) -> None:
+                 on_finished: Callable[[int], None], supervisor: Supervisor,
+                 dead_letter: Callable[[HotJob, str], None] = lambda job, reason: None,
+                 ack: Callable[[list[str]], None] | None = None) -> None:
         self.runtime = runtime
         self.backend = backend
+        self._results = FirstResultStore(backend)
+        self._supervisor = supervisor
+        self._dead_letter = dead_letter
+        self._ack = ack
         self.hostname = hostname
         self._events = events
         self._on_finished = on_finished
@@ -110,8 +134,15 @@ class HotPath:
         self._committed = 0
         self._committed_lock = threading.Lock()
         self._stopping = False
-        self._committer = threading.Thread(target=self._commit_loop, name="pipefleet-commit", daemon=True)
-        self._timer = threading.Thread(target=self._deadline_loop, name="pipefleet-deadlines", daemon=True)
+        self._preparers: dict[str, ThreadPoolExecutor] = {}
+        self._own_dispatcher: Any = None
+        self._dispatcher_lock = threading.Lock()
+        self._committer = threading.Thread(target=guarded("commit", self._commit_loop), name="pipefleet-commit",
+                                           daemon=True)
+        self._timer = threading.Thread(target=guarded("deadlines", self._deadline_loop), name="pipefleet-deadlines",
+                                       daemon=True)
+        supervisor.watch("commit", self._committer)
+        supervisor.watch("deadlines", self._timer)
 
     def start(self) -> None:
         """Start the commit and deadline threads."""
@@ -125,6 +156,14 @@ class HotPath:
         with self._deadline_cv:
             self._deadline_cv.notify()
         self._committer.join(10)
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_dispatcher is not None:
+            try:
+                self._own_dispatcher.close()
+                self._own_dispatcher.connection.release()
+            except Exception:  # shutting down: the connection goes with the process
+                logger.debug("could not close the event dispatcher", exc_info=True)
 
     @property
     def in_hand(self) -> int:
@@ -143,12 +182,8 @@ class HotPath:
             withdrawn |= served.batcher.withdraw(set(live))
         for job_id in withdrawn:
             job = live[job_id]
-            with job.lock:
-                if job.finished:
-                    continue
-                job.finished = True
-            for future in job.futures:
-                future.cancel()
+            if not self._end(job):
+                continue
             job.message.reject(requeue=True)
             self._live.pop(job_id, None)
             with self._committed_lock:
@@ -194,23 +229,74 @@ class HotPath:
         job = HotJob(job_id, message, request, deployment if isinstance(deployment, str) else None)
         self._live[job_id] = job
         self._taken += 1
+        # From here on the job is this path's: whatever fails ends the job, never hands it to Celery too.
+        try:
+            self._start(job, spec, headers, cancelled)
+        except Exception as error:
+            self._fail_unstarted(job, error)
+        return True
+
+    def _fail_unstarted(self, job: HotJob, error: BaseException) -> None:
+        logger.error("job %s could not start on the hot path", job.job_id,
+                     exc_info=(type(error), error, error.__traceback__))
+        if self._end(job):
+            job.error = error
+            self._done.put(job)
+
+    @staticmethod
+    def _end(job: HotJob) -> bool:
+        """Mark ``job`` finished and cancel its pending items; False if something else ended it first."""
+        with job.lock:
+            if job.finished:
+                return False
+            job.finished = True
+        for future in job.futures:
+            future.cancel()
+        return True
+
+    def _preparer(self, deployment: str) -> ThreadPoolExecutor:
+        pool = self._preparers.get(deployment)
+        if pool is None:
+            pool = self._preparers.setdefault(deployment, ThreadPoolExecutor(
+                PREPARE_THREADS_PER_DEPLOYMENT, thread_name_prefix=f"pipefleet-prepare-{deployment}"))
+        return pool
+
+    def _prepare_off_thread(self, job: HotJob, spec: dict) -> None:
+        try:
+            self._prepare(job, spec)
+        except Exception as error:  # a pool thread: the job fails, the pool goes on
+            self._fail_unstarted(job, error)
+
+    def _start(self, job: HotJob, spec: dict, headers: dict, cancelled: bool) -> None:
+        job_id, request = job.job_id, job.request
         if job_logger.isEnabledFor(logging.INFO):
             logger.info("Task %s[%s] received", request.task, job_id)
-        self._event("task-received", uuid=job_id, name=INFER_TASK, args=headers.get("argsrepr"),
+        self._event("task-received", uuid=job_id, name=request.task, args=headers.get("argsrepr"),
                     kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                     parent_id=headers.get("parent_id"), retries=request.retries)
         if cancelled:
             job.error = JobCancelled(f"job {job_id} was cancelled")
+            job.finished = True
             self._done.put(job)
-            return True
+            return
+        served = self.runtime.deployments.get(job.deployment or "")
+        if served is not None and served.config.task in MEDIA_TASKS:
+            # Fetching and decoding media can take seconds: never on the claim thread, which serves every deployment.
+            self._preparer(served.config.name).submit(self._prepare_off_thread, job, spec)
+        else:
+            self._prepare(job, spec)
+
+    def _prepare(self, job: HotJob, spec: dict) -> None:
+        job_id = job.job_id
         try:
             job.prepared = prepare_job(self.runtime, spec, job_id)
             job.futures = job.prepared.submit()
         except Exception as error:
             job.error = error
+            job.finished = True
             self._done.put(job)
-            return True
-        self._event("task-started", uuid=job_id, hostname=self.hostname)
+            return
+        self._event("task-started", uuid=job_id)  # the dispatcher adds hostname and pid
         job.remaining = len(job.futures)
         for future in job.futures:
             future.add_done_callback(lambda _f, j=job: self._item_done(j))
@@ -223,12 +309,30 @@ class HotPath:
                     self._deadlines = [entry for entry in self._deadlines if entry[2] in self._live]
                     heapq.heapify(self._deadlines)
                 self._deadline_cv.notify()
-        return True
 
     def _event(self, kind: str, **fields: Any) -> None:
-        dispatcher = self._events()
-        if dispatcher is not None and dispatcher.enabled:
-            dispatcher.send(kind, **fields)
+        """Send one Celery task event (as Celery's own request does); a failed send never touches the job.
+
+        Sent on this worker's own dispatcher, from the calling thread, while Celery's dispatcher is enabled
+        (``task_events`` or Flower's enable_events). Celery's dispatcher buffers task events and publishes
+        them one by one from its event loop: under load that kept the loop from answering remote control
+        (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``).
+        """
+        try:
+            celery_dispatcher = self._events()
+            if celery_dispatcher is not None and celery_dispatcher.enabled:
+                self._dispatcher().send(kind, **fields)
+        except Exception:
+            logger.warning("could not send the %s event of a job", kind, exc_info=True)
+
+    def _dispatcher(self) -> Any:
+        if self._own_dispatcher is None:
+            with self._dispatcher_lock:
+                if self._own_dispatcher is None:
+                    app = self.backend.app
+                    self._own_dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
+                                                                 enabled=True)
+        return self._own_dispatcher
 
     def _item_done(self, job: HotJob) -> None:
         with job.lock:
@@ -240,30 +344,40 @@ class HotPath:
 
     def _deadline_loop(self) -> None:
         while not self._stopping:
-            with self._deadline_cv:
-                while not self._stopping and (not self._deadlines or self._deadlines[0][0] > time.monotonic()):
-                    timeout = None if not self._deadlines else self._deadlines[0][0] - time.monotonic()
-                    self._deadline_cv.wait(timeout)
-                if self._stopping:
-                    return
-                _, _, job_id = heapq.heappop(self._deadlines)
-            job = self._live.get(job_id)
-            if job is None:
-                continue
-            with job.lock:
-                if job.finished:
-                    continue
-                job.finished = True
-            unfinished = sum(1 for f in job.futures if not f.done())
-            for future in job.futures:
-                future.cancel()
-            job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
-                                   "unfinished")
-            self._done.put(job)
+            self._supervisor.tick("deadlines")
+            try:
+                self._expire_next()
+            except Exception:  # one job's expiry must not end the watch over every other deadline
+                logger.exception("deadline watch failed one round")
+
+    def _expire_next(self) -> None:
+        with self._deadline_cv:
+            if not self._stopping and (not self._deadlines or self._deadlines[0][0] > time.monotonic()):
+                timeout = TICK_S if not self._deadlines else min(TICK_S, self._deadlines[0][0] - time.monotonic())
+                self._deadline_cv.wait(max(0.0, timeout))
+                return
+            if self._stopping:
+                return
+            _, _, job_id = heapq.heappop(self._deadlines)
+        job = self._live.get(job_id)
+        if job is None:
+            return
+        unfinished = sum(1 for f in job.futures if not f.done())
+        if not self._end(job):
+            return
+        job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
+                               "unfinished")
+        self._done.put(job)
 
     def _commit_loop(self) -> None:
         while True:
-            first = self._done.get()
+            self._supervisor.tick("commit")
+            try:
+                first = self._done.get(timeout=TICK_S)
+            except queue.Empty:
+                if self._stopping:
+                    return
+                continue
             jobs = [first] if first is not None else []
             while True:
                 try:
@@ -275,7 +389,7 @@ class HotPath:
             if jobs:
                 try:
                     self._commit(jobs)
-                except Exception:  # the loop must never die; the jobs stay unacked and are redelivered
+                except Exception:  # _commit settles every job itself; this keeps the loop whatever happens
                     logger.exception("could not commit %d jobs", len(jobs))
             if first is None or (self._stopping and self._done.empty()):
                 return
@@ -301,40 +415,72 @@ class HotPath:
                 job.prepared.failed(error)
         return states.FAILURE, error
 
-    def _commit(self, jobs: list[HotJob]) -> None:
-        outcomes = [(job, *self._outcome(job)) for job in jobs]
-        for job, state, _ in outcomes:
-            # Counted before the result is visible, so a client that sees the result sees the count.
+    def _settle(self, job: HotJob) -> tuple[str, Any, str] | None:
+        """Outcome, metric and encoded result of one job; None (and dead-lettered) if it cannot be encoded."""
+        try:
+            state, value = self._outcome(job)
             served = self.runtime.deployments.get(job.deployment or "")
             if served is not None:
+                # Counted before the result is visible, so a client that sees the result sees the count.
                 served.metrics.observe_job("CANCELLED" if state == states.REVOKED else state)
-        backend = self.backend
-        successes = []
-        for job, state, value in outcomes:
-            if state == states.SUCCESS:
-                # Exactly what Celery's Redis backend stores for a finished task (celery-task-meta-<id>).
-                meta = backend._get_result_meta(result=value, state=state, traceback=None, request=job.request,
-                                                encode=True)
-                meta["task_id"] = job.job_id
-                successes.append((backend.get_key_for_task(job.job_id), backend.encode(meta)))
-        if successes:
-            def store(pipe: Any) -> None:
-                for key, value in successes:
-                    pipe.setex(key, backend.expires, value)
-                    pipe.publish(key, value)
+            stored = TaskRevokedError("cancelled") if state == states.REVOKED else value
+            return state, value, encoded_meta(self.backend, job.job_id, state, stored, job.request)
+        except Exception as error:
+            logger.exception("job %s: its outcome could not be encoded", job.job_id)
+            self._dead_letter(job, f"its outcome could not be encoded: {type(error).__name__}: {error}")
+            return None
 
-            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs")
-        for job, state, value in outcomes:
-            if state == states.REVOKED:
-                backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)
-            elif state == states.FAILURE:
-                backend.mark_as_failure(job.job_id, value, request=job.request)
-            job.message.ack()
-            self._live.pop(job.job_id, None)
-            self._finished(job, state, value)
-        with self._committed_lock:
-            self._committed += len(jobs)
-        self._on_finished(len(jobs))
+    def _store(self, settled: list) -> list:
+        """Write the results of ``settled`` jobs in one pipeline; returns those stored (others are dead-lettered)."""
+        try:
+            written = pipeline_until_done(self.backend.client,
+                                          lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
+                                                        for job, (state, _, encoded) in settled],
+                                          f"the results of {len(settled)} jobs")
+            for (job, _), stored in zip(settled, written):
+                job.duplicate = not stored
+            return settled
+        except Exception:
+            logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
+        stored = []
+        for job, outcome in settled:
+            try:
+                [written] = pipeline_until_done(
+                    self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
+                    f"the result of job {job.job_id}")
+                job.duplicate = not written
+                stored.append((job, outcome))
+            except Exception as error:
+                logger.exception("job %s: its result could not be stored", job.job_id)
+                self._dead_letter(job, f"its result could not be stored: {type(error).__name__}: {error}")
+        return stored
+
+    def _commit(self, jobs: list[HotJob]) -> None:
+        settled = []
+        try:
+            settled = [(job, outcome) for job in jobs if (outcome := self._settle(job)) is not None]
+            if settled:
+                settled = self._store(settled)
+            acked = False
+            if settled and self._ack is not None:
+                try:
+                    self._ack([job.message.delivery_tag for job, _ in settled])
+                    acked = True
+                except Exception:  # the ack thread takes them instead
+                    logger.exception("could not ack %d jobs at once", len(settled))
+            for job, (state, value, _) in settled:
+                try:
+                    if not acked:
+                        job.message.ack()
+                    self._finished(job, state, value)
+                except Exception:
+                    logger.exception("job %s: could not finish its bookkeeping", job.job_id)
+        finally:
+            for job in jobs:
+                self._live.pop(job.job_id, None)
+            with self._committed_lock:
+                self._committed += len(jobs)
+            self._on_finished(len(jobs))
 
     def _finished(self, job: HotJob, state: str, value: Any) -> None:
         duration_s = round(time.perf_counter() - job.received_at, 6)
@@ -342,7 +488,15 @@ class HotPath:
             self._event("task-succeeded", uuid=job.job_id, result=f"{value.get('n_items')} item(s)",
                         runtime=duration_s)
         elif state == states.FAILURE:
-            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}")
+            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}",
+                        traceback=None)
+        elif state == states.REVOKED:
+            self._event("task-revoked", uuid=job.job_id, terminated=False, signum=None, expired=False)
+        if job.duplicate:
+            logger.warning("job %s on %s ran again after another run stored its result (this worker lost its "
+                           "lease or died before its ack); this run's %s is dropped", job.job_id, job.deployment,
+                           state)
+            state = f"DUPLICATE-{state}"
         if job_logger.isEnabledFor(logging.INFO):
             n_items = value.get("n_items") if state == states.SUCCESS else None
             job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,

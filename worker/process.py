@@ -24,6 +24,7 @@ from worker.hotpath import HotPath
 from worker.kombu_layout import priority_queue_keys
 from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
+from worker.supervision import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _deployment_of(request) -> str | None:
     return routing_key[len(QUEUE_PREFIX):] if routing_key.startswith(QUEUE_PREFIX) else None
 
 
-def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
+def _wire_signals(runtime: Runtime, advertiser: Advertiser, supervisor: Supervisor) -> None:
     @signals.task_received.connect(weak=False)
     def _received(request=None, **_):
         deployment = _deployment_of(request)
@@ -76,16 +77,18 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_):
+        supervisor.stop()
         advertiser.stop()
 
 
-def _make_ads(runtime: Runtime):
+def _make_ads(runtime: Runtime, supervisor: Supervisor):
     pid = os.getpid()
     started = time.time()
     built: dict[str, Construction] = {}  # a loaded deployment never changes how it was built
 
     def make() -> list[DeploymentAd]:
         ads = []
+        stalled = supervisor.stalled()
         for name, served in runtime.deployments.items():
             d = served.config
             if name not in built:
@@ -99,6 +102,7 @@ def _make_ads(runtime: Runtime):
                 payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
                 in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
                 pending_items=served.batcher.pending_count(), construction=built[name],
+                healthy=not stalled, stalled=stalled,
             ))
         return ads
 
@@ -195,15 +199,19 @@ def run_worker(args: argparse.Namespace) -> int:
     runtime.find_cancelled = find_cancelled
     set_runtime(runtime)
     runtime.start()
+    supervisor = Supervisor()
+    runtime.supervisor = supervisor
+    for device, runner in runtime.runners.items():
+        supervisor.watch(f"device-{device}", runner.thread, ticks=False)
     warm_up_deployments(runtime)
 
     from tasks.app import configure_app
 
     app = configure_app(config)
     import worker.control  # noqa: F401  (registers the remote-control commands)
-    advertiser = Advertiser(runtime.redis, _make_ads(runtime), interval_s=config.heartbeat_interval_s,
+    advertiser = Advertiser(runtime.redis, _make_ads(runtime, supervisor), interval_s=config.heartbeat_interval_s,
                             ttl_s=config.heartbeat_ttl_s)
-    _wire_signals(runtime, advertiser)
+    _wire_signals(runtime, advertiser, supervisor)
     metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port
     if metrics_port:
         from worker.prometheus import serve_metrics
@@ -213,13 +221,20 @@ def run_worker(args: argparse.Namespace) -> int:
     consumers: list[BulkConsumer] = []
     hostname = f"{worker_name}@{socket.gethostname()}"
 
-    def hot_path(celery_consumer, on_finished):
+    def hot_path(celery_consumer, on_finished, dead_letter, ack):
         return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
-                       events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished)
+                       events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished,
+                       supervisor=supervisor, dead_letter=dead_letter, ack=ack)
+
+    def created(consumer: BulkConsumer) -> None:
+        consumers.append(consumer)
+        runtime.consumer = consumer
 
     app.steps["consumer"].add(bulk_consumer_step(
         broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
-        concurrency=concurrency, on_create=consumers.append, hot_path=hot_path))
+        concurrency=concurrency, on_create=created, hot_path=hot_path, worker=worker_name,
+        supervisor=supervisor, quanta=[config.deployment(n).max_batch_size for n in names],
+        lease_ttl_s=config.lease_ttl_s, visibility_timeout_s=config.visibility_timeout_s))
     # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
     # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(

@@ -72,6 +72,30 @@ class RuntimeCollector:
         yield from generation.values()
         yield from (items, items_per_s, jobs, ooms, load, pending)
         yield from self._device_memory(worker)
+        yield from self._reliability(worker)
+
+    def _reliability(self, worker: str) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from worker.supervision import reliability_snapshot
+
+        snapshot = reliability_snapshot(self.runtime)
+        recovered = CounterMetricFamily("pipefleet_recovered_jobs", "Jobs this worker put back from workers whose "
+                                        "lease lapsed", labels=["worker"])
+        recovered.add_metric([worker], snapshot["recovered_jobs_total"])
+        dead = CounterMetricFamily("pipefleet_dead_lettered_messages", "Poison messages this worker moved to the "
+                                   "dead-letter list", labels=["worker"])
+        dead.add_metric([worker], snapshot["dead_lettered_total"])
+        held = GaugeMetricFamily("pipefleet_held_jobs", "Jobs this worker's lease holds", labels=["worker"])
+        held.add_metric([worker], snapshot["held_jobs"])
+        oldest = GaugeMetricFamily("pipefleet_oldest_claim_age_seconds", "Age of the oldest job this worker holds",
+                                   labels=["worker"])
+        oldest.add_metric([worker], snapshot["oldest_claim_age_s"])
+        liveness = GaugeMetricFamily("pipefleet_thread_tick_age_seconds", "Seconds since each supervised loop went "
+                                     "round (0: does not tick, -1: dead)", labels=["worker", "thread"])
+        for thread, age in snapshot["thread_liveness_s"].items():
+            liveness.add_metric([worker, thread], age)
+        yield from (recovered, dead, held, oldest, liveness)
 
     def _device_memory(self, worker: str) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily

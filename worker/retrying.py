@@ -14,8 +14,8 @@ RETRY_DELAY_S = 0.5
 """Pause between two tries of a write Redis refused."""
 
 
-def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str) -> None:
-    """Run ``fill(pipe)`` then the pipeline, again after each Redis error, until it succeeds.
+def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str) -> list:
+    """Run ``fill(pipe)`` then the pipeline, again after each Redis error, until it succeeds; returns its replies.
 
     Used for results and acks: dropping either would lose a finished job's output or make
     kombu deliver it again.
@@ -24,8 +24,7 @@ def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str) -> 
         try:
             pipe = client.pipeline(transaction=False)
             fill(pipe)
-            pipe.execute()
-            return
+            return pipe.execute()
         except redis_lib.RedisError as error:
             logger.warning("cannot write %s (%s); retrying", what, error)
             time.sleep(RETRY_DELAY_S)

@@ -124,6 +124,10 @@ class Runtime:
 
         self.events = EventWriter(None, ttl_s=config.result_ttl_s)
         self._media_policies: dict[str, Any] = {}
+        self.supervisor: Any = None
+        """The worker's :class:`~worker.supervision.Supervisor` (thread liveness), once started."""
+        self.consumer: Any = None
+        """The worker's bulk consumer (its lease and dead letters), once Celery started it."""
 
     @property
     def redis(self) -> Any:

@@ -134,3 +134,32 @@ def test_jobs_show_by_deployment_with_readable_args(module_fleet, served, flower
     status, body = _get(f"{flower}/metrics")
     assert status == 200
     assert 'task="infer:fl-tc"' in body and "flower_events_total" in body
+
+
+def test_a_hundred_jobs_and_a_bad_one_while_flower_watches(module_fleet, served, flower):
+    """More jobs than job threads with task events on: every one ends, Flower shows each outcome, no traceback."""
+    import json
+
+    from producers.constants import INFER_TASK
+
+    with module_fleet.client() as client:
+        _wait_until(lambda: _flower_sees_a_probe(client, flower), 40, "Flower to receive task events")
+        jobs = [client.submit(deployment="fl-tc", inputs=f"watched job {i}") for i in range(100)]
+        bad = client.celery.send_task(INFER_TASK, queue="pipefleet.fl-tc",
+                                      kwargs={"spec": {"deployment": "fl-tc", "inputs": {"not": "text"}}})
+        for job in jobs:
+            job.result(timeout=60)
+        with pytest.raises(Exception, match="input"):
+            client.job(bad.id).result(timeout=60)
+
+    def states_seen():
+        tasks = json.loads(_get(f"{flower}/api/tasks?limit=1000")[1])
+        seen = {job.id: tasks.get(job.id, {}).get("state") for job in jobs}
+        seen[bad.id] = tasks.get(bad.id, {}).get("state")
+        return seen if all(state in ("SUCCESS", "FAILURE") for state in seen.values()) else None
+
+    seen = _wait_until(states_seen, 30, "Flower to see every job end")
+    assert seen.pop(bad.id) == "FAILURE"
+    assert set(seen.values()) == {"SUCCESS"}
+    log = served["worker"].log()
+    assert "Traceback" not in log, log[-4000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import pickle
@@ -25,6 +26,7 @@ from producers.constants import INFER_TASK
 from producers.errors import JobError, PipefleetError
 from tests.oracle import assert_same, local_pipeline
 
+VISIBILITY_TIMEOUT_S = 6
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 LIMITS = {"max_inputs_per_job": 20, "max_payload_bytes": 300_000, "max_input_chars": 5_000, "max_new_tokens": 16,
           "max_num_return_sequences": 3, "max_top_k": 10}
@@ -46,7 +48,8 @@ def served(module_fleet, model_dir):
         {"name": "fz-img", "task": "image-classification", "model": models["image-classification"]},
         {"name": "fz-asr", "task": "automatic-speech-recognition", "model": models["asr-ctc"]},
     ]
-    config = module_fleet.config(deployments, limits=LIMITS, media=MEDIA)
+    # A short visibility timeout is safe with leases (live claims are renewed) and lets the unacked sweeps run here.
+    config = module_fleet.config(deployments, limits=LIMITS, media=MEDIA, visibility_timeout_s=VISIBILITY_TIMEOUT_S)
     worker = module_fleet.worker(config, deployments=[d["name"] for d in deployments])
     return {"models": models, "worker": worker}
 
@@ -178,7 +181,7 @@ def test_a_pickle_message_is_refused_not_executed(client, served, module_fleet, 
     marker = tmp_path / "pwned"
     body = pickle.dumps(((), {"spec": _Exploit(str(marker))}, {}))
     _publish_raw(module_fleet, body, "application/x-python-serialize")
-    _wait_in_log(served["worker"], "untrusted content")
+    _wait_in_log(served["worker"], "'application/x-python-serialize' is refused (JSON only)")
     _assert_serving(client, served)
     assert not marker.exists(), "the worker unpickled a message"
 
@@ -254,3 +257,134 @@ def test_hostile_images_and_audio_fail_with_media_errors(client, served):
     assert "text" in client.submit(deployment="fz-asr", inputs=_b64(wav)).result(timeout=60)
     _assert_serving(client, served)
     print(f"FIGURES hostile-media: {len(cases)} cases refused with MediaError, worker serving")
+
+
+# Poison messages: what a producer bug, another Celery app on the same Redis, or a hand-edited entry leaves in a
+# queue or in the unacked hash. Each must end in the dead-letter list, and the next job must still complete.
+
+def _poison_raw(client, variant: str, marker: str, job_id: str) -> bytes:
+    """A message for ``fz-tc`` spoilt in one way; ``marker`` is its delivery tag (or its text when it has none)."""
+    from producers.constants import INFER_TASK
+    from producers.publishing import build_message
+
+    good = json.loads(build_message(client.celery, INFER_TASK, task_id=job_id, queue="pipefleet.fz-tc", priority=0,
+                                    kwargs={"spec": {"deployment": "fz-tc", "inputs": ["x"]}}).raw)
+    good["properties"]["delivery_tag"] = marker
+    if variant == "garbage":
+        return f"garbage {marker} {{[".encode()
+    if variant in ("hex", "nan"):
+        spoilt = json.dumps(good)
+        return spoilt.replace('"priority": 0', '"priority": 0x0' if variant == "hex" else '"priority": nan').encode()
+    if variant == "unknown-task-no-id":
+        good["headers"]["task"] = "some.other.app.task"
+        del good["headers"]["id"]
+    elif variant == "unknown-task":
+        good["headers"]["task"] = "some.other.app.task"
+    elif variant == "missing-id":
+        del good["headers"]["id"]
+    elif variant == "headers-not-object":
+        good["headers"] = ["task", INFER_TASK]
+    elif variant == "body-not-text":
+        good["body"] = 5
+    elif variant == "pickle":
+        good["content-type"] = "application/x-python-serialize"
+    elif variant == "not-an-object":
+        return json.dumps([marker, good]).encode()
+    return json.dumps(good).encode()
+
+
+POISON_VARIANTS = ["garbage", "hex", "nan", "unknown-task-no-id", "unknown-task", "missing-id", "headers-not-object",
+                   "body-not-text", "pickle", "not-an-object"]
+POISONED: list[str] = []
+
+
+def _dead_letter_records(broker) -> list[dict]:
+    from producers.constants import DEAD_LETTER_KEY
+
+    return [json.loads(record) for record in broker.lrange(DEAD_LETTER_KEY, 0, -1)]
+
+
+@FUZZ
+@given(variant=st.sampled_from(POISON_VARIANTS), where=st.sampled_from(["queue", "unacked"]))
+def test_poison_in_the_queues_and_the_unacked_hash_is_dead_lettered(client, served, module_fleet, variant, where):
+    import time
+    import uuid
+
+    from producers.errors import DeadLettered
+    from worker import kombu_layout
+
+    broker = module_fleet.server.client(int(module_fleet.broker_url.rsplit("/", 1)[1]))
+    marker, job_id = f"poison-{uuid.uuid4()}", str(uuid.uuid4())
+    raw = _poison_raw(client, variant, marker, job_id)
+    if where == "queue":
+        broker.lpush("pipefleet.fz-tc", raw)
+    else:  # as a kombu consumer (no lease) that claimed it just now and died would leave it
+        broker.hset(kombu_layout.UNACKED_KEY, marker, b"[" + raw + b', "", "pipefleet.fz-tc"]')
+        broker.zadd(kombu_layout.UNACKED_INDEX_KEY, {marker: time.time()})
+    POISONED.append(marker)
+    text = f"after {variant} in the {where}"
+    started = time.monotonic()
+    assert_same(client.submit(deployment="fz-tc", inputs=text).result(timeout=15),
+                local_pipeline("text-classification", served["models"]["text-classification"])(text))
+    if variant == "unknown-task" and where == "queue":
+        with pytest.raises(DeadLettered, match="unknown task"):
+            client.job(job_id).result(timeout=15)
+    assert time.monotonic() - started < 15
+
+
+def test_every_poison_entry_ended_in_the_dead_letter_list_and_good_entries_were_restored(client, served,
+                                                                                          module_fleet):
+    import time
+    import uuid
+
+    from producers.constants import INFER_TASK
+    from producers.publishing import build_message
+    from worker import kombu_layout
+
+    broker = module_fleet.server.client(int(module_fleet.broker_url.rsplit("/", 1)[1]))
+    # Good entries behind poison in the unacked hash: kombu's sweep restores them and they complete.
+    good_ids = []
+    for i in range(3):
+        job_id = str(uuid.uuid4())
+        message = json.loads(build_message(client.celery, INFER_TASK, task_id=job_id, queue="pipefleet.fz-tc",
+                                           priority=6, kwargs={"spec": {"deployment": "fz-tc",
+                                                                        "inputs": [f"restored {i}"]}}).raw)
+        tag = message["properties"]["delivery_tag"]
+        broker.hset(kombu_layout.UNACKED_KEY, tag, json.dumps([message, "", "pipefleet.fz-tc"]))
+        broker.zadd(kombu_layout.UNACKED_INDEX_KEY, {tag: time.time() - 3600 - i})
+        good_ids.append(job_id)
+    for job_id in good_ids:
+        client.job(job_id).result(timeout=60)
+    deadline = time.monotonic() + 20
+    while True:
+        records = _dead_letter_records(broker)
+        found = {marker for marker in POISONED if any(r.get("tag") == marker or marker in str(r.get("message"))
+                                                      for r in records)}
+        if found == set(POISONED) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert found == set(POISONED), f"not dead-lettered: {sorted(set(POISONED) - found)[:5]}"
+    assert all(record["reason"] for record in records)
+    assert not set(POISONED) & {tag.decode() for tag in broker.hkeys(kombu_layout.UNACKED_KEY)}
+    assert served["worker"].log().count("dead-lettered message") >= len(POISONED)
+    _assert_serving(client, served)
+    print(f"FIGURES poison: {len(POISONED)} poison entries dead-lettered, {len(good_ids)} good unacked entries "
+          f"restored behind them")
+
+
+def test_the_ownership_pages_python_blocks_run_on_this_fleet(client, served, capsys):
+    """Every ```python block of docs/ownership.md, run against this module's worker (after the poison above)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "ownership.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/ownership.md", "exec"), {"client": client})
+    from producers.constants import DEAD_LETTER_KEY
+
+    printed = capsys.readouterr().out
+    newest = json.loads(client.redis.lindex(DEAD_LETTER_KEY, 0))
+    assert printed.startswith(newest["reason"]), "the dead-letter block did not print the newest record"
+    assert served["worker"].name in printed, "the reliability block printed no worker"

@@ -1,34 +1,42 @@
-"""Workers SIGKILLed at the moments that lose jobs in a plain kombu consumer, on a real fleet.
+"""Workers SIGKILLed at the moments that lose jobs in a plain kombu consumer, on a real fleet, shipped defaults.
 
 Each test prints its figures (rounds, sent, completed, lost, duplicated, recovery) on one ``FIGURES`` line.
 The guarantee under test: once ``submit()`` returns, the job completes as long as one worker of its deployment
-stays alive, whichever moment another worker dies at.
+stays alive, whichever moment another worker dies at, and a dead worker's jobs are back within the lease
+(``lease_ttl_s``, 5 s) plus a reap round, whatever the job length: well within 15 s of the kill.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import threading
 import time
 
 import pytest
 
+from producers.constants import LEASE_TTL_S
 from tests.conftest import Fleet
 from tests.fault_pipelines import BATCH_LOG_PREFIX, SLOW_S_ENV, SLOW_STAGE_ENV, STAGE_LOG_PREFIX
+from tests.fleet import held_job_ids, job_log_counts
 from tests.oracle import assert_same, local_pipeline
 from tests.tasks.test_distributed_pipelines import LABELS, synthetic_audio
 from tests.tiny_models.audio import SAMPLING_RATE
 from tests.worker.test_faults import SLOW_CLASS, _check_outputs, _collect, _deployment, _figures, _wait_for
 
-VISIBILITY_TIMEOUT_S = 4
-_SUCCEEDED = re.compile(r"job ([0-9a-f-]{36}) on \S+: SUCCESS")
+RECOVERY_BOUND_S = 15.0
+"""A killed worker's jobs complete elsewhere within this long of the kill (the issue's promise)."""
 
 
-def _succeeded_ids(workers) -> list[str]:
-    return [job_id for worker in workers for job_id in _SUCCEEDED.findall(worker.log())]
+def _duplicates(workers) -> tuple[int, int]:
+    """``(results stored twice, runs after a stored result)`` counted across every worker's log."""
+    stored, again = job_log_counts(workers)
+    return sum(n - 1 for n in stored.values() if n > 1), sum(again.values())
+
+
+def _broker(fleet: Fleet):
+    return fleet.server.client(int(fleet.broker_url.rsplit("/", 1)[1]))
 
 
 def _queued(fleet: Fleet, queue: str) -> int:
@@ -39,8 +47,7 @@ def _queued(fleet: Fleet, queue: str) -> int:
 def test_sigkill_of_a_saturated_worker_loses_nothing(fleet: Fleet, model_dir):
     """The victim has every job thread busy and more jobs wait in the queue while it claims."""
     model = str(model_dir("text-classification"))
-    config = fleet.config([_deployment("kill-sat", model, max_batch_size=4)],
-                          visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    config = fleet.config([_deployment("kill-sat", model, max_batch_size=4)])
     victim = fleet.worker(config, deployments=["kill-sat"], env={SLOW_S_ENV: "1"}, args=["--concurrency", "6"])
     survivor = fleet.worker(config, deployments=["kill-sat"], env={SLOW_S_ENV: "0"}, args=["--concurrency", "6"])
     sent = 120
@@ -55,30 +62,44 @@ def test_sigkill_of_a_saturated_worker_loses_nothing(fleet: Fleet, model_dir):
             backlog = _queued(fleet, "pipefleet.kill-sat")
         finally:
             os.kill(survivor.proc.pid, signal.SIGCONT)
+        held = held_job_ids(_broker(fleet), victim.name)
         victim.proc.kill()
         victim.proc.wait(10)
         killed_at = time.monotonic()
+        held_outputs = _collect(client, {job_id: jobs[job_id] for job_id in held if job_id in jobs}, timeout_s=60)
+        held_back_s = time.monotonic() - killed_at
         outputs = _collect(client, jobs, timeout_s=120)
         recovered_s = time.monotonic() - killed_at
         completed = _check_outputs(model, jobs, outputs)
-    duplicated = len(_succeeded_ids([victim, survivor])) - len(set(_succeeded_ids([victim, survivor])))
+    stored_twice, ran_again = _duplicates([victim, survivor])
     assert backlog > 0, "the queue was empty at the kill: the victim was not saturated"
-    assert completed == sent
-    _figures("sigkill-saturated", sent=sent, completed=completed, lost=sent - completed, duplicated=duplicated,
-             backlog_at_kill=backlog, all_done_after_kill_s=round(recovered_s, 1))
+    assert held and len(held_outputs) == len(held), "the victim held no job when it died"
+    # A job whose result was stored just before the kill, but not yet acked, runs again (the window of
+    # docs/ownership.md); its second result is dropped, so no job has two results.
+    assert completed == sent and stored_twice == 0
+    assert held_back_s <= RECOVERY_BOUND_S, f"the victim's jobs took {held_back_s:.1f}s to complete elsewhere"
+    _figures("sigkill-saturated", sent=sent, completed=completed, lost=sent - completed, duplicated=stored_twice,
+             ran_again=ran_again, held_at_kill=len(held), backlog_at_kill=backlog,
+             held_jobs_done_after_kill_s=round(held_back_s, 1), lease_ttl_s=LEASE_TTL_S,
+             all_done_after_kill_s=round(recovered_s, 1))
 
 
 def _kill_during_stage(fleet: Fleet, *, deployment: dict, inputs, params: dict, local, stage: str) -> None:
     """Run one chunk-pipeline job on a slow victim, SIGKILL it inside ``stage``, expect the survivor to finish."""
     name = deployment["name"]
-    config = fleet.config([deployment], visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    config = fleet.config([deployment])
     victim = fleet.worker(config, deployments=[name], env={SLOW_STAGE_ENV: "30"})
     survivor = fleet.worker(config, deployments=[name])
+    marker = f"{STAGE_LOG_PREFIX} {stage}"
     with fleet.client() as client:
         os.kill(survivor.proc.pid, signal.SIGSTOP)
         try:
+            warm_up_markers = victim.log().count(marker)  # warm-up passes through the slow stage too
             job = client.submit(deployment=name, inputs=inputs, params=params)
-            _wait_for(lambda: f"{STAGE_LOG_PREFIX} {stage}" in victim.log(), 90, f"the victim to enter {stage}")
+            _wait_for(lambda: victim.log().count(marker) > warm_up_markers and held_job_ids(_broker(fleet),
+                                                                                             victim.name),
+                      90, f"the victim to hold the job inside {stage}")
+            held = held_job_ids(_broker(fleet), victim.name)
             victim.proc.kill()
             victim.proc.wait(10)
         finally:
@@ -89,9 +110,14 @@ def _kill_during_stage(fleet: Fleet, *, deployment: dict, inputs, params: dict, 
         except Exception as error:
             raise AssertionError(f"{error}\nstatus: {job.status()}\nsurvivor log:\n{survivor.log()[-6000:]}"
                                  f"\nvictim log:\n{victim.log()[-3000:]}") from error
-        assert_same(output, local)
         recovered_s = time.monotonic() - killed_at
-    _figures(f"kill-during-{stage}", sent=1, completed=1, lost=0, done_after_kill_s=round(recovered_s, 1))
+        assert_same(output, local)
+    stored_twice, ran_again = _duplicates([victim, survivor])
+    assert held, "the victim held nothing when it died"
+    assert stored_twice == 0
+    assert recovered_s <= RECOVERY_BOUND_S, f"the job took {recovered_s:.1f}s to complete after the kill"
+    _figures(f"kill-during-{stage}", sent=1, completed=1, lost=0, duplicated=stored_twice, ran_again=ran_again,
+             held_at_kill=len(held), done_after_kill_s=round(recovered_s, 1), lease_ttl_s=LEASE_TTL_S)
 
 
 def test_sigkill_during_a_chord_assemble_redelivers_the_assemble(fleet: Fleet, model_dir):
@@ -154,8 +180,7 @@ def test_twenty_kills_at_random_moments_under_load_lose_nothing(fleet: Fleet, mo
     rounds = int(os.environ.get("PIPEFLEET_KILL_ROUNDS", "20"))
     rng = random.Random(int(os.environ.get("PIPEFLEET_KILL_SEED", "7")))
     model = str(model_dir("text-classification"))
-    config = fleet.config([_deployment("kill-loop", model, max_batch_size=8, max_batch_wait_ms=20)],
-                          visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    config = fleet.config([_deployment("kill-loop", model, max_batch_size=8, max_batch_wait_ms=20)])
     env = {SLOW_S_ENV: "0.3"}
     workers = [fleet.worker(config, deployments=["kill-loop"], env=env, args=["--concurrency", "12"])
                for _ in range(2)]
@@ -184,9 +209,9 @@ def test_twenty_kills_at_random_moments_under_load_lose_nothing(fleet: Fleet, mo
         recovered_s = time.monotonic() - last_kill
         sent = len(load.jobs)
         completed = _check_outputs(model, load.jobs, outputs)
-    succeeded = _succeeded_ids(every_worker)
+    stored_twice, ran_again = _duplicates(every_worker)
     assert not load.errors, load.errors[:3]
-    assert completed == sent
+    assert completed == sent and stored_twice == 0
     _figures("kill-loop", rounds=rounds, sent=sent, completed=completed, lost=sent - completed,
-             duplicated=len(succeeded) - len(set(succeeded)), all_done_after_last_kill_s=round(recovered_s, 1),
-             visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+             duplicated=stored_twice, ran_again=ran_again, all_done_after_last_kill_s=round(recovered_s, 1),
+             lease_ttl_s=LEASE_TTL_S)

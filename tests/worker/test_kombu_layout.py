@@ -1,8 +1,9 @@
-"""Pins pipefleet's knowledge of kombu's Redis layout (worker/kombu_layout.py) to the installed kombu.
+"""Pins pipefleet's knowledge of kombu's Redis layout (worker/kombu_layout.py, worker/lease.py) to the installed kombu.
 
 If a kombu release changes how it records unacked messages or names priority lists, these fail before
-any job is lost: the claim script must write what kombu's ``QoS.append`` writes, and kombu's own sweeper
-must put a claimed message back.
+any job is lost: the claim script must write what kombu's ``QoS.append`` writes, kombu's own sweeper
+must put a stale claimed message back, must leave a fresh (or renewed) claim alone, and a lapsed lease
+must put its jobs back at the head of their lists.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import time
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
-from producers.constants import PRIORITY_STEPS
+from producers.constants import LEASE_HOLDERS_KEY, PRIORITY_STEPS
 from worker import kombu_layout
+from worker.lease import LeaseKeeper, claimed_count
+
+WORKER = "layout-worker"
 
 
 @pytest.fixture
@@ -35,10 +39,18 @@ def _publish(connection, queue_name: str, body: dict, priority: int = 6) -> None
                      serializer="json")
 
 
-def _claim(client, queue_name: str, limit: int = 10, now: float | None = None) -> list[bytes]:
-    keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys([queue_name], PRIORITY_STEPS))
+def _claim(client, queue_name: str, limit: int = 10, now: float | None = None, worker: str = WORKER) -> list[bytes]:
+    """Claim as a worker with a live lease; returns the raw messages taken."""
+    client.set(kombu_layout.lease_key(worker), "alive", ex=60)
+    keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys([queue_name], PRIORITY_STEPS), worker)
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
-    return script(keys=keys, args=[limit, repr(time.time() if now is None else now)])
+    reply = script(keys=keys, args=kombu_layout.claim_args(limit, time.time() if now is None else now, worker,
+                                                           [limit], 0))
+    return [raw for tag, raw in zip(reply[0::2], reply[1::2]) if tag]
+
+
+def _tag(raw: bytes) -> str:
+    return json.loads(raw)["properties"]["delivery_tag"]
 
 
 def test_priority_list_names_match_kombu(broker):
@@ -70,9 +82,8 @@ def test_kombus_sweeper_restores_a_claimed_message_and_ack_removes_it(broker):
     _publish(connection, "layout", {"n": 2}, priority=3)
     first, second = _claim(client, "layout", now=time.time() - 60)
     assert client.llen(kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS)[1]) == 0
-    pipe = client.pipeline()
-    kombu_layout.ack_commands(pipe, [json.loads(second)["properties"]["delivery_tag"]])
-    pipe.execute()
+    ack = client.register_script(kombu_layout.ACK_SCRIPT)
+    assert ack(keys=kombu_layout.ack_keys(WORKER), args=[_tag(second)]) == 1
     connection.default_channel.qos.restore_visible(num=10)
     restored = client.lrange(kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS)[1], 0, -1)
     assert [json.loads(m)["properties"]["delivery_tag"] for m in restored] == [
@@ -88,4 +99,65 @@ def test_claim_takes_the_most_urgent_step_first_and_dead_letters_garbage(broker)
     taken = _claim(client, "layout", limit=10)
     assert [json.loads(connection.default_channel.Message(json.loads(raw), channel=connection.default_channel)
                        .body)["n"] for raw in taken] == ["urgent", "bulk"]
-    assert client.lrange(kombu_layout.DEAD_LETTER_KEY, 0, -1) == [b"not json"]
+    [record] = client.lrange(kombu_layout.DEAD_LETTER_KEY, 0, -1)
+    assert json.loads(record)["message"] == "not json" and "delivery tag" in json.loads(record)["reason"]
+
+
+def test_a_fresh_claim_is_not_restored_by_kombus_sweep_and_renewal_keeps_it_fresh(broker):
+    client, connection = broker
+    _publish(connection, "layout", {"n": 1})
+    claimed_at = time.time()
+    [raw] = _claim(client, "layout", now=claimed_at)
+    assert client.zscore(kombu_layout.UNACKED_INDEX_KEY, _tag(raw)) == pytest.approx(claimed_at)
+    time.sleep(1.5)  # past the fixture's 1 s visibility timeout: kombu would now restore an unrenewed claim
+    LeaseKeeper(client, WORKER, ttl_s=60).renew()
+    renewed = client.zscore(kombu_layout.UNACKED_INDEX_KEY, _tag(raw))
+    assert renewed > claimed_at + 1
+    connection.default_channel.qos.restore_visible(num=10)
+    assert client.hexists(kombu_layout.UNACKED_KEY, _tag(raw)), "kombu's sweep took a renewed claim"
+    assert claimed_count(client, "layout") == 1
+
+
+def test_a_lapsed_lease_puts_its_jobs_back_at_the_head_in_order(broker):
+    client, connection = broker
+    for n in range(4):
+        _publish(connection, "layout", {"n": n})
+    taken = _claim(client, "layout", limit=3)
+    assert len(taken) == 3
+    client.delete(kombu_layout.lease_key(WORKER))
+    other = LeaseKeeper(client, "layout-other", ttl_s=60)
+    other.renew()
+    assert other.reap() == 3
+    lst = kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS)[2]
+    # Consumers pop from the right: the three come back first, oldest first, before the unclaimed fourth.
+    assert [_tag(m) for m in reversed(client.lrange(lst, 0, -1))][:3] == [_tag(raw) for raw in taken]
+    assert client.hlen(kombu_layout.UNACKED_KEY) == 0 and client.zcard(kombu_layout.UNACKED_INDEX_KEY) == 0
+    assert not client.sismember(LEASE_HOLDERS_KEY, WORKER)
+    assert claimed_count(client, "layout") == 0
+    # The lapsed worker can no longer ack away the record of a claim another worker now holds.
+    retaken = _claim(client, "layout", limit=1, worker="layout-other")
+    ack = client.register_script(kombu_layout.ACK_SCRIPT)
+    assert ack(keys=kombu_layout.ack_keys(WORKER), args=[_tag(retaken[0])]) == 0
+    assert client.hexists(kombu_layout.UNACKED_KEY, _tag(retaken[0]))
+
+
+def test_a_worker_without_a_lease_claims_nothing(broker):
+    client, connection = broker
+    _publish(connection, "layout", {"n": 1})
+    keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS), "no-lease")
+    script = client.register_script(kombu_layout.CLAIM_SCRIPT)
+    assert script(keys=keys, args=kombu_layout.claim_args(10, time.time(), "no-lease", [10], 0)) == []
+    assert client.llen(kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS)[2]) == 1
+
+
+def test_claim_serves_deployments_of_one_step_round_robin_by_quantum(broker):
+    client, connection = broker
+    for n in range(20):
+        _publish(connection, "busy", {"n": n})
+    _publish(connection, "quiet", {"n": "single"})
+    client.set(kombu_layout.lease_key(WORKER), "alive", ex=60)
+    keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys(["busy", "quiet"], PRIORITY_STEPS), WORKER)
+    script = client.register_script(kombu_layout.CLAIM_SCRIPT)
+    reply = script(keys=keys, args=kombu_layout.claim_args(5, time.time(), WORKER, [4, 4], 0))
+    routed = [json.loads(raw)["properties"]["delivery_info"]["routing_key"] for raw in reply[1::2]]
+    assert routed == ["busy"] * 4 + ["quiet"], "the quiet deployment waited more than one batch of the busy one"

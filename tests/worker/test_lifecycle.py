@@ -72,18 +72,48 @@ def test_a_killed_worker_vanishes_from_discovery_and_fleet(module_fleet, two_wor
     assert _check(two_workers["config"], second.name).returncode == 1
 
 
-def test_warm_shutdown_hands_unstarted_jobs_back_to_the_queue(module_fleet, two_workers):
-    config = two_workers["config"]
-    redis = module_fleet.server.client(0)
-    lone = module_fleet.worker(config, deployments=["lc-slow"], args=["--concurrency", "2"],
+def _lone_worker(module_fleet, two_workers):
+    return module_fleet.worker(two_workers["config"], deployments=["lc-slow"], args=["--concurrency", "2"],
                                env={SLOW_S_ENV: "1.0"})
+
+
+def _terminate_then_count(module_fleet, lone) -> int:
+    """SIGTERM ``lone``; returns how many messages are back in the queue (and checks none stays unacked)."""
+    redis = module_fleet.server.client(0)
+    assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
+    keys = (b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
+    queued = sum(redis.llen(key) for key in keys)
+    assert redis.hlen("unacked") == 0
+    redis.delete(*keys)
+    return queued
+
+
+def test_warm_shutdown_hands_unstarted_jobs_back_to_the_queue(module_fleet, two_workers):
+    lone = _lone_worker(module_fleet, two_workers)
     with module_fleet.client() as client:
         jobs = [client.submit(deployment="lc-slow", inputs=[f"{SLOW_MARKER} lone {i}"]) for i in range(8)]
         time.sleep(1.0)
-        assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
+        queued = _terminate_then_count(module_fleet, lone)
         finished = [job for job in jobs if job.status().state.value == "SUCCESS"]
-        queued = sum(redis.llen(key) for key in (b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*")))
         assert 1 <= len(finished) < len(jobs)
         assert queued == len(jobs) - len(finished), "every unfinished job is back in the queue"
-        assert redis.hlen("unacked") == 0
-    redis.delete(b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
+
+
+def test_warm_shutdown_hands_back_unstarted_jobs_of_celerys_path_too(module_fleet, two_workers):
+    """Group members take Celery's own path; those not started at SIGTERM go back to the queue at once."""
+    from celery import group, signature
+
+    from producers.constants import INFER_TASK
+
+    lone = _lone_worker(module_fleet, two_workers)
+    with module_fleet.client() as client:
+        members = [signature(INFER_TASK, kwargs={"spec": {"deployment": "lc-slow",
+                                                          "inputs": [f"{SLOW_MARKER} group {i}"]}},
+                             queue="pipefleet.lc-slow", app=client.celery) for i in range(8)]
+        result = group(members).apply_async()
+        time.sleep(1.0)
+        queued = _terminate_then_count(module_fleet, lone)
+        finished = [r for r in result.results if r.state == "SUCCESS"]
+        assert "Task pipefleet.infer[" in lone.log(), "the group members did not take Celery's path"
+        assert len(finished) < len(members)
+        assert queued == len(members) - len(finished), "every unfinished group member is back in the queue"

@@ -64,3 +64,9 @@ def test_scrape_after_jobs_counts_every_job_and_item(module_fleet, served):
     assert _value(samples, "pipefleet_oom_splits_total", **labels) == 0
     assert _value(samples, "pipefleet_pending_items", **labels) == 0
     assert _value(samples, "pipefleet_items_per_second", **labels) >= 0
+    worker = {"worker": served["worker"].name}
+    assert _value(samples, "pipefleet_recovered_jobs_total", **worker) >= 0
+    assert _value(samples, "pipefleet_dead_lettered_messages_total", **worker) == 0
+    assert _value(samples, "pipefleet_oldest_claim_age_seconds", **worker) >= 0
+    for thread in ("claim", "commit", "acker", "lease", "deadlines", "watch-0", "device-cpu"):
+        assert _value(samples, "pipefleet_thread_tick_age_seconds", thread=thread, **worker) >= 0, thread

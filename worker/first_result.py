@@ -1,0 +1,62 @@
+"""Store a job's final result only if none is stored yet: a second run never replaces the first result.
+
+A job can run twice (at-least-once): its worker was paused past its lease and
+another worker ran it meanwhile, or a worker died between storing a result and
+acking the message. Celery's Redis backend reads the current state and then
+writes, so two runs that finish together can both write. Here one script on
+the result store writes ``celery-task-meta-<id>`` (and publishes it, as
+Celery's backend does) only while the stored state is not final, atomically:
+the first final result of a job is the one every reader sees, for good.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+
+STORE_FIRST_SCRIPT = """
+-- KEYS[1] the job's result key; ARGV[1] encoded meta, ARGV[2] expiry in seconds (0: none)
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
+                                       or meta.status == 'REVOKED') then
+    return 0
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+"""Write and publish a final result unless the key already holds one (1 if written)."""
+
+
+def encoded_meta(backend: Any, job_id: str, state: str, value: Any, request: Any) -> str:
+    """What Celery's Redis backend stores for a job that ended in ``state`` with ``value``."""
+    result = backend.encode_result(value, state)
+    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=request, encode=True)
+    meta["task_id"] = job_id
+    return backend.encode(meta)
+
+
+class FirstResultStore:
+    """Writes final results through :data:`STORE_FIRST_SCRIPT`, many per pipeline."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._script = backend.client.register_script(STORE_FIRST_SCRIPT)
+
+    def expiry_s(self, state: str) -> int:
+        """Seconds a result in ``state`` is kept, as Celery's backend keeps it (0: for ever)."""
+        expires = getattr(self.backend, "failure_expires", None) if state == states.FAILURE else None
+        return int(expires or self.backend.expires or 0)
+
+    def queue(self, pipe: Any, job_id: str, state: str, encoded: str) -> None:
+        """Queue one conditional write on ``pipe`` (a pipeline of the backend's client)."""
+        self._script(keys=[self.backend.get_key_for_task(job_id)], args=[encoded, self.expiry_s(state)],
+                     client=pipe)
