@@ -72,6 +72,12 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_deployments(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None) == "remove":
+        from producers.registrations import remove_deployment
+
+        removal = remove_deployment(_client(args), args.name, force=args.force)
+        print(f"removed {removal.name}; {len(removal.failed_jobs)} queued job(s) failed with UnknownDeployment")
+        return 0
     infos = _client(args).deployments()
     print(json.dumps([i.model_dump() for i in infos], indent=2))
     return 0
@@ -120,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
             verb.add_argument("--timeout", type=float, default=600.0)
         verb.set_defaults(handler=handler)
 
-    verbs.add_parser("deployments", help="list live deployments").set_defaults(handler=_cmd_deployments)
+    deployments = verbs.add_parser("deployments", help="list known deployments (and their live workers)")
+    deployments.set_defaults(handler=_cmd_deployments)
+    actions = deployments.add_subparsers(dest="action")
+    remove = actions.add_parser("remove", help="forget a deployment; its queued jobs fail with UnknownDeployment")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="even while live workers serve it")
     fleet = verbs.add_parser("fleet", help="show workers, deployments and queue depths")
     fleet.add_argument("--json", action="store_true")
     fleet.set_defaults(handler=_cmd_fleet)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from producers import chunking, streaming
 from producers.celery_app import make_celery, producer_backend_url
 from producers.construction import ConstructionRequest
-from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
+from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DISCOVERY_TTL_S, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
 from producers.discovery import DeploymentCache
 from producers.errors import InvalidParams
@@ -50,10 +50,10 @@ AREDIS_MAX_CONNECTIONS = 512
 
 
 class FleetClient:
-    """Submits jobs to deployments that live workers advertise, and tracks them."""
+    """Submits jobs to registered deployments (they queue while no worker runs), and tracks them."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, result_backend: str = DEFAULT_RESULT_BACKEND, *,
-                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = 2.0) -> None:
+                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = DISCOVERY_TTL_S) -> None:
         self.broker_url = broker_url
         self.result_backend = result_backend
         self.celery = make_celery("pipefleet-client", broker_url=broker_url,
@@ -111,12 +111,17 @@ class FleetClient:
         self.close()
 
     def deployments(self) -> list[DeploymentInfo]:
-        """Live deployments, as workers advertise them right now."""
+        """Known deployments (registered, or advertised by a live worker), each with the workers serving it now."""
         return self.access.call(self._deployments.get, fresh=True)
+
+    def live_workers(self, deployment: str) -> int:
+        """How many workers serve ``deployment`` now (0 while its jobs wait for one), as last read."""
+        infos = self.access.call(self._deployments.get)
+        return next((len(info.workers) for info in infos if info.name == deployment), 0)
 
     def resolve(self, *, task: str | None = None, model: str | None = None, deployment: str | None = None,
                 revision: str | None = None, construction: ConstructionRequest | None = None) -> DeploymentInfo:
-        """The live deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
+        """The known deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
         return self.access.call(self._deployments.match, task=task, model=model, deployment=deployment,
                                 revision=revision, construction=construction)
 
@@ -176,17 +181,20 @@ class FleetClient:
                 if info.claim_check_bytes is not None and job.payload_bytes > info.claim_check_bytes:
                     spec.inputs = self.access.call(store_payload, self.redis, spec.inputs, ttl_s=info.payload_ttl_s)
                 batch.append(self._message(job))
-                jobs.append(self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=False)))
+                jobs.append(self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=False,
+                                            deployment=info.name, deadline_ts=spec.deadline_ts)))
                 continue
             # Chords and splits go out in order with the plain jobs around them.
             self.access.call(self.publisher.publish, batch)
             batch = []
             if job.kind == "split":
-                handle = self._track(Job(self, spec.job_id, total=0, chunked=True))
+                handle = self._track(Job(self, spec.job_id, total=0, chunked=True, deployment=info.name,
+                                         deadline_ts=spec.deadline_ts))
                 self.access.call(chunking.submit_split, self.celery, self.redis, info, spec, priority=job.priority,
                                  payload_bytes=job.payload_bytes)
             else:
-                handle = self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=True))
+                handle = self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=True, deployment=info.name,
+                                         deadline_ts=spec.deadline_ts))
                 self.access.call(chunking.submit_chunked, self.celery, self.redis, info, spec,
                                  chunk_size=job.chunk_size, priority=job.priority, payload_bytes=job.payload_bytes)
             jobs.append(handle)

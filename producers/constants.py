@@ -8,6 +8,9 @@ KEY_PREFIX = "pipefleet"
 AD_KEY_PREFIX = f"{KEY_PREFIX}:ad:"
 """``pipefleet:ad:<deployment>:<worker>``: one deployment advertisement, with a TTL."""
 
+REGISTRY_KEY = f"{KEY_PREFIX}:deployments"
+"""``pipefleet:deployments``: hash of deployment name -> its registration (JSON), kept after workers stop."""
+
 PROGRESS_KEY_PREFIX = f"{KEY_PREFIX}:progress:"
 """``pipefleet:progress:<job_id>``: items done so far (INCRBY), for chunked jobs."""
 
@@ -46,6 +49,9 @@ HEARTBEAT_INTERVAL_S = 5.0
 
 HEARTBEAT_TTL_S = 15
 """Advertisements expire this long after the last heartbeat (dead workers vanish)."""
+
+DISCOVERY_TTL_S = 2.0
+"""How long a client routes by the deployments it last read before reading them again."""
 
 PRIORITY_STEPS = (0, 3, 6, 9)
 """Redis priority sub-queues; 0 is the most urgent, as in Celery's Redis transport."""

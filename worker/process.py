@@ -16,8 +16,8 @@ from celery.worker import state as worker_state
 from config import FleetConfig, load_config
 from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
-from producers.schemas import Construction, DeploymentAd
-from worker.advertise import Advertiser
+from producers.schemas import Construction, DeploymentAd, DeploymentTerms
+from worker.advertise import Advertiser, register, registration_of
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
@@ -79,6 +79,35 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
         advertiser.stop()
 
 
+def deployment_terms(config: FleetConfig, name: str, construction: Construction | None = None) -> DeploymentTerms:
+    """What deployment ``name`` of ``config`` serves and the limits it accepts jobs under."""
+    d = config.deployment(name)
+    return DeploymentTerms(
+        name=name, task=d.task, model=d.model, revision=d.revision, queue=queue_name(name),
+        max_batch_size=d.max_batch_size, chunk_size=d.chunk_size,
+        max_inputs_per_job=config.limits.max_inputs_per_job, max_payload_bytes=config.limits.max_payload_bytes,
+        claim_check_bytes=config.limits.claim_check_bytes, payload_ttl_s=config.limits.payload_ttl_s,
+        construction=construction)
+
+
+def register_only(config: FleetConfig, names: list[str]) -> int:
+    """``pipefleet worker --register-only``: register ``names`` from the config alone and exit.
+
+    No model is loaded, so the registrations carry no construction facts
+    (``construction = None``) until a worker serving them starts and rewrites them.
+    """
+    from producers.redis_clients import redis_client
+
+    try:
+        register(redis_client(config.broker_url, config.redis_options()),
+                 [registration_of(deployment_terms(config, name), "config") for name in names])
+    except redis_lib.RedisError as error:
+        print(f"pipefleet worker: cannot register in Redis: {error}", file=sys.stderr)
+        return 1
+    print(f"registered: {', '.join(names)}")
+    return 0
+
+
 def _make_ads(runtime: Runtime):
     pid = os.getpid()
     started = time.time()
@@ -87,18 +116,14 @@ def _make_ads(runtime: Runtime):
     def make() -> list[DeploymentAd]:
         ads = []
         for name, served in runtime.deployments.items():
-            d = served.config
             if name not in built:
-                built[name] = construction_facts(d, served.pipeline)
+                built[name] = construction_facts(served.config, served.pipeline)
+            terms = deployment_terms(runtime.config, name, built[name])
             ads.append(DeploymentAd(
-                name=name, task=d.task, model=d.model, revision=d.revision, worker=runtime.worker_name,
-                device=served.device, queue=queue_name(name), max_batch_size=d.max_batch_size,
-                chunk_size=d.chunk_size, max_inputs_per_job=runtime.config.limits.max_inputs_per_job,
-                max_payload_bytes=runtime.config.limits.max_payload_bytes,
-                claim_check_bytes=runtime.config.limits.claim_check_bytes,
-                payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
+                **terms.model_dump(exclude={"construction"}), construction=built[name],
+                worker=runtime.worker_name, device=served.device, pid=pid, started_at=started,
                 in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
-                pending_items=served.batcher.pending_count(), construction=built[name],
+                pending_items=served.batcher.pending_count(),
             ))
         return ads
 
@@ -154,6 +179,8 @@ def run_worker(args: argparse.Namespace) -> int:
         from worker.health import check
 
         return check(config, names, args.name)
+    if args.register_only:
+        return register_only(config, names)
     worker_name = args.name or f"pipefleet-{socket.gethostname()}-{os.getpid()}"
     runtime = Runtime(config, worker_name)
     try:
