@@ -1,7 +1,7 @@
 """The ``pipefleet`` command: client verbs here, server verbs loaded on demand.
 
-Client verbs: ``submit``, ``status``, ``result``, ``cancel``, ``deployments``, ``fleet``,
-``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``, ``gateway``.
+Client verbs: ``submit``, ``status``, ``result``, ``cancel``, ``deployments`` (``remove``), ``fleet``,
+``backlog``, ``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``, ``gateway``.
 """
 
 from __future__ import annotations
@@ -91,6 +91,17 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backlog(args: argparse.Namespace) -> int:
+    from producers.backlog import backlogs
+    from producers.errors import UnknownDeployment
+
+    client = _client(args)
+    if args.deployment not in {info.name for info in client.deployments()}:
+        raise UnknownDeployment(f"no deployment {args.deployment!r} is registered or live")
+    print(client.access.call(backlogs, client.redis, [args.deployment])[0].total)
+    return 0
+
+
 def _cmd_run_dataset(args: argparse.Namespace) -> int:
     from producers.datasets import run_dataset
 
@@ -135,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = verbs.add_parser("fleet", help="show workers, deployments and queue depths")
     fleet.add_argument("--json", action="store_true")
     fleet.set_defaults(handler=_cmd_fleet)
+
+    backlog = verbs.add_parser("backlog", help="print one deployment's backlog: queued (every priority) + claimed")
+    backlog.add_argument("deployment")
+    backlog.set_defaults(handler=_cmd_backlog)
 
     dataset = verbs.add_parser("run-dataset", help="run a jsonl/csv/parquet file through a deployment")
     dataset.add_argument("--task")
