@@ -150,7 +150,8 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fleet = client or FleetClient(config.broker_url, config.result_backend, result_ttl_s=config.result_ttl_s,
-                                      visibility_timeout_s=config.visibility_timeout_s)
+                                      visibility_timeout_s=config.visibility_timeout_s,
+                                      redis_options=config.redis_options())
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="gateway"))
         app.state.gateway = GatewayState(client=fleet, config=config, metrics=metrics)

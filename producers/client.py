@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any, Iterable, Iterator
 
-import redis as redis_lib
 from pydantic import ValidationError
 
 from producers import chunking, streaming
@@ -28,6 +27,7 @@ from producers.job import Job, gather, gather_async
 from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
 from producers.redis_access import RedisAccess, safe_url
+from producers.redis_clients import RedisOptions, async_redis_pool, redis_client
 from producers.requests import JobRequest, PreparedJob, prepare
 from producers.results import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
@@ -53,27 +53,36 @@ class FleetClient:
     """Submits jobs to registered deployments (they queue while no worker runs), and tracks them."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, result_backend: str = DEFAULT_RESULT_BACKEND, *,
-                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = DISCOVERY_TTL_S) -> None:
+                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = DISCOVERY_TTL_S,
+                 redis_options: RedisOptions | None = None) -> None:
         self.broker_url = broker_url
         self.result_backend = result_backend
+        self.redis_options = redis_options or RedisOptions()
+        """Sentinel master name and credentials, TLS files, replica acknowledgements: for every connection."""
         self.celery = make_celery("pipefleet-client", broker_url=broker_url,
                                   result_backend=producer_backend_url(result_backend), result_ttl_s=result_ttl_s,
-                                  visibility_timeout_s=visibility_timeout_s)
+                                  visibility_timeout_s=visibility_timeout_s, redis_options=self.redis_options)
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
-        self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
+        self.redis = redis_client(broker_url, self.redis_options, socket_connect_timeout=5, health_check_interval=30)
         self._aredis: Any = None
         self.access = RedisAccess(self.redis, broker_url)
         """Runs this client's Redis calls, mapping refusals and outages onto FleetUnavailable."""
-        self.publisher = Publisher(self.celery, self.redis)
+        self.publisher = Publisher(self.celery, self.redis,
+                                   wait_replicas=self.redis_options.replicas_to_wait_for(broker_url),
+                                   wait_timeout_ms=self.redis_options.wait_timeout_ms)
         """Builds Celery task messages and pushes many in one round trip."""
-        self.waiter = ResultWaiter(self.celery.backend, result_backend)
+        self.waiter = ResultWaiter(self.celery.backend, result_backend, self.redis_options)
         """Waits for the results of every job of this client, with one thread and MGETs."""
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "FleetClient":
-        """A client for ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` (or the defaults)."""
+        """A client for ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` (or the defaults).
+
+        ``sentinel://`` URLs take their master's name from ``PIPEFLEET_SENTINEL_MASTER_NAME``; TLS
+        files and replica acknowledgements come from the other variables :meth:`RedisOptions.from_env` reads.
+        """
         settings: dict[str, Any] = {
             "broker_url": os.environ.get("PIPEFLEET_BROKER_URL", DEFAULT_BROKER_URL),
             "result_backend": os.environ.get("PIPEFLEET_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
@@ -81,6 +90,7 @@ class FleetClient:
         if "PIPEFLEET_VISIBILITY_TIMEOUT_S" in os.environ:
             settings["visibility_timeout_s"] = int(os.environ["PIPEFLEET_VISIBILITY_TIMEOUT_S"])
         settings.update(overrides)
+        settings.setdefault("redis_options", RedisOptions.from_env())
         return cls(**settings)
 
     @property
@@ -93,8 +103,8 @@ class FleetClient:
         if self._aredis is None or self._aredis[0] is not loop:
             # Each open event stream holds a connection in XREAD BLOCK: a blocking pool makes the
             # stream past the pool's size wait for a connection instead of failing.
-            pool = aredis_lib.BlockingConnectionPool.from_url(
-                self.broker_url, max_connections=AREDIS_MAX_CONNECTIONS, timeout=None, socket_connect_timeout=5)
+            pool = async_redis_pool(self.broker_url, self.redis_options, max_connections=AREDIS_MAX_CONNECTIONS,
+                                    socket_connect_timeout=5)
             self._aredis = (loop, aredis_lib.Redis(connection_pool=pool))
         return self._aredis[1]
 
@@ -198,6 +208,7 @@ class FleetClient:
                 self.access.call(chunking.submit_chunked, self.celery, self.redis, info, spec,
                                  chunk_size=job.chunk_size, priority=job.priority, payload_bytes=job.payload_bytes)
             jobs.append(handle)
+            self.access.call(self.publisher.replicated)
         self.access.call(self.publisher.publish, batch)
         return jobs
 

@@ -23,6 +23,9 @@ CANCEL_KEY_PREFIX = f"{KEY_PREFIX}:cancel:"
 PAYLOAD_KEY_PREFIX = f"{KEY_PREFIX}:payload:"
 """``pipefleet:payload:<uuid>``: a large input stored once (claim check)."""
 
+REPLICATION_BARRIER_KEY = f"{KEY_PREFIX}:replication-barrier"
+"""A throwaway key written to learn when a replica caught up with every earlier write (``WAIT``)."""
+
 QUEUE_PREFIX = "pipefleet."
 """Each deployment consumes the Celery queue ``pipefleet.<deployment>``."""
 

@@ -38,6 +38,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport.virtual import Message
 from vine import promise
 
+from producers.redis_clients import RedisOptions, redis_client
 from producers.constants import CANCEL_KEY_PREFIX
 from worker import kombu_layout
 from worker.retrying import RETRY_DELAY_S, pipeline_until_done
@@ -170,15 +171,17 @@ class BulkConsumer:
 
     def __init__(self, celery_consumer: Any, *, broker_url: str, queues: list[str],
                  priority_steps: tuple[int, ...], concurrency: int,
-                 hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> None:
+                 hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None,
+                 redis_options: RedisOptions | None = None) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
+        self._redis_options = redis_options
         self._concurrency = concurrency
         self._queue_keys = kombu_layout.priority_queue_keys(queues, priority_steps)
-        self._client = redis_lib.Redis.from_url(broker_url)
+        self._client = redis_client(broker_url, redis_options)
         self._claim = self._client.register_script(kombu_layout.CLAIM_SCRIPT)
         self._keys = kombu_layout.claim_keys(self._queue_keys)
-        self.acker = BulkAcker(redis_lib.Redis.from_url(broker_url))
+        self.acker = BulkAcker(redis_client(broker_url, redis_options))
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake)
@@ -192,7 +195,7 @@ class BulkConsumer:
         self.hot_path = hot_path(celery_consumer, self._on_task_done) if hot_path is not None else None
 
     def _watch_client(self) -> redis_lib.Redis:
-        return redis_lib.Redis.from_url(self._broker_url, socket_timeout=WATCH_TIMEOUT_S + 10)
+        return redis_client(self._broker_url, self._redis_options, socket_timeout=WATCH_TIMEOUT_S + 10)
 
     def start(self) -> None:
         """Start claiming, or resume after :meth:`pause` (Celery restarts its consumer after a reconnect)."""
@@ -332,7 +335,8 @@ class BulkConsumer:
 
 def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tuple[int, ...],
                        concurrency: int, on_create: Callable[[BulkConsumer], None],
-                       hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None) -> type:
+                       hot_path: Callable[[Any, Callable[[int], None]], Any] | None = None,
+                       redis_options: RedisOptions | None = None) -> type:
     """A consumer bootstep class that runs a :class:`BulkConsumer` on ``queues``."""
 
     class BulkConsumerStep(bootsteps.StartStopStep):
@@ -349,7 +353,7 @@ def bulk_consumer_step(*, broker_url: str, queues: list[str], priority_steps: tu
             if self.consumer is None:
                 self.consumer = BulkConsumer(c, broker_url=broker_url, queues=queues,
                                              priority_steps=priority_steps, concurrency=concurrency,
-                                             hot_path=hot_path)
+                                             hot_path=hot_path, redis_options=redis_options)
                 on_create(self.consumer)
             self.consumer.start()
 

@@ -323,7 +323,10 @@ class HotPath:
                     pipe.setex(key, backend.expires, value)
                     pipe.publish(key, value)
 
-            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs")
+            options = self.runtime.config.redis_options()
+            pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs",
+                                wait_replicas=options.replicas_to_wait_for(self.runtime.config.result_backend),
+                                wait_timeout_ms=options.wait_timeout_ms)
         for job, state, value in outcomes:
             if state == states.REVOKED:
                 backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)

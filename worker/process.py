@@ -16,6 +16,7 @@ from celery.worker import state as worker_state
 from config import FleetConfig, load_config
 from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
+from producers.redis_clients import redis_client
 from producers.schemas import Construction, DeploymentAd, DeploymentTerms
 from worker.advertise import Advertiser, register, registration_of
 from worker.construction import construction_facts
@@ -96,8 +97,6 @@ def register_only(config: FleetConfig, names: list[str]) -> int:
     No model is loaded, so the registrations carry no construction facts
     (``construction = None``) until a worker serving them starts and rewrites them.
     """
-    from producers.redis_clients import redis_client
-
     try:
         register(redis_client(config.broker_url, config.redis_options()),
                  [registration_of(deployment_terms(config, name), "config") for name in names])
@@ -188,7 +187,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"pipefleet worker: {error}", file=sys.stderr)
         return 3
-    runtime.redis = redis_lib.Redis.from_url(config.broker_url)
+    runtime.redis = redis_client(config.broker_url, config.redis_options())
     queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
 
     def queue_has_ready(name: str) -> bool:
@@ -246,7 +245,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
     app.steps["consumer"].add(bulk_consumer_step(
         broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
-        concurrency=concurrency, on_create=consumers.append, hot_path=hot_path))
+        concurrency=concurrency, on_create=consumers.append, hot_path=hot_path,
+        redis_options=config.redis_options()))
     # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
     # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(
