@@ -10,7 +10,7 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.result import GroupResult
 
 from producers.constants import PRIORITY_STEPS
-from producers.redis_clients import RedisOptions, check_replicas, is_sentinel, wait_for_replicas
+from producers.redis_clients import RedisOptions, ReplicaWait, is_sentinel
 
 WAIT_REPLICAS_SETTING = "pipefleet_wait_replicas"
 """Celery setting (pipefleet's own) read by :class:`ReplicatedResults`: replicas each result write waits for."""
@@ -128,9 +128,18 @@ class ReplicatedResults:
     closes that window; see :mod:`producers.redis_clients`.
     """
 
+    @property
+    def replica_wait(self) -> ReplicaWait:
+        """This backend's :class:`ReplicaWait`, from the app's ``pipefleet_wait_*`` settings."""
+        wait = self.__dict__.get("_replica_wait")
+        if wait is None:
+            wait = self.__dict__["_replica_wait"] = ReplicaWait(
+                int(self.app.conf.get(WAIT_REPLICAS_SETTING) or 0), int(self.app.conf.get(WAIT_TIMEOUT_SETTING)))
+        return wait
+
     def _set(self, key, value, expires=None):
-        replicas = int(self.app.conf.get(WAIT_REPLICAS_SETTING) or 0)
-        if not replicas:
+        wait = self.replica_wait
+        if not wait.replicas:
             return super()._set(key, value, expires)
         expires = self.expires if expires is None else expires
         with self.client.pipeline(transaction=False) as pipe:
@@ -139,8 +148,7 @@ class ReplicatedResults:
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)
-            wait_for_replicas(pipe, replicas, int(self.app.conf.get(WAIT_TIMEOUT_SETTING)))
-            check_replicas(pipe.execute()[-1], replicas, f"result {key!r}")
+            wait.execute(pipe, f"result {key!r}")
 
 
 class WorkerRedisBackend(ReplicatedResults, RedisBackend):

@@ -27,7 +27,7 @@ from producers.job import Job, gather, gather_async
 from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
 from producers.redis_access import RedisAccess, safe_url
-from producers.redis_clients import RedisOptions, async_redis_pool, redis_client
+from producers.redis_clients import RedisOptions, ReplicaWait, async_redis_pool, redis_client
 from producers.requests import JobRequest, PreparedJob, prepare
 from producers.results import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
@@ -68,9 +68,8 @@ class FleetClient:
         self._aredis: Any = None
         self.access = RedisAccess(self.redis, broker_url)
         """Runs this client's Redis calls, mapping refusals and outages onto FleetUnavailable."""
-        self.publisher = Publisher(self.celery, self.redis,
-                                   wait_replicas=self.redis_options.replicas_to_wait_for(broker_url),
-                                   wait_timeout_ms=self.redis_options.wait_timeout_ms)
+        self.publisher = Publisher(self.celery, self.redis, wait=ReplicaWait(
+            self.redis_options.replicas_to_wait_for(broker_url), self.redis_options.wait_timeout_ms))
         """Builds Celery task messages and pushes many in one round trip."""
         self.waiter = ResultWaiter(self.celery.backend, result_backend, self.redis_options)
         """Waits for the results of every job of this client, with one thread and MGETs."""

@@ -38,8 +38,7 @@ import redis as redis_lib
 from kombu.utils.json import dumps as kombu_dumps
 
 from producers.constants import PRIORITY_STEPS
-from producers.redis_clients import (DEFAULT_WAIT_TIMEOUT_MS, check_replicas, replication_barrier,
-                                     wait_for_replicas)
+from producers.redis_clients import NO_WAIT, ReplicaWait, replication_barrier
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +99,11 @@ def build_message(app: Any, task: str, *, task_id: str, kwargs: dict[str, Any], 
 class Publisher:
     """Builds and pushes one client's task messages: ``publisher.publish([publisher.message(...), ...])``."""
 
-    def __init__(self, app: Any, redis: Any, *, wait_replicas: int = 0,
-                 wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
+    def __init__(self, app: Any, redis: Any, *, wait: ReplicaWait = NO_WAIT) -> None:
         self.app = app
         self.redis = redis
-        self.wait_replicas = wait_replicas
-        """Replicas that must hold a published batch before :meth:`publish` returns (0: none)."""
-        self.wait_timeout_ms = wait_timeout_ms
+        self.wait = wait
+        """Replicas that must hold a published batch before :meth:`publish` returns."""
 
     def message(self, task: str, **options: Any) -> TaskMessage:
         """:func:`build_message` with this client's Celery app."""
@@ -115,13 +112,11 @@ class Publisher:
     def publish(self, messages: list[TaskMessage]) -> None:
         """:func:`publish` on this client's broker, with its Celery publish retry policy."""
         if messages:
-            publish(self.redis, messages, retry_policy=self.app.conf.task_publish_retry_policy,
-                    wait_replicas=self.wait_replicas, wait_timeout_ms=self.wait_timeout_ms)
+            publish(self.redis, messages, retry_policy=self.app.conf.task_publish_retry_policy, wait=self.wait)
 
     def replicated(self) -> None:
         """Return once a replica holds every write made so far, by any connection (after chords and splits)."""
-        if self.wait_replicas:
-            replication_barrier(self.redis, self.wait_replicas, self.wait_timeout_ms)
+        replication_barrier(self.redis, self.wait)
 
 
 def _retry_delays(policy: dict[str, Any]) -> Iterable[float]:
@@ -133,25 +128,24 @@ def _retry_delays(policy: dict[str, Any]) -> Iterable[float]:
 
 
 def publish(redis: Any, messages: list[TaskMessage], *, retry_policy: dict[str, Any] | None = None,
-            wait_replicas: int = 0, wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
+            wait: ReplicaWait = NO_WAIT) -> None:
     """Push ``messages`` in order, in as few round trips as :data:`PIPELINE_MAX_MESSAGES` allows.
 
     Consecutive messages for the same list go out in one ``LPUSH``; a consumer
     popping from the right takes them in the order given. Through a Redis
     outage the batch is retried with ``retry_policy`` (kombu's ``ensure`` keys).
-    With ``wait_replicas``, each round trip ends once that many replicas hold it.
+    With ``wait``, each round trip ends once its replicas hold it (see :class:`ReplicaWait`).
     """
     for start in range(0, len(messages), PIPELINE_MAX_MESSAGES):
-        _publish_once_or_retry(redis, messages[start:start + PIPELINE_MAX_MESSAGES], retry_policy or {},
-                               (wait_replicas, wait_timeout_ms))
+        _publish_once_or_retry(redis, messages[start:start + PIPELINE_MAX_MESSAGES], retry_policy or {}, wait)
 
 
 def _publish_once_or_retry(redis: Any, messages: list[TaskMessage], policy: dict[str, Any],
-                           wait: tuple[int, int]) -> None:
+                           wait: ReplicaWait) -> None:
     delays = iter(_retry_delays(policy))
     while True:
         try:
-            _push(redis, messages, *wait)
+            _push(redis, messages, wait)
             return
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as error:
             if isinstance(error, redis_lib.AuthenticationError):
@@ -163,21 +157,18 @@ def _publish_once_or_retry(redis: Any, messages: list[TaskMessage], policy: dict
             time.sleep(delay)
 
 
-def _push(redis: Any, messages: list[TaskMessage], wait_replicas: int = 0,
-          wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
+def _push(redis: Any, messages: list[TaskMessage], wait: ReplicaWait = NO_WAIT) -> None:
     runs: list[tuple[str, list[str]]] = []
     for message in messages:
         if runs and runs[-1][0] == message.key:
             runs[-1][1].append(message.raw)
         else:
             runs.append((message.key, [message.raw]))
-    if len(runs) == 1 and not wait_replicas:
+    if len(runs) == 1 and not wait.replicas:
         redis.lpush(runs[0][0], *runs[0][1])
         return
     with redis.pipeline(transaction=False) as pipe:
         for key, raws in runs:
             pipe.lpush(key, *raws)
         # In the same pipeline: WAIT counts the writes of its own connection.
-        wait_for_replicas(pipe, wait_replicas, wait_timeout_ms)
-        replies = pipe.execute()
-    check_replicas(replies[-1], wait_replicas, f"{len(messages)} published job(s)")
+        wait.execute(pipe, f"{len(messages)} published job(s)")

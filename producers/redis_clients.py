@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -168,30 +169,89 @@ def async_redis_pool(url: str, options: RedisOptions | None = None, *, max_conne
                                 **client_kwargs)
 
 
-def wait_for_replicas(pipe: Any, replicas: int, timeout_ms: int) -> None:
-    """Queue ``WAIT`` on ``pipe``: its reply comes once ``replicas`` replicas hold every write before it."""
-    if replicas > 0:
-        pipe.execute_command("WAIT", replicas, timeout_ms)
+PROBE_TIMEOUT_MS = 10
+"""While no replica keeps up, one write per :data:`PROBE_INTERVAL_S` waits this long to learn whether one is back."""
+
+PROBE_INTERVAL_S = 1.0
+"""How often a degraded :class:`ReplicaWait` checks for a replica again."""
 
 
-def replication_barrier(redis: Any, replicas: int, timeout_ms: int) -> None:
-    """Return once ``replicas`` replicas hold every write the master took so far, from any connection.
+class ReplicaWait:
+    """When and how long writes wait for replica acknowledgements (``WAIT``), shared by one client's writes.
+
+    Normally every protected write ends in ``WAIT replicas timeout_ms``. When a
+    ``WAIT`` comes back short (the master has lost its replica, as right after
+    a failover), the writes that follow stop waiting: one write per
+    :data:`PROBE_INTERVAL_S` probes with a :data:`PROBE_TIMEOUT_MS` wait, and full
+    waits resume once a replica acknowledges again. Writes made meanwhile are
+    not protected: a second failover before a replica catches up could lose
+    them (logged once per episode).
+    """
+
+    def __init__(self, replicas: int, timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self._degraded_since: float | None = None
+        self._next_probe = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        """True while writes go on without a replica's acknowledgement."""
+        return self._degraded_since is not None
+
+    def add(self, pipe: Any) -> bool:
+        """Queue ``WAIT`` on ``pipe`` when due (last in the pipeline); returns whether it was queued."""
+        if self.replicas <= 0:
+            return False
+        if self._degraded_since is None:
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+            return True
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_INTERVAL_S
+        pipe.execute_command("WAIT", self.replicas, PROBE_TIMEOUT_MS)
+        return True
+
+    def check(self, acknowledged: Any, what: str) -> None:
+        """Record the reply of a queued ``WAIT`` for ``what``."""
+        if not isinstance(acknowledged, int):
+            return
+        if acknowledged >= self.replicas:
+            if self._degraded_since is not None:
+                logger.warning("a replica acknowledges writes again after %.1f s; writes are protected again",
+                               time.monotonic() - self._degraded_since)
+            self._degraded_since = None
+        elif self._degraded_since is None:
+            self._degraded_since = time.monotonic()
+            self._next_probe = self._degraded_since + PROBE_INTERVAL_S
+            logger.warning("%s reached %d of %d replica(s) within %d ms: writes go on unprotected (a failover "
+                           "before a replica catches up could lose them) until a replica acknowledges again",
+                           what, acknowledged, self.replicas, self.timeout_ms)
+
+    def execute(self, pipe: Any, what: str) -> list[Any]:
+        """Run ``pipe`` with ``WAIT`` added when due; returns the replies of the caller's own commands."""
+        waited = self.add(pipe)
+        replies = pipe.execute()
+        if waited:
+            self.check(replies[-1], what)
+            return replies[:-1]
+        return replies
+
+
+NO_WAIT = ReplicaWait(0)
+"""Writes that wait for no replica."""
+
+
+def replication_barrier(redis: Any, wait: ReplicaWait) -> None:
+    """Return once ``wait.replicas`` replicas hold every write the master took so far, from any connection.
 
     Replication is one ordered stream, so a replica that holds a write made now
     holds all earlier ones: used after writes made by connections pipefleet does
     not own (Celery's chord and split publishing).
     """
-    if replicas <= 0:
+    if wait.replicas <= 0:
         return
     with redis.pipeline(transaction=False) as pipe:
         pipe.set(REPLICATION_BARRIER_KEY, "1", px=60_000)
-        wait_for_replicas(pipe, replicas, timeout_ms)
-        replies = pipe.execute()
-    check_replicas(replies[-1], replicas, "earlier writes")
-
-
-def check_replicas(acknowledged: Any, replicas: int, what: str) -> None:
-    """Log when fewer replicas than asked acknowledged ``what`` (the writes stand, unprotected by a failover)."""
-    if replicas > 0 and isinstance(acknowledged, int) and acknowledged < replicas:
-        logger.warning("%s reached %d of %d replica(s) in time: a failover now could lose it", what,
-                       acknowledged, replicas)
+        wait.execute(pipe, "earlier writes")

@@ -39,6 +39,7 @@ from celery.worker import state as worker_state
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.redis_clients import NO_WAIT
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
@@ -323,10 +324,8 @@ class HotPath:
                     pipe.setex(key, backend.expires, value)
                     pipe.publish(key, value)
 
-            options = self.runtime.config.redis_options()
             pipeline_until_done(backend.client, store, f"the results of {len(successes)} jobs",
-                                wait_replicas=options.replicas_to_wait_for(self.runtime.config.result_backend),
-                                wait_timeout_ms=options.wait_timeout_ms)
+                                wait=getattr(backend, "replica_wait", NO_WAIT))
         for job, state, value in outcomes:
             if state == states.REVOKED:
                 backend.mark_as_revoked(job.job_id, "cancelled", request=job.request)

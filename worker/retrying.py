@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import redis as redis_lib
 
-from producers.redis_clients import DEFAULT_WAIT_TIMEOUT_MS, check_replicas, wait_for_replicas
+from producers.redis_clients import NO_WAIT, ReplicaWait
 
 logger = logging.getLogger(__name__)
 
@@ -16,21 +16,19 @@ RETRY_DELAY_S = 0.5
 """Pause between two tries of a write Redis refused."""
 
 
-def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str, *, wait_replicas: int = 0,
-                        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS) -> None:
+def pipeline_until_done(client: Any, fill: Callable[[Any], None], what: str, *,
+                        wait: ReplicaWait = NO_WAIT) -> None:
     """Run ``fill(pipe)`` then the pipeline, again after each Redis error, until it succeeds.
 
     Used for results and acks: dropping either would lose a finished job's output or make
-    kombu deliver it again. With ``wait_replicas`` the pipeline ends in ``WAIT``, so it
-    returns once a replica holds the writes (results, before their jobs are acked).
+    kombu deliver it again. With ``wait`` the pipeline ends in ``WAIT``, so it returns
+    once a replica holds the writes (results, before their jobs are acked).
     """
     while True:
         try:
             pipe = client.pipeline(transaction=False)
             fill(pipe)
-            wait_for_replicas(pipe, wait_replicas, wait_timeout_ms)
-            replies = pipe.execute()
-            check_replicas(replies[-1] if replies else None, wait_replicas, what)
+            wait.execute(pipe, what)
             return
         except redis_lib.RedisError as error:
             logger.warning("cannot write %s (%s); retrying", what, error)

@@ -1,0 +1,108 @@
+"""Sentinel failover under load: the master is SIGKILLed while 600 jobs are being submitted.
+
+Real processes only: a master, a replica and three Sentinels (``tests/ha_infra.py``), a
+``pipefleet worker`` on ``sentinel://`` URLs with ``sentinel_master_name`` in its config, and a
+producer built by ``FleetClient.from_env()`` with ``PIPEFLEET_SENTINEL_MASTER_NAME``.
+Every job must complete with the in-process output (0 lost, 0 wrong), and a job
+submitted after the kill must complete within 15 s of it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from producers import FleetClient
+from tests.fleet import start_worker, write_config
+from tests.ha_infra import SentinelCluster
+from tests.oracle import assert_same, local_pipeline
+
+N_JOBS = 600
+KILL_AFTER = 200
+RECOVERY_S = 15.0
+DEPLOYMENT = "ha-tc"
+TEXTS = ["good service", "awful food", "fine, I guess", "what a wonderful day", "never again"]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    instance = SentinelCluster(tmp_path / "redis").start()
+    yield instance
+    instance.stop()
+
+
+def _failover_under_load(cluster: SentinelCluster, tmp_path, model: str, monkeypatch, *,
+                         old_master_returns: bool) -> None:
+    config = write_config(tmp_path / "fleet.toml", broker_url=cluster.url(0), result_backend=cluster.url(1),
+                          sentinel_master_name=cluster.master_name, visibility_timeout_s=20,
+                          deployments=[{"name": DEPLOYMENT, "task": "text-classification", "model": model,
+                                        "max_batch_size": 16}])
+    worker = start_worker(config, tmp_path, redis_client=cluster.master().client(0))
+    monkeypatch.setenv("PIPEFLEET_BROKER_URL", cluster.url(0))
+    monkeypatch.setenv("PIPEFLEET_RESULT_BACKEND", cluster.url(1))
+    monkeypatch.setenv("PIPEFLEET_SENTINEL_MASTER_NAME", cluster.master_name)
+    jobs, errors = [], []
+    killed = threading.Event()
+    kill_state = {}
+    try:
+        with FleetClient.from_env() as client:
+            def submit_all() -> None:
+                try:
+                    for i in range(N_JOBS):
+                        if i == KILL_AFTER:
+                            killed.wait(30)
+                        jobs.append((client.submit(deployment=DEPLOYMENT, inputs=TEXTS[i % len(TEXTS)]),
+                                     time.monotonic()))
+                except Exception as error:  # reported below: a submit that raised is a lost job
+                    errors.append(error)
+
+            submitter = threading.Thread(target=submit_all)
+            submitter.start()
+            while len(jobs) < KILL_AFTER and submitter.is_alive():
+                time.sleep(0.01)
+            before = [job for job, _ in jobs]
+            unfinished = sum(1 for job in before if job.status().state.value in ("PENDING", "RUNNING"))
+            victim = cluster.kill_master()
+            killed_at = time.monotonic()
+            kill_state.update(returncode=victim.proc.returncode, unfinished=unfinished)
+            killed.set()
+            new_master = cluster.wait_for_failover(victim)
+            if old_master_returns:
+                cluster.restart_old_master(victim)
+            submitter.join(300)
+            assert not errors, errors
+            assert kill_state["returncode"] == -9 and new_master is not victim
+            assert kill_state["unfinished"] > 0  # the kill caught jobs in flight
+
+            after_kill = [job for job, submitted_at in jobs if submitted_at > killed_at]
+            assert after_kill, "no job was submitted after the kill"
+            after_kill[0].result(timeout=max(0.1, RECOVERY_S - (time.monotonic() - killed_at)))
+            assert time.monotonic() - killed_at <= RECOVERY_S + 0.5
+
+            outputs = client.results([job for job, _ in jobs], timeout=300, return_exceptions=True)
+            local = local_pipeline("text-classification", model)
+            expected = {text: local(text) for text in TEXTS}
+            lost = [job.id for (job, _), out in zip(jobs, outputs) if isinstance(out, Exception)]
+            assert len(jobs) == N_JOBS and not lost, (lost[:5], outputs[:1], worker.log()[-3000:])
+            for index, output in enumerate(outputs):
+                assert_same(output, expected[TEXTS[index % len(TEXTS)]])
+        runs = Counter(re.findall(r"job (\S+) on ha-tc: SUCCESS", worker.log()))
+        duplicates = sum(count - 1 for count in runs.values() if count > 1)
+        print(f"failover: 0 lost of {N_JOBS}, {duplicates} run twice (at least once), "
+              f"{kill_state['unfinished']} unfinished at the kill")
+    finally:
+        worker.kill()
+
+
+def test_master_killed_under_load_loses_nothing(cluster, tmp_path, model_dir, monkeypatch):
+    _failover_under_load(cluster, tmp_path, str(model_dir("text-classification")), monkeypatch,
+                         old_master_returns=False)
+
+
+def test_master_killed_under_load_and_back_as_a_replica_loses_nothing(cluster, tmp_path, model_dir, monkeypatch):
+    _failover_under_load(cluster, tmp_path, str(model_dir("text-classification")), monkeypatch,
+                         old_master_returns=True)
