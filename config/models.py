@@ -200,6 +200,9 @@ class FleetConfig(BaseModel):
     task_events: bool = False
     """Send Celery task events from the start; Flower switches them on by itself while it watches."""
     log_json: bool = False
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    """After SIGTERM, running batches get this long to finish before the worker exits anyway (unstarted jobs
+    are handed back at once). Keep it under Kubernetes' ``terminationGracePeriodSeconds``."""
     heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
     """How often a worker refreshes its advertisements."""
     heartbeat_ttl_s: int = Field(default=HEARTBEAT_TTL_S, gt=0)

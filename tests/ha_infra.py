@@ -188,3 +188,125 @@ class SentinelCluster:
     def stop(self) -> None:
         for process in [*self.sentinels, *self.servers]:
             process.stop()
+
+
+ACL_CATEGORIES = ("+@connection +@read +@write +@keyspace +@list +@hash +@string +@set +@sortedset +@stream "
+                  "+@pubsub +@scripting +@transaction -@dangerous +wait +info")
+"""The commands pipefleet needs: data commands, pub/sub, scripts and transactions, WAIT; nothing @dangerous."""
+
+ACL_KEY_PATTERNS = "~pipefleet* ~celery* ~unacked* ~_kombu.* ~*.reply.celery.pidbox"
+"""The keys pipefleet, Celery and kombu write: queues, results, claims, bindings, control replies."""
+
+
+def pipefleet_acl_line(user: str, password: str) -> str:
+    """The ACL rule of a user limited to what pipefleet needs (docs/production.md shows the same line)."""
+    return f"user {user} on >{password} resetkeys {ACL_KEY_PATTERNS} resetchannels &* -@all {ACL_CATEGORIES}"
+
+
+class TlsCertificates:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, written as PEM files."""
+
+    def __init__(self, directory: Path) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def name(common: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+        def write_key(key, path: Path) -> Path:
+            path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+            return path
+
+        def write_cert(cert, path: Path) -> Path:
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            return path
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (x509.CertificateBuilder().subject_name(name("pipefleet test CA")).issuer_name(name("pipefleet test CA"))
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                           content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                           key_agreement=False, encipher_only=False, decipher_only=False),
+                             critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        self.ca_file = write_cert(ca, directory / "ca.pem")
+
+        def issue(common: str, usage, san=None):
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(ca.subject)
+                       .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(minutes=5))
+                       .not_valid_after(now + datetime.timedelta(days=1))
+                       .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+            if san:
+                builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+            return key, builder.sign(ca_key, hashes.SHA256())
+
+        server_key, server = issue("127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH,
+                                   [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        self.server_cert = write_cert(server, directory / "server.pem")
+        self.server_key = write_key(server_key, directory / "server.key")
+        client_key, client = issue("pipefleet client", ExtendedKeyUsageOID.CLIENT_AUTH)
+        self.client_cert = write_cert(client, directory / "client.pem")
+        self.client_key = write_key(client_key, directory / "client.key")
+
+
+class TlsAclRedis:
+    """A redis-server reachable only over TLS (client certificates required), with the default user off.
+
+    ``user``/``password`` is the least-privilege pipefleet user (:func:`pipefleet_acl_line`);
+    ``admin`` may do anything (the tests use it to look inside).
+    """
+
+    def __init__(self, directory: Path, *, user: str = "pipefleet", password: str = "pipefleet-secret-1") -> None:
+        self.certs = TlsCertificates(directory / "tls")
+        self.user, self.password = user, password
+        self.admin_password = "admin-secret-1"
+        self.process = RedisProcess(directory, "redis-tls")
+        self.port = self.process.port
+        self.acl_line = pipefleet_acl_line(user, password)
+
+    def start(self) -> "TlsAclRedis":
+        conf = self.process.directory / "redis.conf"
+        conf.write_text("\n".join([
+            "port 0", f"tls-port {self.port}", "bind 127.0.0.1", 'save ""', "appendonly no",
+            f"tls-cert-file {self.certs.server_cert}", f"tls-key-file {self.certs.server_key}",
+            f"tls-ca-cert-file {self.certs.ca_file}", "tls-auth-clients yes",
+            "user default off", f"user admin on >{self.admin_password} ~* &* +@all", self.acl_line, ""]))
+        log = open(self.process.directory / "log.txt", "ab")
+        self.process.proc = subprocess.Popen([_binary(), str(conf)], cwd=self.process.directory, stdout=log,
+                                             stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.admin().ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"TLS redis-server did not start:\n{self.process.log()[-2000:]}")
+
+    def ssl_kwargs(self) -> dict[str, str]:
+        return {"ssl_ca_certs": str(self.certs.ca_file), "ssl_certfile": str(self.certs.client_cert),
+                "ssl_keyfile": str(self.certs.client_key)}
+
+    def url(self, db: int) -> str:
+        """``rediss://pipefleet:…@127.0.0.1:port/db``: the least-privilege user."""
+        return f"rediss://{self.user}:{self.password}@127.0.0.1:{self.port}/{db}"
+
+    def admin(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, db=db, username="admin", password=self.admin_password, ssl=True,
+                           socket_connect_timeout=2, **self.ssl_kwargs())
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 
 import redis as redis_lib
@@ -78,6 +79,7 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser) -> None:
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_):
         advertiser.stop()
+        _exit_after(runtime.config.shutdown_timeout_s)
 
 
 def deployment_terms(config: FleetConfig, name: str, construction: Construction | None = None) -> DeploymentTerms:
@@ -105,6 +107,23 @@ def register_only(config: FleetConfig, names: list[str]) -> int:
         return 1
     print(f"registered: {', '.join(names)}")
     return 0
+
+
+def _exit_after(timeout_s: float) -> None:
+    """Bound a warm shutdown: exit once ``timeout_s`` passed, whatever still runs.
+
+    A pod's grace period ends in SIGKILL; exiting first, with a log line, says why.
+    Jobs still running stay claimed and are redelivered like a dead worker's.
+    """
+    def give_up() -> None:
+        logger.error("running jobs did not finish within shutdown_timeout_s = %.0f s; exiting now (they will be "
+                     "redelivered)", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def _make_ads(runtime: Runtime):
