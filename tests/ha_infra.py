@@ -191,10 +191,10 @@ class SentinelCluster:
 
 
 ACL_CATEGORIES = ("+@connection +@read +@write +@keyspace +@list +@hash +@string +@set +@sortedset +@stream "
-                  "+@pubsub +@scripting +@transaction -@dangerous +wait +info")
+                  "+@pubsub +@scripting +@transaction -@dangerous +wait +info +time")
 """The commands pipefleet needs: data commands, pub/sub, scripts and transactions, WAIT; nothing @dangerous."""
 
-ACL_KEY_PATTERNS = "~pipefleet* ~celery* ~unacked* ~_kombu.* ~*.reply.celery.pidbox"
+ACL_KEY_PATTERNS = "~pipefleet* ~celery* ~unacked* ~_kombu.* ~*.celery.pidbox*"
 """The keys pipefleet, Celery and kombu write: queues, results, claims, bindings, control replies."""
 
 
