@@ -122,6 +122,7 @@ def test_master_killed_under_load_loses_nothing(cluster, tmp_path, model_dir, mo
                          old_master_returns=False)
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 def test_master_killed_under_load_and_back_as_a_replica_loses_nothing(cluster, tmp_path, model_dir, monkeypatch):
     _failover_under_load(cluster, tmp_path, str(model_dir("text-classification")), monkeypatch,
