@@ -141,3 +141,14 @@ def test_backlog_is_exact_under_priorities_claims_and_a_paused_worker(backlog_fl
         finally:
             gateway.stop()
         assert len(idle_jobs) == 3
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(900)
+def test_workers_started_as_the_backlog_asks_drain_every_job(tmp_path):
+    from benchmarks.autoscale import simulate
+
+    rows = simulate(jobs=600, per_worker=200, max_workers=3, directory=tmp_path)
+    assert rows[0]["backlog"] == 600 and rows[0]["desired"] == 3 and rows[0]["started"] == 3
+    assert rows[-1]["backlog"] == 0
+    assert all(row["started"] == max(r["desired"] for r in rows[:i + 1]) for i, row in enumerate(rows))

@@ -5,6 +5,7 @@ Real redis-server, real ``pipefleet worker`` processes, the real CLI; the oracle
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,15 @@ def _cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=120)
 
 
+def _doc_blocks() -> list[str]:
+    text = (REPO_ROOT / "docs" / "production.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_the_docs_have_python_blocks_to_run():
+    assert _doc_blocks()
+
+
 def test_an_unknown_deployment_is_still_rejected_at_once(zero):
     with pytest.raises(UnknownDeployment, match="no-such-deployment"):
         zero["client"].submit(deployment="no-such-deployment", inputs="hello")
@@ -56,6 +66,8 @@ def test_scale_from_zero_accepts_200_jobs_and_a_later_worker_completes_them(zero
     jobs = client.submit_many([{"deployment": DEPLOYMENT, "inputs": text} for text in texts])
     status = jobs[0].status()
     assert (status.state, status.queued, status.live_workers) == (JobState.PENDING, True, 0)
+    for block in _doc_blocks():  # docs/production.md's python blocks, on this deployment, while no worker runs
+        exec(block.replace('"sentiment"', f'"{DEPLOYMENT}"'), {"client": client})
 
     fleet.worker(zero["config"], deployments=[DEPLOYMENT])  # as KEDA would start one on the backlog
     outputs = client.results(jobs, timeout=300)
