@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producers import FleetClient, JobCancelled
-from producers.redis_clients import RedisOptions
+from producers import RedisOptions
 from tests.fleet import start_worker, write_config
 from tests.gateway.server import start_gateway
 from tests.ha_infra import TlsAclRedis
