@@ -27,6 +27,9 @@ CONFIG_ENV = "PIPEFLEET_CONFIG"
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("fleet.toml")
 
 
+_STRING_SUFFIXES = ("_url", "backend", "_name", "_username", "_password", "_certs", "_certfile", "_keyfile")
+
+
 def _parse_env_value(raw: str) -> Any:
     try:
         return json.loads(raw)
@@ -44,8 +47,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
         target = data
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        # URLs stay strings even when they happen to parse as JSON numbers.
-        target[path[-1]] = raw if path[-1].endswith(("_url", "backend")) else _parse_env_value(raw)
+        # URLs, names, passwords and paths stay strings even when they happen to parse as JSON numbers.
+        target[path[-1]] = raw if path[-1].endswith(_STRING_SUFFIXES) else _parse_env_value(raw)
     return data
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S
+from producers.redis_clients import RedisOptions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -206,10 +207,23 @@ class FleetConfig(BaseModel):
     task_events: bool = False
     """Send Celery task events from the start; Flower switches them on by itself while it watches."""
     log_json: bool = False
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    """After SIGTERM, running batches get this long to finish before the worker exits anyway (unstarted jobs
+    are handed back at once). Keep it under Kubernetes' ``terminationGracePeriodSeconds``."""
     heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
     """How often a worker refreshes its advertisements."""
     heartbeat_ttl_s: int = Field(default=HEARTBEAT_TTL_S, gt=0)
     """A worker silent this long vanishes from discovery and ``pipefleet fleet``."""
+    sentinel_master_name: str | None = None
+    """The Sentinel-monitored master's name, for ``sentinel://`` URLs (env ``PIPEFLEET_SENTINEL_MASTER_NAME``)."""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    """Credentials of the Sentinels (the master's own come from the URLs)."""
+    redis_ssl_ca_certs: str | None = None
+    """CA file for ``rediss://`` servers (broker, result backend and every other Redis client)."""
+    redis_ssl_certfile: str | None = None
+    redis_ssl_keyfile: str | None = None
+    """Client certificate and key, when Redis asks for one."""
     limits: Limits = Field(default_factory=Limits)
     media: MediaSettings = Field(default_factory=MediaSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
@@ -224,6 +238,13 @@ class FleetConfig(BaseModel):
         if duplicates:
             raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}")
         return self
+
+    def redis_options(self) -> RedisOptions:
+        """The settings every Redis client of this fleet needs beyond its URL."""
+        return RedisOptions(
+            sentinel_master_name=self.sentinel_master_name, sentinel_username=self.sentinel_username,
+            sentinel_password=self.sentinel_password, ssl_ca_certs=self.redis_ssl_ca_certs,
+            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile)
 
     def deployment(self, name: str) -> Deployment:
         """The deployment called ``name``; raises KeyError listing the known ones."""

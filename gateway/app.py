@@ -26,6 +26,7 @@ from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.security import KeyCheck
 from gateway.state import GatewayState
+from producers.backlog import BacklogCollector
 from producers.client import FleetClient
 from producers.errors import PipefleetError
 
@@ -149,13 +150,17 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fleet = client or FleetClient(config.broker_url, config.result_backend, result_ttl_s=config.result_ttl_s,
-                                      visibility_timeout_s=config.visibility_timeout_s)
+                                      visibility_timeout_s=config.visibility_timeout_s,
+                                      redis_options=config.redis_options())
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="gateway"))
         app.state.gateway = GatewayState(client=fleet, config=config, metrics=metrics)
+        backlog = BacklogCollector(fleet.redis, lambda: [info.name for info in fleet.deployments()])
+        metrics.registry.register(backlog)
         try:
             yield
         finally:
+            metrics.registry.unregister(backlog)
             await fleet.aclose()
 
     app = FastAPI(title="pipefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -171,7 +176,8 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # The backlog gauge reads Redis: off the event loop.
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     _add_routes(app, keys)
     # Added innermost first: metrics see every response, CORS answers preflights, the cap runs before routes.

@@ -59,9 +59,10 @@ def job_for(state: GatewayState, job_id: str) -> Job:
 
 
 def status_body(status: JobStatus) -> dict[str, Any]:
-    """``{"id", "state", "done", "total", "error", "error_type"}`` of a job."""
+    """``{"id", "state", "done", "total", "error", "error_type", "queued", "live_workers"}`` of a job."""
     return {"id": status.job_id, "state": status.state.value, "done": status.done, "total": status.total,
-            "error": status.error, "error_type": status.error_type}
+            "error": status.error, "error_type": status.error_type, "queued": status.queued,
+            "live_workers": status.live_workers}
 
 
 def _count_inputs(inputs: Any) -> int:

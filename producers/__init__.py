@@ -6,6 +6,7 @@ from producers.errors import (ChunkFailed, ConfigError, DeadLettered, FleetUnava
                               PipefleetError, UnknownDeployment)
 from producers.job import Job
 from producers.pipeline import FleetPipeline, pipeline
+from producers.redis_clients import RedisOptions
 from producers.requests import JobRequest
 from producers.schemas import DeploymentInfo, EventKind, JobEvent, JobState, JobStatus
 
@@ -33,6 +34,7 @@ __all__ = [
     "OutOfMemory",
     "PayloadTooLarge",
     "PipefleetError",
+    "RedisOptions",
     "UnknownDeployment",
     "pipeline",
 ]

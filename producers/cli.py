@@ -1,7 +1,7 @@
 """The ``pipefleet`` command: client verbs here, server verbs loaded on demand.
 
-Client verbs: ``submit``, ``status``, ``result``, ``cancel``, ``deployments``, ``fleet``,
-``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``, ``gateway``.
+Client verbs: ``submit``, ``status``, ``result``, ``cancel``, ``deployments`` (``remove``), ``fleet``,
+``backlog``, ``run-dataset``. Server verbs: ``worker``, ``flower``, ``demo``, ``gateway``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_deployments(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None) == "remove":
+        from producers.registrations import remove_deployment
+
+        removal = remove_deployment(_client(args), args.name, force=args.force)
+        print(f"removed {removal.name}; {len(removal.failed_jobs)} queued job(s) failed with UnknownDeployment")
+        return 0
     infos = _client(args).deployments()
     print(json.dumps([i.model_dump() for i in infos], indent=2))
     return 0
@@ -82,6 +88,17 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
     snapshot = fleet_snapshot(_client(args))
     print(snapshot.model_dump_json(indent=2) if args.json else format_fleet(snapshot))
+    return 0
+
+
+def _cmd_backlog(args: argparse.Namespace) -> int:
+    from producers.backlog import backlogs
+    from producers.errors import UnknownDeployment
+
+    client = _client(args)
+    if args.deployment not in {info.name for info in client.deployments()}:
+        raise UnknownDeployment(f"no deployment {args.deployment!r} is registered or live")
+    print(client.access.call(backlogs, client.redis, [args.deployment])[0].total)
     return 0
 
 
@@ -120,10 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
             verb.add_argument("--timeout", type=float, default=600.0)
         verb.set_defaults(handler=handler)
 
-    verbs.add_parser("deployments", help="list live deployments").set_defaults(handler=_cmd_deployments)
+    deployments = verbs.add_parser("deployments", help="list known deployments (and their live workers)")
+    deployments.set_defaults(handler=_cmd_deployments)
+    actions = deployments.add_subparsers(dest="action")
+    remove = actions.add_parser("remove", help="forget a deployment; its queued jobs fail with UnknownDeployment")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="even while live workers serve it")
     fleet = verbs.add_parser("fleet", help="show workers, deployments and queue depths")
     fleet.add_argument("--json", action="store_true")
     fleet.set_defaults(handler=_cmd_fleet)
+
+    backlog = verbs.add_parser("backlog", help="print one deployment's backlog: queued (every priority) + claimed")
+    backlog.add_argument("deployment")
+    backlog.set_defaults(handler=_cmd_backlog)
 
     dataset = verbs.add_parser("run-dataset", help="run a jsonl/csv/parquet file through a deployment")
     dataset.add_argument("--task")

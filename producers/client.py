@@ -14,13 +14,12 @@ import os
 import time
 from typing import Any, Iterable, Iterator
 
-import redis as redis_lib
 from pydantic import ValidationError
 
 from producers import chunking, client_map
 from producers.celery_app import make_celery, producer_backend_url
 from producers.construction import ConstructionRequest
-from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
+from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DISCOVERY_TTL_S, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
 from producers.discovery import DeploymentCache
 from producers.errors import InvalidParams
@@ -28,6 +27,7 @@ from producers.job import Job, gather, gather_async
 from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
 from producers.redis_access import RedisAccess, safe_url
+from producers.redis_clients import RedisOptions, ReplicaWait, async_redis_pool, redis_client
 from producers.requests import JobRequest, PreparedJob, prepare
 from producers.result_waiter import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
@@ -50,30 +50,38 @@ AREDIS_MAX_CONNECTIONS = 512
 
 
 class FleetClient:
-    """Submits jobs to deployments that live workers advertise, and tracks them."""
+    """Submits jobs to registered deployments (they queue while no worker runs), and tracks them."""
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, result_backend: str = DEFAULT_RESULT_BACKEND, *,
-                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = 2.0) -> None:
+                 result_ttl_s: int = 86_400, visibility_timeout_s: int = 3600, discovery_ttl_s: float = DISCOVERY_TTL_S,
+                 redis_options: RedisOptions | None = None) -> None:
         self.broker_url = broker_url
         self.result_backend = result_backend
+        self.redis_options = redis_options or RedisOptions()
+        """Sentinel master name and credentials, TLS files, replica acknowledgements: for every connection."""
         self.celery = make_celery("pipefleet-client", broker_url=broker_url,
                                   result_backend=producer_backend_url(result_backend), result_ttl_s=result_ttl_s,
-                                  visibility_timeout_s=visibility_timeout_s)
+                                  visibility_timeout_s=visibility_timeout_s, redis_options=self.redis_options)
         self.celery.conf.task_publish_retry_policy = {
             "max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
-        self.redis = redis_lib.Redis.from_url(broker_url, socket_connect_timeout=5, health_check_interval=30)
+        self.redis = redis_client(broker_url, self.redis_options, socket_connect_timeout=5, health_check_interval=30)
         self._aredis: Any = None
         self.access = RedisAccess(self.redis, broker_url)
         """Runs this client's Redis calls, mapping refusals and outages onto FleetUnavailable."""
-        self.publisher = Publisher(self.celery, self.redis)
+        self.publisher = Publisher(self.celery, self.redis, wait=ReplicaWait(
+            self.redis_options.replicas_to_wait_for(broker_url), self.redis_options.wait_timeout_ms))
         """Builds Celery task messages and pushes many in one round trip."""
-        self.waiter = ResultWaiter(self.celery.backend, result_backend)
+        self.waiter = ResultWaiter(self.celery.backend, result_backend, self.redis_options)
         """Waits for the results of every job of this client, with one thread and MGETs."""
         self._deployments = DeploymentCache(self.redis, discovery_ttl_s)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "FleetClient":
-        """A client for ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` (or the defaults)."""
+        """A client for ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` (or the defaults).
+
+        ``sentinel://`` URLs take their master's name from ``PIPEFLEET_SENTINEL_MASTER_NAME``; TLS
+        files and replica acknowledgements come from the other variables :meth:`RedisOptions.from_env` reads.
+        """
         settings: dict[str, Any] = {
             "broker_url": os.environ.get("PIPEFLEET_BROKER_URL", DEFAULT_BROKER_URL),
             "result_backend": os.environ.get("PIPEFLEET_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
@@ -81,6 +89,7 @@ class FleetClient:
         if "PIPEFLEET_VISIBILITY_TIMEOUT_S" in os.environ:
             settings["visibility_timeout_s"] = int(os.environ["PIPEFLEET_VISIBILITY_TIMEOUT_S"])
         settings.update(overrides)
+        settings.setdefault("redis_options", RedisOptions.from_env())
         return cls(**settings)
 
     @property
@@ -93,8 +102,8 @@ class FleetClient:
         if self._aredis is None or self._aredis[0] is not loop:
             # Each open event stream holds a connection in XREAD BLOCK: a blocking pool makes the
             # stream past the pool's size wait for a connection instead of failing.
-            pool = aredis_lib.BlockingConnectionPool.from_url(
-                self.broker_url, max_connections=AREDIS_MAX_CONNECTIONS, timeout=None, socket_connect_timeout=5)
+            pool = async_redis_pool(self.broker_url, self.redis_options, max_connections=AREDIS_MAX_CONNECTIONS,
+                                    socket_connect_timeout=5)
             self._aredis = (loop, aredis_lib.Redis(connection_pool=pool))
         return self._aredis[1]
 
@@ -111,12 +120,17 @@ class FleetClient:
         self.close()
 
     def deployments(self) -> list[DeploymentInfo]:
-        """Live deployments, as workers advertise them right now."""
+        """Known deployments (registered, or advertised by a live worker), each with the workers serving it now."""
         return self.access.call(self._deployments.get, fresh=True)
+
+    def live_workers(self, deployment: str) -> int:
+        """How many workers serve ``deployment`` now (0 while its jobs wait for one), as last read."""
+        infos = self.access.call(self._deployments.get)
+        return next((len(info.workers) for info in infos if info.name == deployment), 0)
 
     def resolve(self, *, task: str | None = None, model: str | None = None, deployment: str | None = None,
                 revision: str | None = None, construction: ConstructionRequest | None = None) -> DeploymentInfo:
-        """The live deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
+        """The known deployment a request names (with ``construction``: built that way); raises UnknownDeployment."""
         return self.access.call(self._deployments.match, task=task, model=model, deployment=deployment,
                                 revision=revision, construction=construction)
 
@@ -176,20 +190,24 @@ class FleetClient:
                 if info.claim_check_bytes is not None and job.payload_bytes > info.claim_check_bytes:
                     spec.inputs = self.access.call(store_payload, self.redis, spec.inputs, ttl_s=info.payload_ttl_s)
                 batch.append(self._message(job))
-                jobs.append(self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=False)))
+                jobs.append(self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=False,
+                                            deployment=info.name, deadline_ts=spec.deadline_ts)))
                 continue
             # Chords and splits go out in order with the plain jobs around them.
             self.access.call(self.publisher.publish, batch)
             batch = []
             if job.kind == "split":
-                handle = self._track(Job(self, spec.job_id, total=0, chunked=True))
+                handle = self._track(Job(self, spec.job_id, total=0, chunked=True, deployment=info.name,
+                                         deadline_ts=spec.deadline_ts))
                 self.access.call(chunking.submit_split, self.celery, self.redis, info, spec, priority=job.priority,
                                  payload_bytes=job.payload_bytes)
             else:
-                handle = self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=True))
+                handle = self._track(Job(self, spec.job_id, total=job.n_inputs, chunked=True, deployment=info.name,
+                                         deadline_ts=spec.deadline_ts))
                 self.access.call(chunking.submit_chunked, self.celery, self.redis, info, spec,
                                  chunk_size=job.chunk_size, priority=job.priority, payload_bytes=job.payload_bytes)
             jobs.append(handle)
+            self.access.call(self.publisher.replicated)
         self.access.call(self.publisher.publish, batch)
         return jobs
 

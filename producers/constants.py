@@ -8,6 +8,9 @@ KEY_PREFIX = "pipefleet"
 AD_KEY_PREFIX = f"{KEY_PREFIX}:ad:"
 """``pipefleet:ad:<deployment>:<worker>``: one deployment advertisement, with a TTL."""
 
+REGISTRY_KEY = f"{KEY_PREFIX}:deployments"
+"""``pipefleet:deployments``: hash of deployment name -> its registration (JSON), kept after workers stop."""
+
 PROGRESS_KEY_PREFIX = f"{KEY_PREFIX}:progress:"
 """``pipefleet:progress:<job_id>``: items done so far (INCRBY), for chunked jobs."""
 
@@ -19,6 +22,9 @@ CANCEL_KEY_PREFIX = f"{KEY_PREFIX}:cancel:"
 
 PAYLOAD_KEY_PREFIX = f"{KEY_PREFIX}:payload:"
 """``pipefleet:payload:<uuid>``: a large input stored once (claim check)."""
+
+REPLICATION_BARRIER_KEY = f"{KEY_PREFIX}:replication-barrier"
+"""A throwaway key written to learn when a replica caught up with every earlier write (``WAIT``)."""
 
 QUEUE_PREFIX = "pipefleet."
 """Each deployment consumes the Celery queue ``pipefleet.<deployment>``."""
@@ -61,6 +67,9 @@ DEAD_LETTER_KEY = f"{KEY_PREFIX}:dead-letter"
 
 LEASE_TTL_S = 5.0
 """A worker's lease lapses this long after its last renewal; its jobs then go back to their queues."""
+
+DISCOVERY_TTL_S = 2.0
+"""How long a client routes by the deployments it last read before reading them again."""
 
 PRIORITY_STEPS = (0, 3, 6, 9)
 """Redis priority sub-queues; 0 is the most urgent, as in Celery's Redis transport."""

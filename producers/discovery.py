@@ -1,4 +1,10 @@
-"""Find live deployments from what workers advertise in Redis."""
+"""Find deployments: the durable registrations say which exist, live advertisements say who serves them now.
+
+A deployment is *known* while its registration (``pipefleet:deployments``)
+stands, whether or not a worker runs: jobs sent to it queue until a worker
+starts. A deployment that only advertises (a worker older than registrations)
+is known too, while it lives.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,10 @@ from typing import Any
 import redis as redis_lib
 from pydantic import ValidationError
 
-from producers.constants import AD_KEY_PREFIX
+from producers.constants import AD_KEY_PREFIX, REGISTRY_KEY
 from producers.construction import ConstructionRequest, choose
 from producers.errors import UnknownDeployment
-from producers.schemas import DeploymentAd, DeploymentInfo, DeploymentTerms
+from producers.schemas import DeploymentAd, DeploymentInfo, DeploymentRegistration, DeploymentTerms
 
 logger = logging.getLogger(__name__)
 
@@ -33,30 +39,53 @@ def read_ads(redis: Any) -> list[DeploymentAd]:
     return ads
 
 
-def group_ads(ads: list[DeploymentAd]) -> list[DeploymentInfo]:
-    """One :class:`DeploymentInfo` per deployment name, listing its workers."""
+def read_registrations(redis: Any) -> list[DeploymentRegistration]:
+    """Every registered deployment, served now or not."""
+    registrations = []
+    for name, raw in sorted(redis.hgetall(REGISTRY_KEY).items()):
+        try:
+            registrations.append(DeploymentRegistration.model_validate_json(raw))
+        except ValidationError as error:
+            logger.warning("ignoring a malformed registration of %r: %s", name, error)
+    return registrations
+
+
+def group_ads(ads: list[DeploymentAd],
+              registrations: list[DeploymentRegistration] | None = None) -> list[DeploymentInfo]:
+    """One :class:`DeploymentInfo` per known deployment, listing the workers serving it now (maybe none).
+
+    A live worker's terms win over the registration's: they are what serves jobs now.
+    """
     by_name: dict[str, list[DeploymentAd]] = {}
     for ad in ads:
         by_name.setdefault(ad.name, []).append(ad)
+    registered = {r.name: r for r in registrations or []}
     infos = []
-    for _, group in sorted(by_name.items()):
-        first = max(group, key=lambda ad: ad.heartbeat_at)
-        terms = first.model_dump(include=set(DeploymentTerms.model_fields))
+    for name in sorted(set(by_name) | set(registered)):
+        group = by_name.get(name, [])
+        source: DeploymentTerms = max(group, key=lambda ad: ad.heartbeat_at) if group else registered[name]
+        terms = source.model_dump(include=set(DeploymentTerms.model_fields))
         infos.append(DeploymentInfo(**terms, workers=sorted(ad.worker for ad in group),
                                     devices=sorted({ad.device for ad in group})))
     return infos
 
 
+def read_deployments(redis: Any) -> list[DeploymentInfo]:
+    """Every known deployment with the workers serving it now."""
+    return group_ads(read_ads(redis), read_registrations(redis))
+
+
 def _describe(infos: list[DeploymentInfo]) -> str:
     if not infos:
-        return "no deployment is live (is a worker running against this broker?)"
-    return "live deployments: " + "; ".join(f"{i.name} ({i.task}, {i.model})" for i in infos)
+        return "no deployment is registered (has a worker ever run against this broker?)"
+    return "known deployments: " + "; ".join(
+        f"{i.name} ({i.task}, {i.model}, {len(i.workers)} live worker(s))" for i in infos)
 
 
 def match_deployment(infos: list[DeploymentInfo], *, task: str | None, model: str | None,
                      deployment: str | None, revision: str | None = None,
                      construction: ConstructionRequest | None = None) -> DeploymentInfo:
-    """The deployment a request names; raises :class:`UnknownDeployment` listing the live ones.
+    """The deployment a request names; raises :class:`UnknownDeployment` listing the known ones.
 
     With ``construction`` (the options of ``producers.pipeline(...)``), the
     deployment must also have been built that way; see :mod:`producers.construction`.
@@ -78,7 +107,10 @@ def match_deployment(infos: list[DeploymentInfo], *, task: str | None, model: st
                        (("deployment", deployment), ("task", task), ("model", model), ("revision", revision))
                        if v is not None)
     if not candidates:
-        raise UnknownDeployment(f"no live deployment serves {wanted}; {_describe(infos)}")
+        raise UnknownDeployment(f"no registered deployment serves {wanted}; {_describe(infos)}")
+    if len(candidates) > 1 and deployment is None and any(c.workers for c in candidates):
+        # A deployment nobody serves now (stopped, scaled to zero) does not compete with a served one.
+        candidates = [c for c in candidates if c.workers]
     if construction is not None:
         return choose(candidates, construction, wanted)
     if len(candidates) > 1:
@@ -95,7 +127,7 @@ def _same_task(served: str, asked: str) -> bool:
 
 
 class DeploymentCache:
-    """Advertisements read at most once per ``ttl_s``, re-read on a miss."""
+    """Registrations and advertisements read at most once per ``ttl_s``, re-read on a miss."""
 
     def __init__(self, redis: Any, ttl_s: float = 2.0) -> None:
         self.redis = redis
@@ -104,10 +136,10 @@ class DeploymentCache:
         self._read_at = float("-inf")
 
     def get(self, *, fresh: bool = False) -> list[DeploymentInfo]:
-        """The live deployments, from cache unless stale or ``fresh``."""
+        """The known deployments, from cache unless stale or ``fresh``."""
         if fresh or time.monotonic() - self._read_at > self.ttl_s:
             try:
-                self._infos = group_ads(read_ads(self.redis))
+                self._infos = read_deployments(self.redis)
             except (redis_lib.ConnectionError, redis_lib.TimeoutError) as error:
                 # Through a Redis restart, submit() keeps routing by what it last saw (publishing
                 # retries until Redis is back); a refused password is never papered over.

@@ -27,6 +27,10 @@ _CELERY_TO_STATE = {
 }
 
 
+DEADLINE_GRACE_S = 1.0
+"""A job still unstarted this long after its deadline has missed it (a worker may be taking it right at the deadline)."""
+
+
 def error_from_meta(result: Any) -> PipefleetError:
     """The pipefleet error a failed task's stored exception stands for."""
     if isinstance(result, PipefleetError):
@@ -71,9 +75,13 @@ class Job:
     """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
 
     def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None,
-                 async_result: Any = None) -> None:
+                 async_result: Any = None, deployment: str | None = None, deadline_ts: float | None = None) -> None:
         self.client = client
         self.id = job_id
+        self.deployment = deployment
+        """The deployment the job was sent to (None on a handle reattached by id)."""
+        self.deadline_ts = deadline_ts
+        """Unix time after which a job no worker has started fails with JobTimeout (None: no deadline)."""
         self._total = total
         self._chunked = chunked
         self._async_result = async_result  # unused since results come from client.waiter; kept for callers
@@ -118,13 +126,52 @@ class Job:
             else:
                 exc = JobCancelled("the job was cancelled")
             error, error_type = str(exc), type(exc).__name__
-        return JobStatus(job_id=self.id, state=state, done=done, total=total, error=error, error_type=error_type)
+        if state is JobState.PENDING and self._past_deadline():
+            exc = self._deadline_error()
+            state, error, error_type = JobState.FAILURE, str(exc), type(exc).__name__
+        live = self._live_workers()
+        return JobStatus(job_id=self.id, state=state, done=done, total=total, error=error, error_type=error_type,
+                         queued=state is JobState.PENDING and meta.get("status") == "PENDING", live_workers=live)
+
+    def _live_workers(self) -> int | None:
+        """Workers serving this job's deployment now; None when the handle does not know the deployment."""
+        if self.deployment is None:
+            return None
+        return self.client.live_workers(self.deployment)
+
+    def _past_deadline(self) -> bool:
+        return self.deadline_ts is not None and time.time() > self.deadline_ts + DEADLINE_GRACE_S
+
+    def _deadline_error(self) -> JobTimeout:
+        live = self._live_workers()
+        served = "" if live is None else f" ({live} live worker(s) serve deployment {self.deployment!r})"
+        return JobTimeout(f"job {self.id} passed its deadline (timeout_s) before a worker ran it{served}")
+
+    def _deadline_wait_s(self, timeout: float | None) -> float | None:
+        """How long to wait before checking whether the job missed its deadline unstarted; None: no check."""
+        if self.deadline_ts is None:
+            return None
+        until_deadline = max(0.0, self.deadline_ts + DEADLINE_GRACE_S - time.time())
+        return until_deadline if timeout is None or until_deadline < timeout else None
+
+    def _still_unstarted(self) -> bool:
+        meta = self.client.access.call(self.client.celery.backend.get_task_meta, self.id)
+        return meta.get("status") == "PENDING"
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the output; raises the worker's error, or JobTimeout after ``timeout`` seconds."""
         if self._meta is None:
             self.client.access.check()
-            self._meta = self.client.waiter.wait([self.id], timeout).get(self.id)
+            started = time.monotonic()
+            first_wait = self._deadline_wait_s(timeout)
+            self._meta = self.client.waiter.wait([self.id], timeout if first_wait is None else first_wait).get(self.id)
+            if self._meta is None and first_wait is not None:
+                # Nobody ran the job by its deadline (no worker, or all busy): it fails now, as a worker
+                # would fail it on receipt, rather than waiting out the caller's whole timeout.
+                if self._still_unstarted():
+                    raise self._deadline_error()
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+                self._meta = self.client.waiter.wait([self.id], left).get(self.id)
         return self._outcome(self._meta, timeout)
 
     def _outcome(self, meta: dict[str, Any] | None, timeout: float | None) -> Any:
@@ -211,7 +258,15 @@ class Job:
         if self._meta is None:
             if not self.client.access.checked:
                 await asyncio.to_thread(self.client.access.check)
-            self._meta = (await self.client.waiter.wait_async([self.id], timeout)).get(self.id)
+            started = time.monotonic()
+            first_wait = self._deadline_wait_s(timeout)
+            self._meta = (await self.client.waiter.wait_async(
+                [self.id], timeout if first_wait is None else first_wait)).get(self.id)
+            if self._meta is None and first_wait is not None:
+                if await asyncio.to_thread(self._still_unstarted):
+                    raise await asyncio.to_thread(self._deadline_error)
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+                self._meta = (await self.client.waiter.wait_async([self.id], left)).get(self.id)
         if self._meta is not None and self._meta.get("status") == "SUCCESS":
             return self._outcome(self._meta, timeout)
         # An error may need Redis reads (a chord's failing chunk): off the event loop.

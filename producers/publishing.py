@@ -14,6 +14,10 @@ one round trip:
 - the message is ``LPUSH``-ed onto the list of its priority step, ``q`` for
   step 0 and ``q\\x06\\x16<step>`` for the others, as kombu's ``_q_for_pri`` names it.
 
+With ``wait_replicas`` (on by default with Sentinel), the pipeline ends in
+``WAIT``: ``submit()`` returns once a replica holds the jobs, so a failover
+cannot lose a job the caller was told is queued.
+
 ``tests/producers/test_publishing.py`` pins this layout against what
 ``celery.send_task`` pushes with the installed kombu. A connection error retries
 the whole pipeline with the client's publish retry policy, as kombu's
@@ -34,6 +38,7 @@ import redis as redis_lib
 from kombu.utils.json import dumps as kombu_dumps
 
 from producers.constants import PRIORITY_STEPS
+from producers.redis_clients import NO_WAIT, ReplicaWait, replication_barrier
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +99,11 @@ def build_message(app: Any, task: str, *, task_id: str, kwargs: dict[str, Any], 
 class Publisher:
     """Builds and pushes one client's task messages: ``publisher.publish([publisher.message(...), ...])``."""
 
-    def __init__(self, app: Any, redis: Any) -> None:
+    def __init__(self, app: Any, redis: Any, *, wait: ReplicaWait = NO_WAIT) -> None:
         self.app = app
         self.redis = redis
+        self.wait = wait
+        """Replicas that must hold a published batch before :meth:`publish` returns."""
 
     def message(self, task: str, **options: Any) -> TaskMessage:
         """:func:`build_message` with this client's Celery app."""
@@ -105,7 +112,11 @@ class Publisher:
     def publish(self, messages: list[TaskMessage]) -> None:
         """:func:`publish` on this client's broker, with its Celery publish retry policy."""
         if messages:
-            publish(self.redis, messages, retry_policy=self.app.conf.task_publish_retry_policy)
+            publish(self.redis, messages, retry_policy=self.app.conf.task_publish_retry_policy, wait=self.wait)
+
+    def replicated(self) -> None:
+        """Return once a replica holds every write made so far, by any connection (after chords and splits)."""
+        replication_barrier(self.redis, self.wait)
 
 
 def _retry_delays(policy: dict[str, Any]) -> Iterable[float]:
@@ -116,22 +127,25 @@ def _retry_delays(policy: dict[str, Any]) -> Iterable[float]:
         delay = min(delay + float(policy.get("interval_step", 0.5)), float(policy.get("interval_max", 2.0)))
 
 
-def publish(redis: Any, messages: list[TaskMessage], *, retry_policy: dict[str, Any] | None = None) -> None:
+def publish(redis: Any, messages: list[TaskMessage], *, retry_policy: dict[str, Any] | None = None,
+            wait: ReplicaWait = NO_WAIT) -> None:
     """Push ``messages`` in order, in as few round trips as :data:`PIPELINE_MAX_MESSAGES` allows.
 
     Consecutive messages for the same list go out in one ``LPUSH``; a consumer
     popping from the right takes them in the order given. Through a Redis
     outage the batch is retried with ``retry_policy`` (kombu's ``ensure`` keys).
+    With ``wait``, each round trip ends once its replicas hold it (see :class:`ReplicaWait`).
     """
     for start in range(0, len(messages), PIPELINE_MAX_MESSAGES):
-        _publish_once_or_retry(redis, messages[start:start + PIPELINE_MAX_MESSAGES], retry_policy or {})
+        _publish_once_or_retry(redis, messages[start:start + PIPELINE_MAX_MESSAGES], retry_policy or {}, wait)
 
 
-def _publish_once_or_retry(redis: Any, messages: list[TaskMessage], policy: dict[str, Any]) -> None:
+def _publish_once_or_retry(redis: Any, messages: list[TaskMessage], policy: dict[str, Any],
+                           wait: ReplicaWait) -> None:
     delays = iter(_retry_delays(policy))
     while True:
         try:
-            _push(redis, messages)
+            _push(redis, messages, wait)
             return
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as error:
             if isinstance(error, redis_lib.AuthenticationError):
@@ -143,17 +157,18 @@ def _publish_once_or_retry(redis: Any, messages: list[TaskMessage], policy: dict
             time.sleep(delay)
 
 
-def _push(redis: Any, messages: list[TaskMessage]) -> None:
+def _push(redis: Any, messages: list[TaskMessage], wait: ReplicaWait = NO_WAIT) -> None:
     runs: list[tuple[str, list[str]]] = []
     for message in messages:
         if runs and runs[-1][0] == message.key:
             runs[-1][1].append(message.raw)
         else:
             runs.append((message.key, [message.raw]))
-    if len(runs) == 1:
+    if len(runs) == 1 and not wait.replicas:
         redis.lpush(runs[0][0], *runs[0][1])
         return
     with redis.pipeline(transaction=False) as pipe:
         for key, raws in runs:
             pipe.lpush(key, *raws)
-        pipe.execute()
+        # In the same pipeline: WAIT counts the writes of its own connection.
+        wait.execute(pipe, f"{len(messages)} published job(s)")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 
 import redis as redis_lib
 
+from producers.redis_clients import RedisOptions, redis_client
 from producers.errors import FleetUnavailable
 from producers.redis_access import as_fleet_unavailable, is_refusal
 from producers.result_book import ResultBook, Wait
@@ -74,12 +75,12 @@ def _text(value: Any) -> str:
 class ResultWaiter:
     """Waits for the Celery results of many jobs with one pub/sub connection and MGETs."""
 
-    def __init__(self, backend: Any, url: str) -> None:
+    def __init__(self, backend: Any, url: str, redis_options: RedisOptions | None = None) -> None:
         self.backend = backend
         self.url = url
         key = backend.get_key_for_task("x")
         self.book = ResultBook((key.decode() if isinstance(key, bytes) else key)[:-1])
-        self._redis = redis_lib.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        self._redis = redis_client(url, redis_options, socket_connect_timeout=5, health_check_interval=30)
         self._lead = threading.Lock()
         self._thread_lock = threading.Lock()
         self._thread_alive = False

@@ -173,8 +173,23 @@ class DeploymentAd(DeploymentTerms):
     stalled: list[str] = Field(default_factory=list)
 
 
+class DeploymentRegistration(DeploymentTerms):
+    """A deployment known to the fleet whether or not a worker serves it now (``pipefleet:deployments``).
+
+    Workers write it when they start, with their construction facts, and it
+    stays after they stop, so jobs queue across a restart or a scale to zero.
+    ``pipefleet deployments remove NAME`` deletes it.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    registered_at: float = Field(default_factory=time.time)
+    registered_by: str = ""
+    """The worker that wrote it, or ``config`` for ``pipefleet worker --register-only``."""
+
+
 class DeploymentInfo(DeploymentTerms):
-    """A live deployment as a client sees it: what it serves and which workers serve it."""
+    """A known deployment as a client sees it: what it serves and which workers serve it now (maybe none)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -222,3 +237,7 @@ class JobStatus(BaseModel):
     total: int = 0
     error: str | None = None
     error_type: str | None = None
+    queued: bool = False
+    """True while no worker has taken the job yet (state PENDING, not cancelled, deadline not passed)."""
+    live_workers: int | None = None
+    """Workers serving the job's deployment now, when this handle knows the deployment (0: the job waits)."""

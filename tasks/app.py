@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.models import FleetConfig
-from producers.celery_app import celery_settings
+from producers.celery_app import celery_settings, worker_backend_url
 
 app = Celery("pipefleet", set_as_current=True)
 """The worker-side Celery app; tasks register on it, :func:`configure_app` sets it up."""
@@ -15,9 +15,10 @@ def configure_app(config: FleetConfig) -> Celery:
     """Apply the fleet's broker, result and reliability settings to :data:`app`."""
     app.conf.update(celery_settings(
         broker_url=config.broker_url,
-        result_backend=config.result_backend,
+        result_backend=worker_backend_url(config.result_backend),
         result_ttl_s=config.result_ttl_s,
         visibility_timeout_s=config.visibility_timeout_s,
+        redis_options=config.redis_options(),
     ))
     app.conf.update(
         worker_prefetch_multiplier=1,

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from producers.constants import REGISTRY_KEY
 from tests import tiny_models
 from tests.fleet import RedisServer, WorkerProcess, start_worker, write_config
 
@@ -59,6 +60,7 @@ class Fleet:
         self.broker_url = f"{server.url}/{db_pair[0]}"
         self.result_backend = f"{server.url}/{db_pair[1]}"
         self.workers: list[WorkerProcess] = []
+        self.deployment_names: set[str] = set()
         self._configs = 0
 
     def config(self, deployments: list[dict[str, Any]], **settings: Any) -> Path:
@@ -68,6 +70,7 @@ class Fleet:
         """
         self._configs += 1
         settings.setdefault("task_events", True)
+        self.deployment_names.update(d["name"] for d in deployments)
         return write_config(self.directory / f"fleet{self._configs}.toml", broker_url=self.broker_url,
                             result_backend=self.result_backend, deployments=deployments, **settings)
 
@@ -85,13 +88,15 @@ class Fleet:
         return FleetClient(self.broker_url, self.result_backend, discovery_ttl_s=0.5, **kwargs)
 
     def stop(self) -> None:
-        """Kill the workers and withdraw their advertisements, so later tests never see them."""
+        """Kill the workers, withdraw their advertisements and registrations, so later tests never see them."""
         redis_client = self.server.client(int(self.broker_url.rsplit("/", 1)[1]))
         for worker in self.workers:
             worker.kill()
             stale = redis_client.keys(f"pipefleet:ad:*:{worker.name}")
             if stale:
                 redis_client.delete(*stale)
+        if self.deployment_names:
+            redis_client.hdel(REGISTRY_KEY, *self.deployment_names)
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--check", action="store_true",
                         help="health check: exit 0 if this worker's deployments are advertised in Redis")
+    parser.add_argument("--register-only", action="store_true",
+                        help="register the deployments in Redis (jobs for them queue from now on) and exit, "
+                             "without loading a model: for a fleet that starts at zero workers")
     return parser
 
 

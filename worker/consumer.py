@@ -43,6 +43,7 @@ from kombu.transport.virtual import Message
 from vine import promise
 
 from producers.constants import CANCEL_KEY_PREFIX, LEASE_TTL_S
+from producers.redis_clients import RedisOptions, redis_client
 from worker import kombu_layout
 from worker.consumer_threads import WATCH_TIMEOUT_S, BulkAcker, ClaimedChannel, QueueWatcher
 from worker.dead_letters import DeadLetters, PoisonMessage, decode_strict, envelope_problem, job_id_of
@@ -66,9 +67,11 @@ class BulkConsumer:
                  priority_steps: tuple[int, ...], concurrency: int, worker: str, supervisor: Supervisor,
                  quanta: list[int] | None = None, lease_ttl_s: float = LEASE_TTL_S,
                  visibility_timeout_s: float = 3600,
-                 hot_path: Callable[..., Any] | None = None) -> None:
+                 hot_path: Callable[..., Any] | None = None,
+                 redis_options: RedisOptions | None = None) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
+        self._redis_options = redis_options
         self._concurrency = concurrency
         self._worker = worker
         self._supervisor = supervisor
@@ -76,15 +79,15 @@ class BulkConsumer:
         self._queue_keys = kombu_layout.priority_queue_keys(queues, priority_steps)
         self._quanta = list(quanta or [MAX_CLAIM] * len(queues))
         self._first = 0
-        self._client = redis_lib.Redis.from_url(broker_url)
+        self._client = redis_client(broker_url, redis_options)
         self._claim = self._client.register_script(kombu_layout.CLAIM_SCRIPT)
         self._keys = kombu_layout.claim_keys(self._queue_keys, worker)
         self.dead_letters = DeadLetters(self._client, worker, celery_consumer.app.backend)
-        self.lease = LeaseKeeper(redis_lib.Redis.from_url(broker_url), worker, ttl_s=lease_ttl_s,
+        self.lease = LeaseKeeper(redis_client(broker_url, redis_options), worker, ttl_s=lease_ttl_s,
                                  healthy=supervisor.healthy, tick=lambda: supervisor.tick("lease"),
                                  chores=[self._sweep_poison])
         supervisor.watch("lease", self.lease.thread)
-        self.acker = BulkAcker(redis_lib.Redis.from_url(broker_url), worker, supervisor)
+        self.acker = BulkAcker(redis_client(broker_url, redis_options), worker, supervisor)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake, supervisor)
@@ -98,7 +101,7 @@ class BulkConsumer:
                          if hot_path is not None else None)
 
     def _watch_client(self) -> redis_lib.Redis:
-        return redis_lib.Redis.from_url(self._broker_url, socket_timeout=WATCH_TIMEOUT_S + 10)
+        return redis_client(self._broker_url, self._redis_options, socket_timeout=WATCH_TIMEOUT_S + 10)
 
     def start(self) -> None:
         """Start claiming, or resume after :meth:`pause` (Celery restarts its consumer after a reconnect)."""

@@ -10,13 +10,14 @@ import redis as redis_lib
 
 from config import FleetConfig
 from producers.constants import AD_KEY_PREFIX
+from producers.redis_clients import redis_client
 
 
 def check(config: FleetConfig, names: list[str], worker_name: str | None = None) -> int:
     """Exit code 0 when every deployment in ``names`` is advertised by a worker on this host."""
     host = socket.gethostname()
     try:
-        client = redis_lib.Redis.from_url(config.broker_url, socket_timeout=5)
+        client = redis_client(config.broker_url, config.redis_options(), socket_timeout=5)
         keys = [k.decode() for k in client.scan_iter(match=f"{AD_KEY_PREFIX}*", count=500)]
     except redis_lib.RedisError as error:
         print(f"unhealthy: cannot reach Redis: {error}", file=sys.stderr)

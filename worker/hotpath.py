@@ -45,6 +45,7 @@ from celery.exceptions import TaskRevokedError
 
 from worker.first_result import FirstResultStore, encoded_meta
 from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
+from producers.redis_clients import NO_WAIT
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
@@ -119,6 +120,7 @@ class HotPath:
         self.runtime = runtime
         self.backend = backend
         self._results = FirstResultStore(backend)
+        self._replica_wait = getattr(backend, "replica_wait", NO_WAIT)  # WAIT for a replica under Sentinel
         self._supervisor = supervisor
         self._dead_letter = dead_letter
         self._ack = ack
@@ -436,7 +438,7 @@ class HotPath:
             written = pipeline_until_done(self.backend.client,
                                           lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
                                                         for job, (state, _, encoded) in settled],
-                                          f"the results of {len(settled)} jobs")
+                                          f"the results of {len(settled)} jobs", wait=self._replica_wait)
             for (job, _), stored in zip(settled, written):
                 job.duplicate = not stored
             return settled
@@ -447,7 +449,7 @@ class HotPath:
             try:
                 [written] = pipeline_until_done(
                     self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
-                    f"the result of job {job.job_id}")
+                    f"the result of job {job.job_id}", wait=self._replica_wait)
                 job.duplicate = not written
                 stored.append((job, outcome))
             except Exception as error:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 
 import redis as redis_lib
@@ -16,8 +17,9 @@ from celery.worker import state as worker_state
 from config import FleetConfig, load_config
 from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
-from producers.schemas import Construction, DeploymentAd
-from worker.advertise import Advertiser
+from producers.redis_clients import redis_client
+from producers.schemas import Construction, DeploymentAd, DeploymentTerms
+from worker.advertise import Advertiser, register, registration_of
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
@@ -79,6 +81,51 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser, supervisor: Supervis
     def _shutting_down(**_):
         supervisor.stop()
         advertiser.stop()
+        _exit_after(runtime.config.shutdown_timeout_s)
+
+
+def deployment_terms(config: FleetConfig, name: str, construction: Construction | None = None) -> DeploymentTerms:
+    """What deployment ``name`` of ``config`` serves and the limits it accepts jobs under."""
+    d = config.deployment(name)
+    return DeploymentTerms(
+        name=name, task=d.task, model=d.model, revision=d.revision, queue=queue_name(name),
+        max_batch_size=d.max_batch_size, chunk_size=d.chunk_size,
+        max_inputs_per_job=config.limits.max_inputs_per_job, max_payload_bytes=config.limits.max_payload_bytes,
+        claim_check_bytes=config.limits.claim_check_bytes, payload_ttl_s=config.limits.payload_ttl_s,
+        construction=construction)
+
+
+def register_only(config: FleetConfig, names: list[str]) -> int:
+    """``pipefleet worker --register-only``: register ``names`` from the config alone and exit.
+
+    No model is loaded, so the registrations carry no construction facts
+    (``construction = None``) until a worker serving them starts and rewrites them.
+    """
+    try:
+        register(redis_client(config.broker_url, config.redis_options()),
+                 [registration_of(deployment_terms(config, name), "config") for name in names])
+    except redis_lib.RedisError as error:
+        print(f"pipefleet worker: cannot register in Redis: {error}", file=sys.stderr)
+        return 1
+    print(f"registered: {', '.join(names)}")
+    return 0
+
+
+def _exit_after(timeout_s: float) -> None:
+    """Bound a warm shutdown: exit once ``timeout_s`` passed, whatever still runs.
+
+    A pod's grace period ends in SIGKILL; exiting first, with a log line, says why.
+    Jobs still running stay claimed and are redelivered like a dead worker's.
+    """
+    def give_up() -> None:
+        logger.error("running jobs did not finish within shutdown_timeout_s = %.0f s; exiting now (they will be "
+                     "redelivered)", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def _make_ads(runtime: Runtime, supervisor: Supervisor):
@@ -90,18 +137,14 @@ def _make_ads(runtime: Runtime, supervisor: Supervisor):
         ads = []
         stalled = supervisor.stalled()
         for name, served in runtime.deployments.items():
-            d = served.config
             if name not in built:
-                built[name] = construction_facts(d, served.pipeline)
+                built[name] = construction_facts(served.config, served.pipeline)
+            terms = deployment_terms(runtime.config, name, built[name])
             ads.append(DeploymentAd(
-                name=name, task=d.task, model=d.model, revision=d.revision, worker=runtime.worker_name,
-                device=served.device, queue=queue_name(name), max_batch_size=d.max_batch_size,
-                chunk_size=d.chunk_size, max_inputs_per_job=runtime.config.limits.max_inputs_per_job,
-                max_payload_bytes=runtime.config.limits.max_payload_bytes,
-                claim_check_bytes=runtime.config.limits.claim_check_bytes,
-                payload_ttl_s=runtime.config.limits.payload_ttl_s, pid=pid, started_at=started,
+                **terms.model_dump(exclude={"construction"}), construction=built[name],
+                worker=runtime.worker_name, device=served.device, pid=pid, started_at=started,
                 in_flight=len(runtime.tracker.waiting.get(name, ())) + served.batcher.pending_count(),
-                pending_items=served.batcher.pending_count(), construction=built[name],
+                pending_items=served.batcher.pending_count(),
                 healthy=not stalled, stalled=stalled,
             ))
         return ads
@@ -158,6 +201,8 @@ def run_worker(args: argparse.Namespace) -> int:
         from worker.health import check
 
         return check(config, names, args.name)
+    if args.register_only:
+        return register_only(config, names)
     worker_name = args.name or f"pipefleet-{socket.gethostname()}-{os.getpid()}"
     runtime = Runtime(config, worker_name)
     try:
@@ -165,7 +210,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"pipefleet worker: {error}", file=sys.stderr)
         return 3
-    runtime.redis = redis_lib.Redis.from_url(config.broker_url)
+    runtime.redis = redis_client(config.broker_url, config.redis_options())
     queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
 
     def queue_has_ready(name: str) -> bool:
@@ -234,7 +279,8 @@ def run_worker(args: argparse.Namespace) -> int:
         broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
         concurrency=concurrency, on_create=created, hot_path=hot_path, worker=worker_name,
         supervisor=supervisor, quanta=[config.deployment(n).max_batch_size for n in names],
-        lease_ttl_s=config.lease_ttl_s, visibility_timeout_s=config.visibility_timeout_s))
+        lease_ttl_s=config.lease_ttl_s, visibility_timeout_s=config.visibility_timeout_s,
+        redis_options=config.redis_options()))
     # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
     # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(

@@ -117,7 +117,10 @@ def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0") -> None:
     """Start the ``/metrics`` HTTP server in a daemon thread."""
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from producers.backlog import BacklogCollector
+
     registry = CollectorRegistry()
     registry.register(RuntimeCollector(runtime))
+    registry.register(BacklogCollector(runtime.redis, lambda: list(runtime.deployments)))
     start_http_server(port, addr=address, registry=registry)
     logger.info("Prometheus metrics on http://%s:%d/metrics", address, port)

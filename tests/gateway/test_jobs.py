@@ -58,7 +58,7 @@ def test_submit_poll_and_read_the_result(http, models):
     assert_same(body["result"], local_pipeline("text-classification", models["gw-slow"])(TEXTS, top_k=2))
     status = http.get(f"/v1/jobs/{created['id']}").json()
     assert status == {"id": created["id"], "state": "SUCCESS", "done": 3, "total": 3, "error": None,
-                      "error_type": None}
+                      "error_type": None, "queued": False, "live_workers": None}
 
 
 def test_task_and_model_name_a_deployment(http, models):

@@ -12,7 +12,8 @@ PUBLIC_NAMES = [
     "ChunkFailed", "ConfigError", "DeploymentInfo", "EventKind", "FleetClient", "FleetPipeline", "FleetUnavailable",
     "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobEvent", "JobRejected", "JobRequest",
     "JobState", "JobStatus",
-    "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "UnknownDeployment",
+    "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "RedisOptions",
+    "UnknownDeployment",
     "pipeline",
 ]
 
