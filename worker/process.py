@@ -17,6 +17,7 @@ from config import FleetConfig, load_config
 from producers.constants import CANCEL_KEY_PREFIX, PRIORITY_STEPS, QUEUE_PREFIX, private_queue_name, queue_name
 from producers.errors import ConfigError
 from producers.schemas import Construction, DeploymentAd
+from producers.webhook_delivery import WebhookCollector, start_dispatcher
 from worker.advertise import Advertiser
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
@@ -204,11 +205,15 @@ def run_worker(args: argparse.Namespace) -> int:
     advertiser = Advertiser(runtime.redis, _make_ads(runtime), interval_s=config.heartbeat_interval_s,
                             ttl_s=config.heartbeat_ttl_s)
     _wire_signals(runtime, advertiser)
+    # Job webhooks: events come from stored results, so nothing on the job's own path waits on them.
+    webhooks = start_dispatcher(config.webhooks, runtime.redis, backend=app.backend, result_ttl_s=config.result_ttl_s,
+                                name=f"{worker_name}-webhooks")
     metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port
     if metrics_port:
         from worker.prometheus import serve_metrics
 
-        serve_metrics(runtime, metrics_port)
+        serve_metrics(runtime, metrics_port, extra=(WebhookCollector(webhooks, [("worker", worker_name)]),)
+                      if webhooks else ())
     concurrency = args.concurrency or default_concurrency(config, names)
     consumers: list[BulkConsumer] = []
     hostname = f"{worker_name}@{socket.gethostname()}"
@@ -232,5 +237,7 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         for consumer in consumers:
             consumer.close()
+        if webhooks is not None:
+            webhooks.stop()
         runtime.stop()
     return worker.exitcode or 0

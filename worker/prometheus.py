@@ -89,11 +89,13 @@ class RuntimeCollector:
         yield used
 
 
-def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0") -> None:
-    """Start the ``/metrics`` HTTP server in a daemon thread."""
+def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0", *, extra: tuple[Any, ...] = ()) -> None:
+    """Start the ``/metrics`` HTTP server in a daemon thread (``extra``: more collectors, e.g. webhooks)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
     registry.register(RuntimeCollector(runtime))
+    for collector in extra:
+        registry.register(collector)
     start_http_server(port, addr=address, registry=registry)
     logger.info("Prometheus metrics on http://%s:%d/metrics", address, port)
