@@ -7,69 +7,33 @@ checks that each ``custom_id`` appears exactly once across the output and error 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import time
-from types import SimpleNamespace
-from typing import Any
 
 import httpx
 import openai
 import pytest
 import standardwebhooks
 
-from tests.gateway.conftest import API_KEY
+from tests.gateway.conftest import API_KEY, BATCHES, SECRET
 from tests.gateway.server import start_gateway
-from tests.gateway.webhook_receiver import start_receiver
-from tests.tasks.private_models import private_models
-
-SECRET = "whsec_" + base64.b64encode(b"pipefleet batches test secret 32").decode()
-"""The fleet's ``[webhooks] secret`` in these tests."""
-
-BATCHES = {"max_lines": 300, "max_in_flight": 8, "poll_interval_s": 0.2, "lease_s": 2.0}
-"""``[batches]`` of the test gateways: a small window, so a batch is mid-way for a while."""
-
-DEPLOYMENTS = {"bt-emb": "feature-extraction", "bt-gen": "text-generation"}
 
 PROMPTS = ["the quick brown fox", "a b c d", "hello there", "pipefleet runs batches", "one more line"]
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    """The local webhook receiver."""
-    instance = start_receiver()
-    yield instance
-    instance.close()
+def setup(batch_setup):
+    """The package's batch fleet (tests/gateway/conftest.py)."""
+    return batch_setup
 
 
 @pytest.fixture(scope="module")
-def setup(module_fleet, model_dir, tmp_path_factory, receiver):
-    """One worker for the module, and ``setup.config(**batches)`` to write gateway configs on its fleet."""
-    paths = private_models(model_dir, tmp_path_factory.mktemp("models-batches"), DEPLOYMENTS)
-    deployments = [{"name": name, "task": task, "model": paths[name], "max_batch_size": 8}
-                   for name, task in DEPLOYMENTS.items()]
-    webhooks = {"secret": SECRET, "endpoints": [f"{receiver.url}/batches"], "allowed_hosts": ["127.0.0.1", "localhost"],
-                "allow_private_hosts": ["127.0.0.1"], "initial_backoff_s": 0.3, "max_backoff_s": 1.0,
-                "poll_interval_s": 0.2, "timeout_s": 5.0}
-
-    def config(**batches: Any):
-        return module_fleet.config(deployments, visibility_timeout_s=4, webhooks=webhooks,
-                                   gateway={"api_keys": [API_KEY], "max_wait_s": 60.0},
-                                   batches={**BATCHES, **batches})
-
-    base = config()
-    worker = module_fleet.worker(base, deployments=list(DEPLOYMENTS))
-    return SimpleNamespace(config=config, base=base, worker=worker, fleet=module_fleet,
-                           logs=tmp_path_factory.mktemp("batch-gateways"))
-
-
-@pytest.fixture(scope="module")
-def gateway(setup):
-    """The module's main gateway."""
-    process = start_gateway(setup.base, setup.logs)
-    yield process
-    process.stop()
+def gateway(batch_gateway):
+    """The batch fleet's always-on gateway."""
+    return batch_gateway
 
 
 def sdk(gateway) -> openai.OpenAI:
@@ -249,8 +213,13 @@ def test_cancel_keeps_finished_lines_and_stops_the_rest(gateway, receiver):
     assert event.json()["type"] == "batch.cancelled"
 
 
-def test_an_unfinished_batch_expires_at_its_window(setup, receiver):
+def test_an_unfinished_batch_expires_at_its_window(setup, gateway, receiver):
     window_s = 4.0
+    with frozen(gateway):
+        short_window(setup, receiver, window_s)
+
+
+def short_window(setup, receiver, window_s: float) -> None:
     gateway = start_gateway(setup.config(completion_window_s=window_s, max_in_flight=2), setup.logs)
     try:
         client = sdk(gateway)
@@ -269,6 +238,16 @@ def test_an_unfinished_batch_expires_at_its_window(setup, receiver):
         gateway.stop()
 
 
+@contextlib.contextmanager
+def frozen(gateway):
+    """The module's gateway stopped (SIGSTOP), so the gateways a test starts are the only batch runners."""
+    os.kill(gateway.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(gateway.proc.pid, signal.SIGCONT)
+
+
 def _broker(setup):
     return setup.fleet.server.client(int(setup.fleet.broker_url.rsplit("/", 1)[1]))
 
@@ -283,7 +262,12 @@ def embedding_lines(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def test_two_replicas_serve_one_batch_and_the_holder_sigkilled_mid_batch_is_replaced(setup):
+def test_two_replicas_serve_one_batch_and_the_holder_sigkilled_mid_batch_is_replaced(setup, gateway):
+    with frozen(gateway):
+        two_replicas(setup)
+
+
+def two_replicas(setup) -> None:
     first = start_gateway(setup.base, setup.logs)
     second = start_gateway(setup.base, setup.logs)
     try:
@@ -312,7 +296,12 @@ def test_two_replicas_serve_one_batch_and_the_holder_sigkilled_mid_batch_is_repl
         second.stop()
 
 
-def test_a_gateway_sigkilled_mid_batch_and_restarted_completes_it(setup):
+def test_a_gateway_sigkilled_mid_batch_and_restarted_completes_it(setup, gateway):
+    with frozen(gateway):
+        kill_and_restart(setup)
+
+
+def kill_and_restart(setup) -> None:
     gateway = start_gateway(setup.base, setup.logs)
     n = 200
     client = sdk(gateway)
@@ -335,6 +324,7 @@ def test_a_gateway_sigkilled_mid_batch_and_restarted_completes_it(setup):
         restarted.stop()
 
 
+@pytest.mark.heavy
 def test_a_worker_sigkilled_mid_batch_loses_no_line(setup, gateway):
     """The victim is frozen holding claimed lines, then killed; the module worker finishes the batch."""
     victim = setup.fleet.worker(setup.base, deployments=["bt-emb"])
