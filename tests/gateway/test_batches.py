@@ -190,6 +190,28 @@ def test_a_file_invalid_as_a_whole_fails_the_batch_naming_the_line(gateway, rece
     assert event.json()["type"] == "batch.failed"
 
 
+def test_files_and_batches_list_retrieve_and_delete_as_the_sdk_pages_them(gateway):
+    client = sdk(gateway)
+    endpoint = "/v1/embeddings"
+    created = [start_batch(client, [line("one", endpoint, {"model": "bt-emb", "input": "x"})], endpoint)
+               for _ in range(3)]
+    first_page = client.batches.list(limit=2)
+    assert [b.id for b in first_page.data] == [created[2].id, created[1].id] and first_page.has_more
+    second_page = client.batches.list(limit=2, after=first_page.data[-1].id)
+    assert second_page.data[0].id == created[0].id
+    for batch in created:
+        wait_final(client, batch.id)
+    uploaded = client.files.retrieve(created[0].input_file_id)
+    assert uploaded.purpose == "batch" and uploaded.filename == "input.jsonl"
+    assert uploaded.bytes == len(client.files.content(uploaded.id).content)
+    assert uploaded.id in {f.id for f in client.files.list(purpose="batch")}
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_does_not_exist")
+
+
 def generation_lines(n: int, max_tokens: int = 24) -> list[dict]:
     return [line(f"gen-{i}", "/v1/completions", {"model": "bt-gen", "prompt": f"{PROMPTS[i % 5]} {i}",
                                                  "max_tokens": max_tokens, "temperature": 0}) for i in range(n)]
@@ -220,9 +242,14 @@ def test_an_unfinished_batch_expires_at_its_window(setup, gateway, receiver):
 
 
 def short_window(setup, receiver, window_s: float) -> None:
-    gateway = start_gateway(setup.config(completion_window_s=window_s, max_in_flight=2), setup.logs)
+    max_file_bytes = 100_000
+    gateway = start_gateway(setup.config(completion_window_s=window_s, max_in_flight=2,
+                                         max_file_bytes=max_file_bytes), setup.logs)
     try:
         client = sdk(gateway)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.files.create(file=("big.jsonl", b"x" * (max_file_bytes + 1)), purpose="batch")
+        assert refused.value.status_code == 413 and str(max_file_bytes) in refused.value.message
         n = 120
         created = start_batch(client, generation_lines(n), "/v1/completions")
         assert created.expires_at == created.created_at + int(window_s)
