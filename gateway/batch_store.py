@@ -67,7 +67,8 @@ class BatchStore:
         """Store a new batch and make it active."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key(record.id), record.model_dump_json(), ex=self.ttl_s)
-            pipe.zadd(BATCHES_INDEX_KEY, {record.id: record.created_at})
+            # Scored to the microsecond: batches created within one second still list in creation order.
+            pipe.zadd(BATCHES_INDEX_KEY, {record.id: time.time()})
             pipe.sadd(ACTIVE_BATCHES_KEY, record.id)
             pipe.execute()
 

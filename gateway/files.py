@@ -51,7 +51,7 @@ class FileStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(_bytes_key(meta.id), content, ex=self.ttl_s)
             pipe.set(_meta_key(meta.id), meta.model_dump_json(), ex=self.ttl_s)
-            pipe.zadd(FILES_INDEX_KEY, {meta.id: now})
+            pipe.zadd(FILES_INDEX_KEY, {meta.id: time.time()})
             pipe.execute()
         return meta
 
