@@ -56,6 +56,9 @@ SERVING = {"/v1/completions": serving_completion, "/v1/chat/completions": servin
 ANSWER_CONCURRENCY = 64
 """Lines answered at once in one step (each reads its result, usage and final event)."""
 
+FIRST_WINDOW = 8
+"""Lines submitted before the batch's deployment (and so its default window) is known."""
+
 LINES_PAGE = 1000
 """Lines read or written per Redis call when storing or draining a batch."""
 
@@ -80,6 +83,7 @@ class BatchRunner:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         """This runner's lease token: host and pid first, so an operator can tell who holds a batch."""
         self._unsure: set[str] = set()  # batches whose last submission may not have reached the broker
+        self._windows: dict[str, int] = {}  # batch id -> lines in flight at most
 
     async def run(self) -> None:
         """Advance held batches until cancelled; survives any error of one step."""
@@ -182,7 +186,7 @@ class BatchRunner:
     async def refill(self, record: BatchRecord) -> None:
         """Submit the next lines, up to ``max_in_flight`` pending."""
         pending = await asyncio.to_thread(self.store.pending, record.id)
-        room = self.settings.max_in_flight - len(pending)
+        room = self._window(record.id) - len(pending)
         if room <= 0 or record.cursor >= record.lines:
             return
         raws = await asyncio.to_thread(self.store.redis.lrange, self.store.key(record.id, "lines"),
@@ -205,6 +209,12 @@ class BatchRunner:
 
         await asyncio.to_thread(mark)
         await self._publish(record, jobs)
+        if jobs and record.id not in self._windows and self.settings.max_in_flight is None:
+            info = await asyncio.to_thread(self.state.client.resolve, deployment=jobs[0][1].deployment)
+            self._windows[record.id] = 2 * info.max_batch_size
+
+    def _window(self, batch_id: str) -> int:
+        return self.settings.max_in_flight or self._windows.get(batch_id, FIRST_WINDOW)
 
     async def _plan(self, record: BatchRecord, lines: dict[int, dict[str, Any]]) -> tuple[list, dict[int, str]]:
         serving = SERVING[record.endpoint]
@@ -382,4 +392,5 @@ class BatchRunner:
             for url in self.webhooks.endpoints:
                 enqueue(self.store.redis, url, event_id, body, keep_s=self.webhooks.max_retry_s + 86_400)
         self.store.retire(record)
+        self._windows.pop(record.id, None)
         logger.info("batch %s %s: %s", record.id, record.status.value, record.request_counts.model_dump())
