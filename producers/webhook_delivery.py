@@ -199,13 +199,15 @@ class WebhookDispatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            busy = False
             try:
                 if self.backend is not None:
-                    self.watch_jobs()
-                self.deliver_due()
+                    busy = self.watch_jobs() >= CLAIM_BATCH
+                busy = self.deliver_due() >= CLAIM_BATCH or busy
             except Exception:  # the loop must outlive a Redis outage or a bad record
                 logger.exception("webhook dispatcher poll failed; retrying")
-            self._stop.wait(self.policy.poll_interval_s)
+            if not busy:  # a full claim means more is waiting: claim again at once
+                self._stop.wait(self.policy.poll_interval_s)
 
     def _claim(self, key: str, lease_s: float) -> list[str]:
         now = time.time()
@@ -213,14 +215,14 @@ class WebhookDispatcher:
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     def watch_jobs(self) -> int:
-        """Queue the events of watched jobs that have ended; returns how many were queued."""
+        """Queue the events of watched jobs that have ended; returns how many watched jobs were looked at."""
         job_ids = self._claim(WEBHOOK_WATCH_KEY, self.policy.poll_interval_s * 2)
         if not job_ids:
             return 0
         backend = self.backend
         metas = backend.client.mget([backend.get_key_for_task(job_id) for job_id in job_ids])
         targets = self.redis.mget([job_webhook_key(job_id) for job_id in job_ids])
-        queued, finished = 0, []
+        finished = []
         for job_id, raw_meta, raw_target in zip(job_ids, metas, targets):
             if raw_target is None:  # its registration expired with the job's results
                 finished.append(job_id)
@@ -232,15 +234,15 @@ class WebhookDispatcher:
             target = JobWebhook.model_validate_json(raw_target)
             if event_type in target.events:
                 event_id = event_id_for("job", job_id, event_type.value)
-                queued += enqueue(self.redis, target.url, event_id, event_body(event_id, event_type.value, data),
-                                  keep_s=self.policy.keep_s)
+                enqueue(self.redis, target.url, event_id, event_body(event_id, event_type.value, data),
+                        keep_s=self.policy.keep_s)
             finished.append(job_id)
         if finished:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(WEBHOOK_WATCH_KEY, *finished)
                 pipe.delete(*[job_webhook_key(job_id) for job_id in finished])
                 pipe.execute()
-        return queued
+        return len(job_ids)
 
     def deliver_due(self) -> int:
         """Attempt every due delivery (up to :data:`CLAIM_BATCH`); returns how many were attempted."""
