@@ -149,3 +149,17 @@ def wait_for_worker(worker: WorkerProcess, redis_client: redis.Redis, timeout_s:
         time.sleep(0.1)
     worker.kill()
     raise RuntimeError(f"worker {worker.name} did not become ready:\n{worker.log()[-4000:]}")
+
+
+def wait_until(predicate: Any, timeout_s: float = 60.0, what: Any = "the condition") -> Any:
+    """Poll ``predicate()`` until it returns something truthy (returned), or fail after ``timeout_s``.
+
+    ``what`` names the awaited thing in the failure; a callable is asked at failure time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")

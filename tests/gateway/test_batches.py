@@ -19,6 +19,7 @@ import pytest
 import standardwebhooks
 
 from tests.gateway.conftest import API_KEY, BATCHES, SECRET
+from tests.fleet import wait_until
 from tests.gateway.server import start_gateway
 
 PROMPTS = ["the quick brown fox", "a b c d", "hello there", "pipefleet runs batches", "one more line"]
@@ -63,16 +64,6 @@ def wait_final(client: openai.OpenAI, batch_id: str, timeout_s: float = 120.0):
             return batch
         time.sleep(0.2)
     raise AssertionError(f"batch {batch_id} is still {batch.status} after {timeout_s} s: {batch}")
-
-
-def wait_until(predicate, timeout_s: float = 60.0, what: str = "it"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def answers(client: openai.OpenAI, batch) -> tuple[list[dict], list[dict]]:

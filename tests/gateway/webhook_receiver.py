@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from tests.fleet import wait_until
 
 
 @dataclass
@@ -46,14 +47,12 @@ class Receiver:
             return [r for r in self.received if r.path == path]
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"the receiver did not see it within {timeout_s} s; it saw: "
-                             f"{[(r.path, r.status) for r in self.received]}")
+        """``predicate()``'s first truthy value; fails listing what the receiver saw."""
+        return wait_until(predicate, timeout_s, lambda: f"a delivery; the receiver saw {self.seen()}")
+
+    def seen(self) -> list[tuple[str, int]]:
+        with self.lock:
+            return [(r.path, r.status) for r in self.received]
 
     def close(self) -> None:
         self.server.shutdown()
