@@ -149,6 +149,8 @@ class BatchRunner:
             await asyncio.to_thread(self.store.save, record)
             await self.finalize(record, BatchStatus.COMPLETED)
             return False
+        if not pending:  # every line just read was answered at once (refused): read on next step
+            return False
         # Sleep until the oldest pending line has its result (pub/sub), or one poll.
         first = line_job_id(batch_id, min(pending))
         await self.state.client.waiter.wait_async([first], self.settings.poll_interval_s)
