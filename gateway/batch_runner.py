@@ -40,7 +40,7 @@ from gateway.batch_lines import (FileInvalid, error_line, output_line, parse_fil
                                  response_error_line)
 from gateway.batch_protocol import (FINAL_STATUSES, BatchError, BatchErrors, BatchRecord, BatchStatus,
                                     FilePurpose)
-from gateway.batch_store import BatchStore, line_job_id, now_s
+from gateway.batch_store import BatchStore, LeaseLost, line_job_id, now_s
 from gateway.errors import describe, error_response_parts
 from gateway.files import FileStore
 from gateway.state import GatewayState
@@ -105,12 +105,23 @@ class BatchRunner:
             held = await asyncio.to_thread(self.store.hold, batch_id, self.token, self.settings.lease_s)
             if not held:
                 continue
+            renewal = asyncio.create_task(self._renew(batch_id))
             try:
                 waited = await self.advance(batch_id, taken=held == 2 or batch_id in self._unsure) or waited
+            except LeaseLost:
+                logger.warning("lost the lease on batch %s mid-step; its new holder carries on", batch_id)
             except Exception:
                 self._unsure.add(batch_id)
                 raise
+            finally:
+                renewal.cancel()
         return waited
+
+    async def _renew(self, batch_id: str) -> None:
+        """Keep the lease through a long step (validating or finalising a large file)."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            await asyncio.to_thread(self.store.hold, batch_id, self.token, self.settings.lease_s)
 
     async def advance(self, batch_id: str, *, taken: bool = False) -> bool:
         """One step of a batch this gateway holds; True if it waited for a line's result."""
@@ -125,7 +136,7 @@ class BatchRunner:
         if record.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
             if await asyncio.to_thread(self.store.cancel_requested, batch_id):
                 record.status, record.cancelling_at = BatchStatus.CANCELLING, now
-                await asyncio.to_thread(self.store.save, record)
+                await asyncio.to_thread(self._save, record)
             elif record.expires_at is not None and now >= record.expires_at:
                 await self.stop(record, BatchStatus.EXPIRED)
                 return False
@@ -146,7 +157,7 @@ class BatchRunner:
         pending = await asyncio.to_thread(self.store.pending, batch_id)
         if not pending and record.cursor >= record.lines:
             record.status, record.finalizing_at = BatchStatus.FINALIZING, now_s()
-            await asyncio.to_thread(self.store.save, record)
+            await asyncio.to_thread(self._save, record)
             await self.finalize(record, BatchStatus.COMPLETED)
             return False
         if not pending:  # every line just read was answered at once (refused): read on next step
@@ -183,7 +194,7 @@ class BatchRunner:
         record.lines, record.cursor = len(parsed.valid), 0
         record.request_counts.total = parsed.total
         record.status, record.in_progress_at = BatchStatus.IN_PROGRESS, now_s()
-        await asyncio.to_thread(self.store.save, record)
+        await asyncio.to_thread(self._save, record)
 
     async def refill(self, record: BatchRecord) -> None:
         """Submit the next lines, up to ``max_in_flight`` pending."""
@@ -196,24 +207,28 @@ class BatchRunner:
         lines = {record.cursor + offset: json.loads(raw) for offset, raw in enumerate(raws)}
         jobs, errors = await self._plan(record, lines)
 
-        def mark() -> None:
+        def mark(pipe: Any) -> None:
             # Pending and the cursor move together, before publishing: a holder that dies after this
             # knows every line it may have sent; the next one resubmits those without a result.
-            with self.store.redis.pipeline(transaction=True) as pipe:
-                if jobs:
-                    pipe.hset(self.store.key(record.id, "pending"),
-                              mapping={position: json.dumps(lines[position]) for position, _ in jobs})
-                if errors:
-                    pipe.hset(self.store.key(record.id, "err"), mapping=errors)
-                record.cursor += len(lines)
-                pipe.set(self.store.key(record.id), record.model_dump_json(), ex=self.store.ttl_s)
-                pipe.execute()
+            if jobs:
+                pipe.hset(self.store.key(record.id, "pending"),
+                          mapping={position: json.dumps(lines[position]) for position, _ in jobs})
+            if errors:
+                pipe.hset(self.store.key(record.id, "err"), mapping=errors)
+            pipe.set(self.store.key(record.id), record.model_copy(update={"cursor": record.cursor + len(lines)})
+                     .model_dump_json(), ex=self.store.ttl_s)
 
-        await asyncio.to_thread(mark)
+        await asyncio.to_thread(self.store.guarded, record.id, self.token, mark)
+        record.cursor += len(lines)
         await self._publish(record, jobs)
         if jobs and record.id not in self._windows and self.settings.max_in_flight is None:
             info = await asyncio.to_thread(self.state.client.resolve, deployment=jobs[0][1].deployment)
             self._windows[record.id] = 2 * info.max_batch_size
+
+    def _save(self, record: BatchRecord) -> None:
+        """Write the record, only while this gateway holds the batch."""
+        self.store.guarded(record.id, self.token, lambda pipe: pipe.set(
+            self.store.key(record.id), record.model_dump_json(), ex=self.store.ttl_s))
 
     def _window(self, batch_id: str) -> int:
         return self.settings.max_in_flight or self._windows.get(batch_id, FIRST_WINDOW)
@@ -349,7 +364,7 @@ class BatchRunner:
                                                       "request ran")
                 self.store.redis.hset(self.store.key(record.id, "err"), mapping=errors)
                 record.cursor += len(raws)
-                self.store.save(record)
+                self._save(record)
 
         await asyncio.to_thread(drain)
         await self.finalize(record, final)
@@ -386,7 +401,7 @@ class BatchRunner:
             setattr(record, attribute, meta.id)
 
     def _final(self, record: BatchRecord) -> None:
-        self.store.save(record)
+        self._save(record)
         if self.webhooks.secret:
             event_type = _EVENTS[record.status].value
             event_id = event_id_for("batch", record.id, event_type)

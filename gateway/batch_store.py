@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+import redis as redis_lib
+
 from gateway.batch_protocol import BatchRecord, BatchRequestCounts
 from producers.constants import ACTIVE_BATCHES_KEY, BATCH_KEY_PREFIX, BATCHES_INDEX_KEY
 
@@ -52,6 +54,13 @@ def line_job_id(batch_id: str, position: int) -> str:
     return str(uuid.UUID(bytes=uuid.uuid5(uuid.NAMESPACE_URL, f"{batch_id}/{position}").bytes, version=4))
 
 
+class LeaseLost(Exception):
+    """This gateway's lease on a batch passed to another (it stalled): it must not write that batch any more.
+
+    Internal to the batch runner, never shown to a client.
+    """
+
+
 class BatchStore:
     """Batch records and their per-line state in the broker's Redis."""
 
@@ -77,9 +86,23 @@ class BatchStore:
         raw = self.redis.get(self.key(batch_id))
         return BatchRecord.model_validate_json(raw) if raw else None
 
-    def save(self, record: BatchRecord) -> None:
-        """Write the record back (only its holder does)."""
-        self.redis.set(self.key(record.id), record.model_dump_json(), ex=self.ttl_s)
+    def guarded(self, batch_id: str, token: str, fill: Any) -> None:
+        """Run ``fill(pipe)``'s writes in one transaction, only while ``token`` holds the batch's lease.
+
+        Raises LeaseLost otherwise: a holder that stalled past its lease never
+        overwrites what the new holder wrote (a final status with an older one).
+        """
+        lease_key = self.key(batch_id, "lease")
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(lease_key)
+                if pipe.get(lease_key) != token.encode():
+                    raise LeaseLost(batch_id)
+                pipe.multi()
+                fill(pipe)
+                pipe.execute()
+            except redis_lib.WatchError:
+                raise LeaseLost(batch_id) from None
 
     def active(self) -> list[str]:
         """Ids of the batches not yet final."""
