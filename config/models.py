@@ -151,9 +151,9 @@ class BatchSettings(BaseModel):
     priority: int = Field(default=9, ge=0, le=9)
     """Priority of batch lines (9, the least urgent: interactive requests overtake them)."""
     max_in_flight: int | None = Field(default=None, gt=0)
-    """Lines of one batch queued or running at once; None: twice the ``max_batch_size`` of the deployment its
-    lines run on, so a worker holds one batch of it running and one waiting, and an online request waits
-    behind about one batch of batch work."""
+    """Lines of one batch queued or running at once; None: the ``max_batch_size`` of the deployment its lines
+    run on, so a worker holds at most one batch of batch lines and an online request waits behind at most one
+    forward pass of them."""
     poll_interval_s: float = Field(default=0.5, gt=0)
     """How often a gateway advances the batches it holds."""
     lease_s: float = Field(default=10.0, gt=0)

@@ -1,18 +1,20 @@
 """Advances batches: every gateway runs one :class:`BatchRunner`, and whoever holds a batch's lease moves it on.
 
 The lines run on the fleet, as ordinary jobs at ``[batches] priority`` (9: any
-interactive request overtakes them), at most ``max_in_flight`` per batch at once,
-so a batch never sits in front of online traffic by more than that. The gateway
+interactive request overtakes them), at most ``max_in_flight`` per batch at once
+(by default one batch of the deployment), so a batch never sits in front of
+online traffic by more than that. The gateway
 only submits lines, reads results and writes files; it runs no model.
 
 One step of the holder (``advance``):
 
 1. ``validating``: read the input file, store its valid lines, write the invalid
    ones to the error file (``…:err``), move to ``in_progress``; or fail the batch;
-2. ``in_progress``: answer the lines whose job has a stored result, through the
-   online route's own ``respond`` (so each body is what the route returns), then
-   submit the next lines, recording them as pending together with the cursor
-   *before* publishing, each under a job id derived from the batch id and position;
+2. ``in_progress``: submit the next lines as earlier ones end, recording them as
+   pending together with the cursor *before* publishing, each under a job id derived
+   from the batch id and position; then answer the lines whose job has a stored
+   result, through the online route's own ``respond`` (so each body is what the
+   route returns);
 3. once every line is answered: write the output and error files and the final
    status, queue the webhook event, retire the batch.
 
@@ -152,8 +154,11 @@ class BatchRunner:
         if taken:
             await self.resubmit_unpublished(record)
             self._unsure.discard(batch_id)
-        await self.collect(record)
-        await self.refill(record)
+        # Refill first, counting lines whose job has ended as free, so the fleet gets the next lines one
+        # MGET after a forward pass; answering the finished ones (reading results, events) comes after.
+        seen = await self.finished(record)
+        await self.refill(record, in_flight=len(seen[0]) - len(seen[2]))
+        await self.collect(record, seen=seen)
         pending = await asyncio.to_thread(self.store.pending, batch_id)
         if not pending and record.cursor >= record.lines:
             record.status, record.finalizing_at = BatchStatus.FINALIZING, now_s()
@@ -196,10 +201,9 @@ class BatchRunner:
         record.status, record.in_progress_at = BatchStatus.IN_PROGRESS, now_s()
         await asyncio.to_thread(self._save, record)
 
-    async def refill(self, record: BatchRecord) -> None:
-        """Submit the next lines, up to ``max_in_flight`` pending."""
-        pending = await asyncio.to_thread(self.store.pending, record.id)
-        room = self._window(record.id) - len(pending)
+    async def refill(self, record: BatchRecord, *, in_flight: int) -> None:
+        """Submit the next lines, up to the batch's window of lines in flight."""
+        room = self._window(record.id) - in_flight
         if room <= 0 or record.cursor >= record.lines:
             return
         raws = await asyncio.to_thread(self.store.redis.lrange, self.store.key(record.id, "lines"),
@@ -223,7 +227,7 @@ class BatchRunner:
         await self._publish(record, jobs)
         if jobs and record.id not in self._windows and self.settings.max_in_flight is None:
             info = await asyncio.to_thread(self.state.client.resolve, deployment=jobs[0][1].deployment)
-            self._windows[record.id] = 2 * info.max_batch_size
+            self._windows[record.id] = info.max_batch_size
 
     def _save(self, record: BatchRecord) -> None:
         """Write the record, only while this gateway holds the batch."""
@@ -279,16 +283,23 @@ class BatchRunner:
 
         return await asyncio.to_thread(read) if positions else {}
 
-    async def collect(self, record: BatchRecord, *, stopping: str | None = None) -> int:
-        """Answer every pending line whose job has a result; with ``stopping``, every pending line.
-
-        ``stopping`` is the error code of lines that did not succeed before a cancel
-        or an expiry (``batch_cancelled``, ``batch_expired``).
-        """
+    async def finished(self, record: BatchRecord) -> tuple[dict[int, dict], dict[int, Any], list[int]]:
+        """The pending lines, their stored results, and the positions whose job has ended."""
         pending = await asyncio.to_thread(self.store.pending, record.id)
         metas = await self._metas(record.id, list(pending))
         done = [position for position, meta in metas.items()
                 if meta is not None and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED")]
+        return pending, metas, done
+
+    async def collect(self, record: BatchRecord, *, stopping: str | None = None,
+                      seen: tuple[dict[int, dict], dict[int, Any], list[int]] | None = None) -> int:
+        """Answer every pending line whose job has a result; with ``stopping``, every pending line.
+
+        ``stopping`` is the error code of lines that did not succeed before a cancel
+        or an expiry (``batch_cancelled``, ``batch_expired``); ``seen`` is what
+        :meth:`finished` just read.
+        """
+        pending, metas, done = seen or await self.finished(record)
         out: dict[int, str] = {}
         err: dict[int, str] = {}
         limit = asyncio.Semaphore(ANSWER_CONCURRENCY)
