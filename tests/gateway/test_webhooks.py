@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
 import httpx
 import pytest
@@ -25,16 +26,22 @@ def submit(gateway, path_or_url: str, receiver=None, **fields) -> httpx.Response
     return httpx.post(f"{gateway.url}/v1/jobs", json=body, headers=AUTH, timeout=30)
 
 
+def unique(name: str) -> str:
+    """A receiver path of this test run alone (the receiver outlives the test)."""
+    return f"/jobs/{name}-{uuid.uuid4().hex[:8]}"
+
+
 def verified(delivery) -> dict:
     """The event, after standardwebhooks checked its signature against the fleet's secret."""
     return standardwebhooks.Webhook(SECRET).verify(delivery.body, delivery.headers)
 
 
 def test_a_job_webhook_is_signed_and_carries_the_result(batch_gateway, receiver):
-    response = submit(batch_gateway, "/jobs/signed", receiver)
+    signed_path = unique("signed")
+    response = submit(batch_gateway, signed_path, receiver)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    [delivery] = receiver.wait_for(lambda: receiver.accepted("/jobs/signed"))
+    [delivery] = receiver.wait_for(lambda: receiver.accepted(signed_path))
     event = verified(delivery)
     assert event["type"] == "job.succeeded" and event["object"] == "event"
     assert delivery.headers["webhook-id"] == event["id"]
@@ -47,25 +54,27 @@ def test_a_job_webhook_is_signed_and_carries_the_result(batch_gateway, receiver)
 
 
 def test_client_submit_sends_failed_and_cancelled_events_as_filtered(batch_setup, batch_gateway, receiver):
+    failed_path, filtered_path = unique("failed"), unique("filtered")
     with batch_setup.fleet.client() as client:
         failing = client.submit(deployment="bt-gen", inputs="hello", params={"max_new_tokens": 10**7},
-                                webhook=f"{receiver.url}/jobs/failed")
+                                webhook=f"{receiver.url}{failed_path}")
         only_failures = client.submit(deployment="bt-emb", inputs="fine",
-                                      webhook=f"{receiver.url}/jobs/filtered", webhook_events=["job.failed"])
+                                      webhook=f"{receiver.url}{filtered_path}", webhook_events=["job.failed"])
         only_failures.result(timeout=60)
-        [delivery] = receiver.wait_for(lambda: receiver.accepted("/jobs/failed"))
+        [delivery] = receiver.wait_for(lambda: receiver.accepted(failed_path))
     event = verified(delivery)
     assert event["type"] == "job.failed" and event["data"]["id"] == failing.id
     assert event["data"]["error_type"] == "InvalidParams" and "max_new_tokens" in event["data"]["error"]
     time.sleep(1.0)  # several dispatcher polls: a succeeded job must not be sent to a job.failed-only hook
-    assert receiver.attempts("/jobs/filtered") == []
+    assert receiver.attempts(filtered_path) == []
 
 
 def test_a_refusing_receiver_gets_the_same_event_again_with_backoff(batch_gateway, receiver):
-    receiver.refuse["/jobs/flaky"] = 2
-    submit(batch_gateway, "/jobs/flaky", receiver).raise_for_status()
-    receiver.wait_for(lambda: receiver.accepted("/jobs/flaky"))
-    attempts = receiver.attempts("/jobs/flaky")
+    flaky_path = unique("flaky")
+    receiver.refuse[flaky_path] = 2
+    submit(batch_gateway, flaky_path, receiver).raise_for_status()
+    receiver.wait_for(lambda: receiver.accepted(flaky_path))
+    attempts = receiver.attempts(flaky_path)
     assert [a.status for a in attempts] == [503, 503, 200]
     assert len({a.headers["webhook-id"] for a in attempts}) == 1
     assert all(verified(a)["type"] == "job.succeeded" for a in attempts)
@@ -92,19 +101,20 @@ def test_a_webhook_to_a_private_or_unlisted_address_is_refused(batch_gateway, re
 
 def test_a_queued_delivery_survives_the_processes_that_queued_it(batch_setup, batch_gateway, receiver):
     """Every dispatcher that saw the event is frozen; a gateway started afterwards delivers it from Redis."""
-    receiver.refuse["/jobs/durable"] = 10**6
-    submit(batch_gateway, "/jobs/durable", receiver).raise_for_status()
-    receiver.wait_for(lambda: receiver.attempts("/jobs/durable"))
+    durable_path = unique("durable")
+    receiver.refuse[durable_path] = 10**6
+    submit(batch_gateway, durable_path, receiver).raise_for_status()
+    receiver.wait_for(lambda: receiver.attempts(durable_path))
     frozen = [batch_setup.worker.proc.pid, batch_gateway.proc.pid]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
-        receiver.refuse["/jobs/durable"] = 0
+        receiver.refuse[durable_path] = 0
         time.sleep(1.5)  # several polls: the frozen processes were the only dispatchers
-        assert receiver.accepted("/jobs/durable") == []
+        assert receiver.accepted(durable_path) == []
         fresh = start_gateway(batch_setup.base, batch_setup.logs)
         try:
-            [delivery] = receiver.wait_for(lambda: receiver.accepted("/jobs/durable"), 30)
+            [delivery] = receiver.wait_for(lambda: receiver.accepted(durable_path), 30)
             assert verified(delivery)["type"] == "job.succeeded"
         finally:
             fresh.stop()
