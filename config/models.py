@@ -91,6 +91,76 @@ class GatewaySettings(BaseModel):
         return value
 
 
+class WebhookSettings(BaseModel):
+    """``[webhooks]``: how job and batch events are signed, where they may go, and how long they are retried.
+
+    Read by workers and gateways alike: whichever process sees an event first
+    queues its delivery in Redis, and any of them delivers it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: str | None = None
+    """The Standard Webhooks signing secret, ``whsec_`` + base64; None: deliveries are not sent."""
+    endpoints: list[str] = Field(default_factory=list)
+    """URLs that receive every batch event (``batch.completed``, ``.failed``, ``.cancelled``, ``.expired``)."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts a webhook URL may name (exact, or ``*.example.com``); the hosts of ``endpoints`` are added."""
+    allow_private_hosts: list[str] = Field(default_factory=list)
+    """Hosts that may resolve to loopback or private addresses (a receiver inside the cluster)."""
+    timeout_s: float = Field(default=10.0, gt=0)
+    """How long one delivery attempt may take."""
+    max_retry_s: float = Field(default=86_400.0, gt=0)
+    """How long a failing delivery is retried (exponential backoff) before it is dropped."""
+    initial_backoff_s: float = Field(default=5.0, gt=0)
+    """The pause after the first failed attempt; each later pause doubles, up to ``max_backoff_s``."""
+    max_backoff_s: float = Field(default=3600.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    """How often a process looks for due deliveries and for finished jobs that have a webhook."""
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: str | None) -> str | None:
+        import base64
+        import binascii
+
+        if value is None:
+            return value
+        if not value.startswith("whsec_"):
+            raise ValueError("must be a Standard Webhooks secret: 'whsec_' followed by base64")
+        try:
+            if len(base64.b64decode(value[len("whsec_"):], validate=True)) < 16:
+                raise ValueError("the secret must hold at least 16 bytes")
+        except binascii.Error as error:
+            raise ValueError(f"the part after 'whsec_' is not base64: {error}") from None
+        return value
+
+
+class BatchSettings(BaseModel):
+    """``[batches]``: limits of the OpenAI Batch API on the gateway (OpenAI's by default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_lines: int = Field(default=50_000, gt=0)
+    """Lines per input file."""
+    max_file_bytes: int = Field(default=200 * 2**20, gt=0)
+    """Bytes per uploaded file."""
+    file_ttl_s: int = Field(default=30 * 86_400, gt=0)
+    """How long uploaded and output files stay in Redis."""
+    completion_window_s: float = Field(default=86_400.0, gt=0)
+    """What ``completion_window="24h"`` means here: an unfinished batch expires this long after it was created."""
+    priority: int = Field(default=9, ge=0, le=9)
+    """Priority of batch lines (9, the least urgent: interactive requests overtake them)."""
+    max_in_flight: int | None = Field(default=None, gt=0)
+    """Lines of one batch queued or running at once; None: the ``max_batch_size`` of the deployment its lines
+    run on, so a worker holds at most one batch of batch lines and an online request waits behind at most one
+    forward pass of them."""
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    """How often a gateway advances the batches it holds."""
+    lease_s: float = Field(default=10.0, gt=0)
+    """How long a gateway's claim on a batch lasts without renewal: a dead gateway's batches move on after it."""
+
+
 class ContinuousBatchingOptions(BaseModel):
     """Tuning of transformers' continuous batching engine (``ContinuousBatchingConfig``) for one deployment.
 
@@ -228,6 +298,8 @@ class FleetConfig(BaseModel):
     media: MediaSettings = Field(default_factory=MediaSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     deployments: list[Deployment] = Field(default_factory=list)
     source: str | None = Field(default=None, exclude=True)
 

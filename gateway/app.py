@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -19,7 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
 from config.models import FleetConfig
-from gateway import serving_chat, serving_completion, serving_embedding, serving_jobs, serving_models
+from gateway import (serving_batches, serving_chat, serving_completion, serving_embedding, serving_files, serving_jobs,
+                     serving_models)
+from gateway.batch_protocol import BatchCreateRequest
+from gateway.batch_runner import BatchRunner
+from gateway.batch_store import BatchStore
+from gateway.files import FileStore
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.errors import ApiError, describe, error_response_parts, is_openai_path
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -29,11 +34,16 @@ from gateway.state import GatewayState
 from producers.backlog import BacklogCollector
 from producers.client import FleetClient
 from producers.errors import PipefleetError
+from producers.webhook_delivery import WebhookCollector, start_dispatcher
 
 logger = logging.getLogger(__name__)
 
 EXECUTOR_THREADS = 64
 """Threads for the client's short blocking calls (submit, status); waits hold none (producers.results)."""
+
+
+UPLOAD_ENVELOPE_BYTES = 64 * 1024
+"""Room for a multipart upload's headers and boundaries on top of the file itself."""
 
 
 def get_state(request: Request) -> GatewayState:
@@ -106,6 +116,44 @@ def _add_routes(app: FastAPI, keys: KeyCheck) -> None:
     async def cancel_job(job_id: str, state: State) -> dict:
         return await serving_jobs.cancel(state, job_id)
 
+    @app.post("/v1/files", **guarded)
+    async def upload_file(state: State, file: Annotated[UploadFile, File()],
+                          purpose: Annotated[str, Form()]) -> Any:
+        return await serving_files.upload(state, file, purpose)
+
+    @app.get("/v1/files", **guarded)
+    async def list_files(state: State, purpose: str | None = None, after: str | None = None,
+                         limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: str = "desc") -> Any:
+        return await serving_files.list_files(state, purpose, after, limit, order)
+
+    @app.get("/v1/files/{file_id}", **guarded)
+    async def retrieve_file(file_id: str, state: State) -> Any:
+        return await serving_files.retrieve(state, file_id)
+
+    @app.get("/v1/files/{file_id}/content", **guarded)
+    async def file_content(file_id: str, state: State) -> Response:
+        return Response(await serving_files.content(state, file_id), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}", **guarded)
+    async def delete_file(file_id: str, state: State) -> Any:
+        return await serving_files.delete(state, file_id)
+
+    @app.post("/v1/batches", **guarded)
+    async def create_batch(body: BatchCreateRequest, state: State) -> Any:
+        return await serving_batches.create(state, body)
+
+    @app.get("/v1/batches", **guarded)
+    async def list_batches(state: State, after: str | None = None, limit: int = 20) -> Any:
+        return await serving_batches.list_batches(state, after, limit)
+
+    @app.get("/v1/batches/{batch_id}", **guarded)
+    async def retrieve_batch(batch_id: str, state: State) -> Any:
+        return await serving_batches.retrieve(state, batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", **guarded)
+    async def cancel_batch(batch_id: str, state: State) -> Any:
+        return await serving_batches.cancel(state, batch_id)
+
     @app.get("/v1/deployments", **guarded)
     async def deployments(state: State) -> list:
         return await serving_jobs.deployments(state)
@@ -154,13 +202,29 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
                                       redis_options=config.redis_options())
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="gateway"))
-        app.state.gateway = GatewayState(client=fleet, config=config, metrics=metrics)
+        ttl_s = config.batches.file_ttl_s
+        state = GatewayState(client=fleet, config=config, metrics=metrics, files=FileStore(fleet.redis, ttl_s),
+                             batches=BatchStore(fleet.redis, ttl_s))
+        app.state.gateway = state
+        runner = asyncio.create_task(BatchRunner(state, state.batches, state.files, config.batches,
+                                                 config.webhooks).run(), name="batch-runner")
+        webhooks = start_dispatcher(config.webhooks, fleet.redis, backend=fleet.celery.backend,
+                                    result_ttl_s=config.result_ttl_s, name="gateway-webhooks")
+        collector = WebhookCollector(webhooks) if webhooks else None
+        if collector is not None:
+            metrics.registry.register(collector)
         backlog = BacklogCollector(fleet.redis, lambda: [info.name for info in fleet.deployments()])
         metrics.registry.register(backlog)
         try:
             yield
         finally:
             metrics.registry.unregister(backlog)
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            if webhooks is not None:
+                metrics.registry.unregister(collector)
+                await asyncio.to_thread(webhooks.stop)
             await fleet.aclose()
 
     app = FastAPI(title="pipefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -181,7 +245,9 @@ def create_app(config: FleetConfig, *, client: FleetClient | None = None) -> Fas
 
     _add_routes(app, keys)
     # Added innermost first: metrics see every response, CORS answers preflights, the cap runs before routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.gateway.max_body_bytes or config.limits.max_payload_bytes)
+    # Uploads have their own cap (OpenAI's 200 MB by default), plus room for the multipart envelope.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.gateway.max_body_bytes or config.limits.max_payload_bytes,
+                       overrides={"/v1/files": config.batches.max_file_bytes + UPLOAD_ENVELOPE_BYTES})
     if config.gateway.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.gateway.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

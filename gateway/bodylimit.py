@@ -16,19 +16,21 @@ class BodyLimitMiddleware:
     handed on whole, or refused as soon as it passes the cap.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max_bytes = max_bytes
+        self.overrides = dict(overrides or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.overrides.get(scope["path"], self.default_max_bytes)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(scope, send, f"the request body is {int(declared)} bytes")
+            if declared.isdigit() and int(declared) > max_bytes:
+                await self._refuse(scope, send, f"the request body is {int(declared)} bytes", max_bytes)
                 return
             await self.app(scope, receive, send)
             return
@@ -42,8 +44,8 @@ class BodyLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, send, f"the request body passed {self.max_bytes} bytes")
+            if size > max_bytes:
+                await self._refuse(scope, send, f"the request body passed {max_bytes} bytes", max_bytes)
                 return
             if not message.get("more_body", False):
                 break
@@ -54,9 +56,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: dict[str, Any], send: Any, what: str) -> None:
+    async def _refuse(self, scope: dict[str, Any], send: Any, what: str, max_bytes: int) -> None:
         status, body = error_response_parts(
-            scope["path"], 413, "PayloadTooLarge", f"{what}; this gateway accepts at most {self.max_bytes}")
+            scope["path"], 413, "PayloadTooLarge", f"{what}; this gateway accepts at most {max_bytes}")
         payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),

@@ -15,7 +15,7 @@ from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_
 from gateway.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                               ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, Usage)
 from gateway.serving_models import resolve_model
-from gateway.state import GatewayState
+from gateway.state import GatewayState, JobPlan
 from gateway.streaming import openai_stream
 from producers.errors import InvalidParams, PayloadTooLarge
 from producers.job import Job
@@ -31,18 +31,18 @@ def _max_tokens(state: GatewayState, request: ChatCompletionRequest) -> int:
     return request.max_completion_tokens or request.max_tokens or state.settings.default_max_tokens
 
 
-async def _submit(state: GatewayState, request: ChatCompletionRequest) -> Job:
+async def plan(state: GatewayState, request: ChatCompletionRequest) -> JobPlan:
+    """Check the request and name the job it needs: the messages travel as one chat input."""
     if request.n > state.max_inputs:
         raise PayloadTooLarge(f"n={request.n} exceeds this gateway's {state.max_inputs} inputs per request")
     info = await resolve_model(state, request.model, TASK)
     chat = [{"role": message.role, "content": message.text()} for message in request.messages]
-    return await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, [chat]),
-                                      params=sampling_params(request, _max_tokens(state, request)))
+    return JobPlan(deployment=info.name, inputs=expand_inputs(request, [chat]),
+                   params=sampling_params(request, _max_tokens(state, request)))
 
 
-async def create_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> ChatCompletionResponse:
-    """Generate ``n`` assistant messages and wait for them."""
-    job = await _submit(state, request)
+async def respond(state: GatewayState, request: ChatCompletionRequest, job: Job) -> ChatCompletionResponse:
+    """The response to ``request`` from its job's result: ``n`` assistant messages."""
     outputs = await state.output_within_max_wait(job)
     outcome = await job_outcome(job)
     stops = request.stops()
@@ -54,9 +54,14 @@ async def create_chat_completion(state: GatewayState, request: ChatCompletionReq
     return ChatCompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
 
 
+async def create_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    """Generate ``n`` assistant messages and wait for them."""
+    return await respond(state, request, await state.submit(await plan(state, request)))
+
+
 async def stream_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> AsyncIterator[str]:
     """Submit the job, then its text as chat chunks: a role delta first, ``[DONE]`` last."""
-    job = await _submit(state, request)
+    job = await state.submit(await plan(state, request))
     chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:

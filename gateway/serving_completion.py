@@ -9,7 +9,7 @@ from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_
                                 sampling_params, texts_per_prompt)
 from gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from gateway.serving_models import resolve_model
-from gateway.state import GatewayState
+from gateway.state import GatewayState, JobPlan
 from gateway.streaming import openai_stream
 from producers.errors import InvalidInput, PayloadTooLarge
 from producers.job import Job
@@ -18,8 +18,13 @@ TASK = "text-generation"
 PATH = "/v1/completions"
 
 
-async def _submit(state: GatewayState, request: CompletionRequest) -> tuple[Job, int]:
-    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+def _prompts(request: CompletionRequest) -> list[Any]:
+    return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+
+
+async def plan(state: GatewayState, request: CompletionRequest) -> JobPlan:
+    """Check the request and name the job it needs."""
+    prompts = _prompts(request)
     if not prompts:
         raise InvalidInput("'prompt' is an empty list")
     if len(prompts) * request.n > state.max_inputs:
@@ -27,14 +32,13 @@ async def _submit(state: GatewayState, request: CompletionRequest) -> tuple[Job,
                               f"{state.max_inputs} inputs per request")
     info = await resolve_model(state, request.model, TASK)
     max_tokens = request.max_tokens or state.settings.default_max_tokens
-    job = await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, prompts),
-                                     params=sampling_params(request, max_tokens))
-    return job, len(prompts)
+    return JobPlan(deployment=info.name, inputs=expand_inputs(request, prompts),
+                   params=sampling_params(request, max_tokens))
 
 
-async def create_completion(state: GatewayState, request: CompletionRequest) -> CompletionResponse:
-    """Generate ``n`` texts per prompt and wait for them."""
-    job, n_prompts = await _submit(state, request)
+async def respond(state: GatewayState, request: CompletionRequest, job: Job) -> CompletionResponse:
+    """The response to ``request`` from its job's result: ``n`` texts per prompt."""
+    n_prompts = len(_prompts(request))
     outputs = await state.output_within_max_wait(job)
     outcome = await job_outcome(job)
     stops = request.stops()
@@ -48,9 +52,14 @@ async def create_completion(state: GatewayState, request: CompletionRequest) -> 
     return CompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
 
 
+async def create_completion(state: GatewayState, request: CompletionRequest) -> CompletionResponse:
+    """Generate ``n`` texts per prompt and wait for them."""
+    return await respond(state, request, await state.submit(await plan(state, request)))
+
+
 async def stream_completion(state: GatewayState, request: CompletionRequest) -> AsyncIterator[str]:
     """Submit the job, then its text as completion chunks (``data`` strings, ``[DONE]`` last)."""
-    job, n_prompts = await _submit(state, request)
+    job, n_prompts = await state.submit(await plan(state, request)), len(_prompts(request))
     chunk_id = f"cmpl-{uuid.uuid4().hex}"
 
     def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:

@@ -6,6 +6,7 @@ Bodies are JSON; a job's result is its outputs as the fleet stores them
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,9 +18,10 @@ from sse_starlette import ServerSentEvent
 
 from gateway.state import GatewayState
 from producers.codec import encode_output
-from producers.errors import InvalidInput, JobTimeout, PayloadTooLarge, PipefleetError
+from producers.errors import InvalidInput, InvalidParams, JobTimeout, PayloadTooLarge, PipefleetError
 from producers.job import Job
 from producers.schemas import JobState, JobStatus
+from producers.webhook_delivery import DeliveryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,18 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
     chunk_size: int | None = Field(default=None, gt=0)
     partial: bool = False
+    webhook: str | None = None
+    """A URL that receives the job's terminal event, signed (``[webhooks]``; see docs/webhooks.md)."""
+    webhook_events: list[str] | None = None
+    """Which of ``job.succeeded``, ``job.failed``, ``job.cancelled`` to send (default: all three)."""
+
+
+async def check_webhook(state: GatewayState, url: str) -> None:
+    """Refuse a webhook URL now, as a delivery would: webhooks off, host not allowed, private address."""
+    settings = state.config.webhooks
+    if not settings.secret:
+        raise InvalidParams("webhooks are off on this fleet: its config sets no [webhooks] secret")
+    await asyncio.to_thread(DeliveryPolicy.from_settings(settings).check, url)
 
 
 def job_for(state: GatewayState, job_id: str) -> Job:
@@ -78,10 +92,13 @@ async def submit(state: GatewayState, request: JobRequest, base_url: str) -> dic
     count = _count_inputs(request.inputs)
     if count > state.max_inputs:
         raise PayloadTooLarge(f"the job has {count} inputs; this gateway accepts at most {state.max_inputs}")
+    if request.webhook is not None:
+        await check_webhook(state, request.webhook)
     job = await state.client.asubmit(task=request.task, model=request.model, deployment=request.deployment,
                                      revision=request.revision, inputs=request.inputs, params=request.params,
                                      priority=request.priority, timeout_s=request.deadline_s,
-                                     chunk_size=request.chunk_size, partial=request.partial)
+                                     chunk_size=request.chunk_size, partial=request.partial,
+                                     webhook=request.webhook, webhook_events=request.webhook_events)
     url = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
     return {"id": job.id, "state": JobState.PENDING.value, "status_url": url, "result_url": f"{url}/result",
             "events_url": f"{url}/events"}

@@ -7,10 +7,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.models import Deployment, FleetConfig, GatewaySettings
+from gateway.batch_store import BatchStore
+from gateway.files import FileStore
 from gateway.metrics import GatewayMetrics
 from producers.client import FleetClient
 from producers.errors import JobTimeout
 from producers.job import Job
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What one OpenAI request asks of the fleet: the deployment, and the job's inputs and call params.
+
+    Each ``serving_*`` module builds it (``plan``) and turns the job's result into
+    the response (``respond``); the online route and the batch runner share both.
+    """
+
+    deployment: str
+    inputs: list[Any]
+    params: dict[str, Any]
 
 
 @dataclass
@@ -20,6 +35,10 @@ class GatewayState:
     client: FleetClient
     config: FleetConfig
     metrics: GatewayMetrics
+    files: FileStore | None = None
+    """Uploaded and batch output files (``/v1/files``)."""
+    batches: BatchStore | None = None
+    """Batch records and their lines (``/v1/batches``)."""
 
     @property
     def settings(self) -> GatewaySettings:
@@ -46,6 +65,10 @@ class GatewayState:
             if deployment.name == name:
                 return deployment
         return None
+
+    async def submit(self, plan: JobPlan) -> Job:
+        """Enqueue ``plan`` as an interactive job."""
+        return await self.client.asubmit(deployment=plan.deployment, inputs=plan.inputs, params=plan.params)
 
     async def output_within_max_wait(self, job: Job) -> Any:
         """The job's output; past ``max_wait_s`` the job is cancelled (nobody waits for it) and JobTimeout raised."""

@@ -103,3 +103,28 @@ def queue_name(deployment: str) -> str:
 def private_queue_name(worker: str) -> str:
     """The private queue of one worker's Celery consumer."""
     return f"{PRIVATE_QUEUE_PREFIX}{worker}"
+
+
+WEBHOOK_KEY_PREFIX = f"{KEY_PREFIX}:webhooks:"
+"""Prefix of the webhook outbox: ``…delivery:<id>`` records, the ``…due`` sorted set, ``…job:<id>`` targets."""
+
+WEBHOOK_DUE_KEY = f"{WEBHOOK_KEY_PREFIX}due"
+"""``pipefleet:webhooks:due``: delivery ids scored by when they are next due (a claim pushes the score on)."""
+
+WEBHOOK_WATCH_KEY = f"{WEBHOOK_KEY_PREFIX}watch"
+"""``pipefleet:webhooks:watch``: ids of unfinished jobs that have a webhook, scored by when to look next."""
+
+FILE_KEY_PREFIX = f"{KEY_PREFIX}:file:"
+"""``pipefleet:file:<file_id>`` (metadata) and ``…:<file_id>:bytes``: an uploaded or output file."""
+
+FILES_INDEX_KEY = f"{KEY_PREFIX}:files"
+"""``pipefleet:files``: file ids scored by creation time (``GET /v1/files``)."""
+
+BATCH_KEY_PREFIX = f"{KEY_PREFIX}:batch:"
+"""``pipefleet:batch:<batch_id>`` (the batch object) and its ``…:lines``, ``…:out``, ``…:err``, ``…:lease`` keys."""
+
+BATCHES_INDEX_KEY = f"{KEY_PREFIX}:batches"
+"""``pipefleet:batches``: batch ids scored by creation time (``GET /v1/batches``)."""
+
+ACTIVE_BATCHES_KEY = f"{KEY_PREFIX}:batches:active"
+"""``pipefleet:batches:active``: ids of batches not yet in a final state, which every gateway advances."""

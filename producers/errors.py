@@ -10,10 +10,12 @@
     │   ├── InvalidInput           inputs have the wrong shape, type or content
     │   ├── InvalidParams          call params the pipeline or the limits refuse
     │   ├── PayloadTooLarge        too many inputs, or too many bytes
-    │   └── MediaError             an image/audio input could not be fetched or decoded
+    │   ├── MediaError             an image/audio input could not be fetched or decoded
+    │   └── UnsafeURL              a URL the allowlist or the SSRF rules refuse (webhooks)
     ├── JobError                   the job ran on a worker and failed there
     │   ├── OutOfMemory            failed even at batch size 1 after OOM back-off
-    │   └── ChunkFailed            one chunk of a chunked job failed
+    │   ├── ChunkFailed            one chunk of a chunked job failed
+    │   └── DeadLettered           its message could not be run (poison) and was dead-lettered
     ├── JobTimeout                 the job did not finish within its deadline
     └── JobCancelled               the job was cancelled before it finished
 
@@ -60,6 +62,10 @@ class MediaError(JobRejected):
     """An image or audio input could not be fetched or decoded."""
 
 
+class UnsafeURL(JobRejected):
+    """A URL the allowlist or the SSRF rules refuse (a webhook to a private address, a host not listed)."""
+
+
 class JobError(PipefleetError):
     """The job ran on a worker and failed there; the message is the worker's."""
 
@@ -89,7 +95,7 @@ ERRORS_BY_NAME: dict[str, type[PipefleetError]] = {
     cls.__name__: cls
     for cls in (
         PipefleetError, ConfigError, FleetUnavailable, JobRejected, UnknownDeployment,
-        InvalidInput, InvalidParams, PayloadTooLarge, MediaError, JobError, OutOfMemory,
+        InvalidInput, InvalidParams, PayloadTooLarge, MediaError, UnsafeURL, JobError, OutOfMemory,
         ChunkFailed, DeadLettered, JobTimeout, JobCancelled,
     )
 }

@@ -46,6 +46,8 @@ class JobRequest(BaseModel):
     chunk_size: int | None = None
     partial: bool = False
     job_id: Any = None  # likewise
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
 
 
 @dataclass

@@ -181,3 +181,17 @@ def job_log_counts(workers: list[WorkerProcess]) -> tuple[dict[str, int], dict[s
         for job_id in re.findall(r"job ([0-9a-f-]{36}) on \S+: DUPLICATE-", text):
             again[job_id] = again.get(job_id, 0) + 1
     return stored, again
+
+
+def wait_until(predicate: Any, timeout_s: float = 60.0, what: Any = "the condition") -> Any:
+    """Poll ``predicate()`` until it returns something truthy (returned), or fail after ``timeout_s``.
+
+    ``what`` names the awaited thing in the failure; a callable is asked at failure time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")

@@ -16,11 +16,8 @@ import base64
 import binascii
 import http.client
 import io
-import ipaddress
 import logging
 import math
-import socket
-import ssl
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +28,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producers.errors import MediaError
+from producers.urlguard import (REDIRECT_STATUSES, URL_SCHEMES, check_url, host_allowed, normalise_hosts,
+                                 pinned_connection, redact)
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +39,6 @@ MAX_REDIRECTS = 3
 READ_CHUNK_BYTES = 64 * 1024
 #: Image formats PIL may decode; others (EPS, PSD, ...) widen the attack surface for no use.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
-#: URL schemes that are fetched.
-URL_SCHEMES = ("http", "https")
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class MediaPolicy(BaseModel):
@@ -67,7 +63,7 @@ class MediaPolicy(BaseModel):
     @field_validator("allowed_hosts", "allow_private_hosts", mode="after")
     @classmethod
     def _lower_hosts(cls, hosts: frozenset[str]) -> frozenset[str]:
-        return frozenset(host.strip().lower().rstrip(".") for host in hosts)
+        return normalise_hosts(hosts)
 
 
 def is_media_reference(value: Any) -> bool:
@@ -82,81 +78,7 @@ def is_media_reference(value: Any) -> bool:
 
 
 # --- URLs ---------------------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def host_allowed(host: str, allowed_hosts: frozenset[str]) -> bool:
-    """Exact match, or ``*.example.com`` matching any subdomain (not the apex)."""
-    host = host.lower().rstrip(".")
-    for pattern in allowed_hosts:
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                return True
-        elif host == pattern:
-            return True
-    return False
-
-
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
-def _vetted_address(host: str, port: int, policy: MediaPolicy, shown: str) -> str:
-    """Resolve ``host`` and return one address to connect to, refusing non-public ones."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise MediaError(f"cannot resolve host {host!r} of {shown}: {e}") from e
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    if not addresses:
-        raise MediaError(f"cannot resolve host {host!r} of {shown}")
-    if host.lower().rstrip(".") not in policy.allow_private_hosts:
-        # Every address must be public: the resolver could hand a later connection any of them.
-        for address in addresses:
-            if not _is_public(address):
-                raise MediaError(
-                    f"host {host!r} of {shown} resolves to a private address ({address}); "
-                    "add it to allow_private_hosts to allow it"
-                )
-    return str(addresses[0])
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the vetted address, so DNS cannot change between check and use."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = self.pinned_sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS to the vetted address, with SNI and certificate checks against the host name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self.pinned_sock = self._context.wrap_socket(sock, server_hostname=self.host)
+# The SSRF rules themselves live in producers.urlguard, shared with webhook deliveries.
 
 
 def _too_large(size: int, policy: MediaPolicy, what: str) -> MediaError:
@@ -165,33 +87,16 @@ def _too_large(size: int, policy: MediaPolicy, what: str) -> MediaError:
 
 def _fetch_once(url: str, policy: MediaPolicy, deadline: float) -> tuple[int, str | None, bytes]:
     """One GET without following redirects: (status, location, body)."""
-    shown = _redact(url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in URL_SCHEMES:
-        raise MediaError(f"unsupported URL scheme {scheme!r} in {shown}")
-    host = parts.hostname
-    if not host:
-        raise MediaError(f"URL has no host: {shown}")
-    if not host_allowed(host, policy.allowed_hosts):
-        raise MediaError(f"host {host!r} of {shown} is not on the allowlist")
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError as e:
-        raise MediaError(f"invalid port in {shown}") from e
-    address = _vetted_address(host, port, policy, shown)
+    checked = check_url(url, policy.allowed_hosts, policy.allow_private_hosts, MediaError)
+    shown = checked.shown
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise MediaError(f"timed out after {policy.timeout_s}s fetching {shown}")
-    connection_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    connection = connection_class(host, port, address, timeout=remaining)
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
+    connection = pinned_connection(checked, remaining)
     try:
-        connection.request("GET", target, headers={"User-Agent": "pipefleet", "Accept-Encoding": "identity"})
+        connection.request("GET", checked.target, headers={"User-Agent": "pipefleet", "Accept-Encoding": "identity"})
         response = connection.getresponse()
-        if response.status in _REDIRECT_STATUSES:
+        if response.status in REDIRECT_STATUSES:
             return response.status, response.getheader("Location"), b""
         if not 200 <= response.status < 300:
             raise MediaError(f"fetching {shown} failed: HTTP {response.status} {response.reason}")
@@ -226,11 +131,11 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
     for _ in range(MAX_REDIRECTS + 1):
         status, location, body = _fetch_once(url, policy, deadline)
         if location is None:
-            if status in _REDIRECT_STATUSES:
-                raise MediaError(f"redirect without a Location from {_redact(url)}")
+            if status in REDIRECT_STATUSES:
+                raise MediaError(f"redirect without a Location from {redact(url)}")
             return body
         url = urljoin(url, location)
-    raise MediaError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {_redact(url)}")
+    raise MediaError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {redact(url)}")
 
 
 # --- base64 and paths ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from producers.errors import ConfigError
 from producers.redis_clients import redis_client
 from producers.schemas import Construction, DeploymentAd, DeploymentTerms
 from worker.advertise import Advertiser, register, registration_of
+from producers.webhook_delivery import WebhookCollector, start_dispatcher
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
@@ -257,11 +258,15 @@ def run_worker(args: argparse.Namespace) -> int:
     advertiser = Advertiser(runtime.redis, _make_ads(runtime, supervisor), interval_s=config.heartbeat_interval_s,
                             ttl_s=config.heartbeat_ttl_s)
     _wire_signals(runtime, advertiser, supervisor)
+    # Job webhooks: events come from stored results, so nothing on the job's own path waits on them.
+    webhooks = start_dispatcher(config.webhooks, runtime.redis, backend=app.backend, result_ttl_s=config.result_ttl_s,
+                                name=f"{worker_name}-webhooks")
     metrics_port = args.metrics_port if args.metrics_port is not None else config.worker_metrics_port
     if metrics_port:
         from worker.prometheus import serve_metrics
 
-        serve_metrics(runtime, metrics_port)
+        serve_metrics(runtime, metrics_port, extra=(WebhookCollector(webhooks, [("worker", worker_name)]),)
+                      if webhooks else ())
     concurrency = args.concurrency or default_concurrency(config, names)
     consumers: list[BulkConsumer] = []
     hostname = f"{worker_name}@{socket.gethostname()}"
@@ -293,5 +298,7 @@ def run_worker(args: argparse.Namespace) -> int:
     finally:
         for consumer in consumers:
             consumer.close()
+        if webhooks is not None:
+            webhooks.stop()
         runtime.stop()
     return worker.exitcode or 0

@@ -113,8 +113,8 @@ class RuntimeCollector:
         yield used
 
 
-def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0") -> None:
-    """Start the ``/metrics`` HTTP server in a daemon thread."""
+def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0", *, extra: tuple[Any, ...] = ()) -> None:
+    """Start the ``/metrics`` HTTP server in a daemon thread (``extra``: more collectors, e.g. webhooks)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from producers.backlog import BacklogCollector
@@ -122,5 +122,7 @@ def serve_metrics(runtime: Any, port: int, address: str = "0.0.0.0") -> None:
     registry = CollectorRegistry()
     registry.register(RuntimeCollector(runtime))
     registry.register(BacklogCollector(runtime.redis, lambda: list(runtime.deployments)))
+    for collector in extra:
+        registry.register(collector)
     start_http_server(port, addr=address, registry=registry)
     logger.info("Prometheus metrics on http://%s:%d/metrics", address, port)

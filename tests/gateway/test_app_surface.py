@@ -12,6 +12,9 @@ ROUTES = {
     ("GET", "/v1/jobs/{job_id}/result"), ("GET", "/v1/jobs/{job_id}/events"), ("DELETE", "/v1/jobs/{job_id}"),
     ("GET", "/v1/deployments"), ("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"), ("GET", "/v1/files/{file_id}/content"),
+    ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"), ("GET", "/v1/batches"),
+    ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel"),
 }
 
 
@@ -30,9 +33,9 @@ def test_routes_are_exactly_the_documented_ones():
     served = {(method, route.path) for route in app.routes for method in getattr(route, "methods", ()) or ()
               if method != "HEAD"}
     assert served == ROUTES
-    readme = (REPO_ROOT / "README.md").read_text()
+    documented = "\n".join(page.read_text() for page in [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")])
     for method, path in ROUTES:
-        assert f"{method} {path}" in readme, f"README does not document {method} {path}"
+        assert f"{method} {path}" in documented, f"neither README nor docs/ document {method} {path}"
 
 
 def test_a_keyless_gateway_listens_only_on_loopback():
