@@ -37,7 +37,8 @@ async def _submit(state: GatewayState, request: ChatCompletionRequest) -> Job:
     info = await resolve_model(state, request.model, TASK)
     chat = [{"role": message.role, "content": message.text()} for message in request.messages]
     return await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, [chat]),
-                                      params=sampling_params(request, _max_tokens(state, request)))
+                                      params=sampling_params(request, _max_tokens(state, request)),
+                                      stream=request.stream)
 
 
 async def create_chat_completion(state: GatewayState, request: ChatCompletionRequest) -> ChatCompletionResponse:

@@ -28,7 +28,7 @@ async def _submit(state: GatewayState, request: CompletionRequest) -> tuple[Job,
     info = await resolve_model(state, request.model, TASK)
     max_tokens = request.max_tokens or state.settings.default_max_tokens
     job = await state.client.asubmit(deployment=info.name, inputs=expand_inputs(request, prompts),
-                                     params=sampling_params(request, max_tokens))
+                                     params=sampling_params(request, max_tokens), stream=request.stream)
     return job, len(prompts)
 
 

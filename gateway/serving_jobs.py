@@ -47,6 +47,7 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
     chunk_size: int | None = Field(default=None, gt=0)
     partial: bool = False
+    stream: bool = False
 
 
 def job_for(state: GatewayState, job_id: str) -> Job:
@@ -80,7 +81,7 @@ async def submit(state: GatewayState, request: JobRequest, base_url: str) -> dic
     job = await state.client.asubmit(task=request.task, model=request.model, deployment=request.deployment,
                                      revision=request.revision, inputs=request.inputs, params=request.params,
                                      priority=request.priority, timeout_s=request.deadline_s,
-                                     chunk_size=request.chunk_size, partial=request.partial)
+                                     chunk_size=request.chunk_size, partial=request.partial, stream=request.stream)
     url = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
     return {"id": job.id, "state": JobState.PENDING.value, "status_url": url, "result_url": f"{url}/result",
             "events_url": f"{url}/events"}

@@ -123,17 +123,20 @@ class FleetClient:
     def submit(self, task: str | None = None, model: str | None = None, inputs: Any = None,
                params: dict[str, Any] | None = None, *, deployment: str | None = None, revision: str | None = None,
                priority: int | None = None, timeout_s: float | None = None, chunk_size: int | None = None,
-               partial: bool = False, job_id: str | None = None) -> Job:
+               partial: bool = False, job_id: str | None = None, stream: bool = False) -> Job:
         """Validate and enqueue one job; returns its :class:`Job` at once.
 
         ``inputs`` is one input or a list of inputs, as for ``pipe(inputs)``.
         ``priority`` runs from 0 (most urgent) to 9; ``timeout_s`` is a deadline
         after which the job fails with JobTimeout. A list longer than
         ``chunk_size`` (or the deployment's default) runs as a chord of chunks.
+        ``stream=True`` says the caller reads the generated text as it comes
+        (``job.stream()``): a text-generation worker then sends it token by token.
         """
         info = self.resolve(task=task, model=model, deployment=deployment, revision=revision)
         prepared = prepare(info, inputs=inputs, params=params, priority=priority, timeout_s=timeout_s,
-                           chunk_size=chunk_size, partial=partial, job_id=job_id, model=model, revision=revision)
+                           chunk_size=chunk_size, partial=partial, job_id=job_id, model=model, revision=revision,
+                           stream=stream)
         return self._send([prepared])[0]
 
     def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[Job]:
@@ -157,7 +160,8 @@ class FleetClient:
                 prepared.append(prepare(info, inputs=request.inputs, params=request.params,
                                         priority=request.priority, timeout_s=request.timeout_s,
                                         chunk_size=request.chunk_size, partial=request.partial,
-                                        job_id=request.job_id, model=request.model, revision=request.revision))
+                                        job_id=request.job_id, model=request.model, revision=request.revision,
+                                        stream=request.stream))
             except ValidationError as error:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
                 raise InvalidParams(f"request {index}: {problems}") from None

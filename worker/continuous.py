@@ -10,11 +10,18 @@ static :class:`~worker.batcher.Batcher`, so the ``infer`` task is unchanged:
   included) and its output through the pipeline's own ``postprocess``, so the
   result has the shape and text of ``pipe(prompt, **params)``;
 - ``num_return_sequences = n`` adds ``n`` requests per prompt;
-- one collector thread reads the engine's per-step outputs, hands their token
-  ids to :class:`~worker.streaming.TextStreams`, resolves futures when
-  requests finish, and every ``SWEEP_INTERVAL_S`` cancels requests whose job
-  was cancelled or passed its deadline (``cancel_request`` removes them from
-  the running batch).
+- every request samples on its own (``do_sample``, ``temperature``, ``top_k``,
+  ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``, ``seed``) in one
+  running batch, through :mod:`worker.cb_sampling`; ``stop_sequence`` ends a
+  request at the token that completes a stop string, as ``generate`` does;
+- the engine reports every step only of the requests whose caller streams
+  (the job's ``stream`` flag) or that have stop strings; the others report once,
+  when they end, which keeps the engine at its ``streaming=False`` speed;
+- one collector thread reads the engine's outputs, hands token ids to
+  :class:`~worker.streaming.TextStreams`, resolves futures when requests
+  finish, and every ``SWEEP_INTERVAL_S`` cancels requests whose job was
+  cancelled or passed its deadline (``cancel_request`` removes them from the
+  running batch).
 
 Params the engine cannot honour per request raise
 :class:`~producers.errors.InvalidParams` naming the param; see :func:`plan_request`.
@@ -89,7 +96,10 @@ class _Prompt:
     plan: RequestPlan
     model_inputs: dict[str, Any]
     request_ids: list[str]
+    active: bool = False
+    """The job's text stream is open (every job but a chunk of a list): its sequences' tokens go to it."""
     streamed: bool = False
+    """Its caller reads the text as it comes: the engine reports every step, not just the last."""
     outputs: dict[int, list[int]] = field(default_factory=dict)
     seen_tokens: dict[int, int] = field(default_factory=dict)
     stop_checked: dict[int, int] = field(default_factory=dict)
@@ -234,7 +244,8 @@ class ContinuousBatcher:
         if self.manager is None:
             raise RuntimeError(f"deployment {self.name}: the continuous batching engine is not started")
         plan = plan_request(self.pipe, {**self._defaults, **params}, self.default_max_new_tokens)
-        streamed = self.streams is not None and self.streams.streaming(job_id)
+        active = self.streams is not None and self.streams.streaming(job_id)
+        streamed = active and self.streams.pieces(job_id)
         prompts = []
         for index, payload in enumerate(payloads):
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
@@ -243,7 +254,7 @@ class ContinuousBatcher:
                                                     **{**self.pipe._preprocess_params, **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
-            prompts.append(_Prompt(item, plan, model_inputs, ids, streamed=streamed))
+            prompts.append(_Prompt(item, plan, model_inputs, ids, active=active, streamed=streamed))
         with self._lock:
             for prompt in prompts:
                 for j, request_id in enumerate(prompt.request_ids):
@@ -252,7 +263,7 @@ class ContinuousBatcher:
         per_step = streamed or bool(plan.stop_strings)
         for prompt in prompts:
             input_ids = prompt.model_inputs["input_ids"][0].tolist()
-            if streamed:
+            if active:
                 n = plan.num_return_sequences
                 self.streams.reset([(job_id, prompt.item.index * n + j) for j in range(n)], [len(input_ids)] * n)
             seed = plan.seed if plan.seed is not None else self._new_seed()
@@ -316,7 +327,7 @@ class ContinuousBatcher:
                     self.manager.cancel_request(request_id)
             new_tokens += max(0, len(tokens) - prompt.seen_tokens.get(j, 0))
             prompt.seen_tokens[j] = len(tokens)
-            if prompt.streamed:
+            if prompt.streamed or (done and prompt.active):  # the usage and finish reason need the last tokens
                 updates.append(((prompt.item.job_id, prompt.item.index * prompt.plan.num_return_sequences + j),
                                 tokens))
             if done:

@@ -11,7 +11,7 @@ ROUTES = {
     ("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/result"), ("GET", "/v1/jobs/{job_id}/events"), ("DELETE", "/v1/jobs/{job_id}"),
     ("GET", "/v1/deployments"), ("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
-    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions"), ("GET", "/openapi.json"), ("GET", "/docs"),
 }
 
 
@@ -30,9 +30,9 @@ def test_routes_are_exactly_the_documented_ones():
     served = {(method, route.path) for route in app.routes for method in getattr(route, "methods", ()) or ()
               if method != "HEAD"}
     assert served == ROUTES
-    readme = (REPO_ROOT / "README.md").read_text()
+    documented = "".join(path.read_text() for path in [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")])
     for method, path in ROUTES:
-        assert f"{method} {path}" in readme, f"README does not document {method} {path}"
+        assert f"{method} {path}" in documented, f"neither README nor docs/ documents {method} {path}"
 
 
 def test_a_keyless_gateway_listens_only_on_loopback():
