@@ -87,9 +87,14 @@ def build_model(size: str) -> Path:
     return directory
 
 
+MIX = {"jobs": N_JOBS, "max_tokens": 256}
+"""The throughput mix: ``jobs`` jobs with 16 to ``max_tokens`` new tokens (``--jobs``, ``--max-tokens``)."""
+
+
 def token_budgets() -> list[int]:
-    """``max_new_tokens`` of the throughput jobs: 16 to 256, evenly spread, in a shuffled order."""
-    budgets = [16 + (240 * i) // (N_JOBS - 1) for i in range(N_JOBS)]
+    """``max_new_tokens`` of the throughput jobs: 16 to ``MIX["max_tokens"]``, evenly spread, shuffled."""
+    jobs, top = MIX["jobs"], MIX["max_tokens"]
+    budgets = [16 + ((top - 16) * i) // (jobs - 1) for i in range(jobs)]
     return budgets[::2] + budgets[1::2]
 
 
@@ -127,12 +132,13 @@ class Worker:
 def head_of_line(client) -> dict:
     """TTFT and latency of a short job that arrives while 8 long generations run."""
     params = {"max_new_tokens": LONG_TOKENS, "do_sample": False}
-    long_jobs = [client.submit(deployment="gen", inputs=PROMPTS[i % len(PROMPTS)], params=params) for i in range(8)]
+    long_jobs = [client.submit(deployment="gen", inputs=PROMPTS[i % len(PROMPTS)], params=params, stream=True)
+                 for i in range(8)]
     for job in long_jobs:
         next(iter(job.stream(timeout_s=600)))
     started = time.perf_counter()
     short = client.submit(deployment="gen", inputs=PROMPTS[3], params={"max_new_tokens": SHORT_TOKENS,
-                                                                      "do_sample": False})
+                                                                      "do_sample": False}, stream=True)
     pieces = short.stream(timeout_s=600)
     next(iter(pieces))
     ttft = time.perf_counter() - started
@@ -231,11 +237,15 @@ def profiled(worker: "Worker", directory: Path | None, run):
     """``run()`` while py-spy records the worker: wall time of every thread (--idle) and GIL holders (--gil)."""
     if directory is None:
         return run()
+    import shutil
     import subprocess
     import sys
 
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy is not installed: no profile", flush=True)
+        return run()
     directory.mkdir(parents=True, exist_ok=True)
-    spy = str(Path(sys.executable).with_name("py-spy"))
     pid = str(worker.worker.proc.pid)
     recorders = [subprocess.Popen([spy, "record", "--pid", pid, "--native", *flags, "--format", "raw", "--rate", "50",
                                    "--output", str(directory / f"worker-{name}.txt")],
@@ -285,12 +295,16 @@ def main() -> int:
     parser.add_argument("--static", action="store_true", help="also the static worker and pipeline(batch_size)")
     parser.add_argument("--batch-size", type=int, default=16, help="in-process pipeline batch_size")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the continuous worker's throughput run")
+    parser.add_argument("--jobs", type=int, default=N_JOBS, help="throughput jobs")
+    parser.add_argument("--max-tokens", type=int, default=256, help="the throughput jobs' largest max_new_tokens")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-generation.json")
     args = parser.parse_args()
+    MIX.update(jobs=args.jobs, max_tokens=args.max_tokens)
     sizes = (args.sizes or ("1b" if args.device == "cuda" else "small,tiny")).split(",")
     STATE_DIR.mkdir(exist_ok=True)
     results: dict[str, dict] = {"setup": {"device": args.device, "threads": THREADS, "long_tokens": LONG_TOKENS,
-                                          "short_tokens": SHORT_TOKENS, "jobs": N_JOBS,
+                                          "short_tokens": SHORT_TOKENS, "jobs": args.jobs,
+                                          "max_tokens": args.max_tokens,
                                           "load_before": [round(x, 2) for x in os.getloadavg()]}}
     server = RedisServer().start()
     try:

@@ -20,6 +20,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVE
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   "bitsandbytes${BITSANDBYTES_VERSION:+==$BITSANDBYTES_VERSION}"
 
+# py-spy profiles the worker during the GPU generation run.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 -d .whl \
+  "py-spy$(pin="$(version py-spy || true)"; echo "${pin:+==$pin}")"
 # The bitsandbytes wheel holds a library per CUDA and ROCm version (about 130 MB unpacked); the carried tree must stay
 # under 64 MiB, so keep only the CUDA versions the device's torch can load (BNB_CUDA: torch.version.cuda, digits only).
 BNB_CUDA="${BNB_CUDA:-130 132}" python3 - <<'PY'
