@@ -73,6 +73,8 @@ def build_model(size: str) -> Path:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
+    if size == "1b":  # saved in bf16, the dtype it runs in: half the bytes to write and load
+        model = model.to(torch.bfloat16)
     with torch.no_grad():
         # Tokens that decode to nothing readable alone (byte pieces, specials) get a zero logit, below most
         # random ones: greedy text then shows in (nearly) every step, so the first piece is the first token.
@@ -197,7 +199,8 @@ def engine_alone(model: Path, device: str, *, streaming_too: bool = False) -> di
     manager = pipe.model.init_continuous_batching(
         generation_config=generation_config, continuous_batching_config=ContinuousBatchingConfig(**engine_config(device)))
     manager.start()
-    results = {}
+    resolved = manager.continuous_batching_config
+    results = {"cuda_graphs": str(resolved.use_cuda_graph), "async_batching": str(resolved.use_async_batching)}
     try:
         manager.add_request(ids[0], request_id="warm", max_new_tokens=4)
         while not (out := manager.get_result(timeout=60)) or not out.is_finished():

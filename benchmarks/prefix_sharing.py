@@ -35,7 +35,8 @@ def system_prompt(tokenizer) -> str:
     """A system prompt of exactly ``SYSTEM_TOKENS`` tokens once the chat template wraps it."""
     words = " ".join(f"rule {i}: answer briefly and politely." for i in range(400))
     ids = tokenizer(words, add_special_tokens=False)["input_ids"]
-    wrapped = len(tokenizer.apply_chat_template([{"role": "system", "content": ""}], tokenize=True))
+    wrapped = len(tokenizer.apply_chat_template([{"role": "system", "content": ""}], tokenize=True,
+                                                return_dict=True)["input_ids"])
     return tokenizer.decode(ids[:SYSTEM_TOKENS - wrapped])
 
 
@@ -46,7 +47,7 @@ async def run_jobs(client, chats: list[list[dict]]) -> dict:
 
     async def one(chat) -> float:
         submitted = time.perf_counter()
-        job = await client.asubmit(deployment="gen", inputs=chat, params=params)
+        job = await client.asubmit(deployment="gen", inputs=chat, params=params, stream=True)
         ttft = None
         async for _ in job.astream(timeout_s=1200):
             ttft = ttft if ttft is not None else time.perf_counter() - submitted
@@ -63,7 +64,7 @@ def measure(server: RedisServer, model, chats: list[list[dict]], sharing: bool, 
     from producers import FleetClient
 
     options = {"allow_block_sharing": sharing, "page_size": PAGE_SIZE}
-    options.update({"num_blocks": 2 * N_JOBS * (SYSTEM_TOKENS // PAGE_SIZE + 2)} if device == "cpu"
+    options.update({"num_blocks": 2 * len(chats) * (SYSTEM_TOKENS // PAGE_SIZE + 2)} if device == "cpu"
                    else {"max_memory_percent": 0.5})
     deployment = {"name": "gen", "task": "text-generation", "model": str(model), "continuous_batching": True,
                   "continuous_batching_options": options}
@@ -87,6 +88,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--size", default=None, help="tiny (CPU default), small or 1b (cuda default)")
+    parser.add_argument("--jobs", type=int, default=N_JOBS)
     parser.add_argument("--json", default=str(STATE_DIR / "bench-prefix.json"))
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -94,8 +96,8 @@ def main() -> int:
     model = build_model(args.size or ("1b" if args.device == "cuda" else "tiny"))
     system = system_prompt(AutoTokenizer.from_pretrained(str(model)))
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": f"question number {i}?"}]
-             for i in range(N_JOBS)]
-    results = {"setup": {"device": args.device, "model": model.name, "jobs": N_JOBS, "system_tokens": SYSTEM_TOKENS,
+             for i in range(args.jobs)]
+    results = {"setup": {"device": args.device, "model": model.name, "jobs": args.jobs, "system_tokens": SYSTEM_TOKENS,
                          "new_tokens": NEW_TOKENS, "load_before": [round(x, 2) for x in os.getloadavg()]}}
     server = RedisServer().start()
     try:
