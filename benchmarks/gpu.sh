@@ -28,7 +28,7 @@ quiet() { grep -v "Writing model\|Loading weights\|it/s\]$"; }
   nproc
   python3 -c "import sys, torch, transformers, celery, kombu; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'transformers', transformers.__version__, 'celery', celery.__version__, 'kombu', kombu.__version__)"
-  git log -1 --format='commit %h %s' 2>/dev/null || true
+  echo "commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
 } 2>&1 | tee "$LOG"
 if [ "${GPU_SKIP_GENERATION:-0}" != 1 ]; then
   echo "== generation" | tee -a "$LOG"
