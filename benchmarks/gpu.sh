@@ -32,7 +32,7 @@ torch.__version__, 'transformers', transformers.__version__, 'celery', celery.__
 } 2>&1 | tee "$LOG"
 if [ "${GPU_SKIP_GENERATION:-0}" != 1 ]; then
   echo "== generation" | tee -a "$LOG"
-  timeout "${GPU_GENERATION_S:-170}" python3 -m benchmarks.generation --device cuda --sizes 1b \
+  timeout "${GPU_GENERATION_S:-200}" python3 -m benchmarks.generation --device cuda --sizes 1b --passes 2 \
     --profile "$OUT/profile" --json "$OUT/generation.json" 2>&1 | quiet | tee -a "$LOG"
   [ -d "$OUT/profile/1b" ] && python3 -m benchmarks.profile_summary "$OUT"/profile/1b/*.txt 2>&1 | tee -a "$LOG"
   rm -rf "$OUT/profile"
