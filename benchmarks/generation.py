@@ -200,7 +200,8 @@ def engine_alone(model: Path, device: str, *, streaming_too: bool = False, passe
     generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=-1,
                                                       pad_token_id=pipe.tokenizer.pad_token_id)
     manager = pipe.model.init_continuous_batching(
-        generation_config=generation_config, continuous_batching_config=ContinuousBatchingConfig(**engine_config(device)))
+        generation_config=generation_config,
+        continuous_batching_config=ContinuousBatchingConfig(**engine_config(device)))
     manager.start()
     resolved = manager.continuous_batching_config
     results = {"cuda_graphs": str(resolved.use_cuda_graph), "async_batching": str(resolved.use_async_batching)}

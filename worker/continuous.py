@@ -24,7 +24,7 @@ static :class:`~worker.batcher.Batcher`, so the ``infer`` task is unchanged:
   running batch).
 
 Params the engine cannot honour per request raise
-:class:`~producers.errors.InvalidParams` naming the param; see :func:`plan_request`.
+:class:`~producers.errors.InvalidParams` naming the param; see :func:`worker.cb_plan.plan_request`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from config.models import Deployment, Limits
-from producers.errors import InvalidParams, JobCancelled, JobError, JobTimeout, OutOfMemory
+from producers.errors import JobCancelled, JobError, JobTimeout, OutOfMemory
 from worker import cb_sampling
 from worker.batcher import PendingItem
-from worker.cb_sampling import SamplingSpec
+from worker.cb_plan import RequestPlan, plan_request
 from worker.metrics import DeploymentMetrics
 
 logger = logging.getLogger(__name__)
@@ -55,39 +55,8 @@ CPU_DEFAULT_NUM_BLOCKS = 64
 MAX_OUTPUTS_PER_PASS = 4096
 """Engine outputs the collector takes in one pass at most."""
 
-SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
-"""Generate params each request takes for itself (through :mod:`worker.cb_sampling`)."""
-
-HANDLED_GENERATE_PARAMS = frozenset({"max_new_tokens", "num_return_sequences", "stop_strings", "pad_token_id",
-                                     *SAMPLING_PARAMS})
-"""Generate params continuous batching honours; any other one is refused by name."""
-
 STOP_WINDOW_TOKENS_PER_CHAR = 4
 """Tokens of a sequence's tail decoded per character of its longest stop string (a byte token holds 1/4 of one)."""
-
-
-@dataclass
-class RequestPlan:
-    """How one job's params become engine requests."""
-
-    preprocess: dict[str, Any]
-    postprocess: dict[str, Any]
-    max_new_tokens: int
-    num_return_sequences: int
-    generation_config: Any = None
-    """The job's generation config as ``generate`` would build it; None when it decodes greedily, unprocessed."""
-    do_sample: bool = False
-    seed: int | None = None
-    stop_strings: tuple[str, ...] = ()
-    eos_token_id: Any = None
-
-    def spec(self, prompt_length: int, j: int, seed: int) -> SamplingSpec | None:
-        """Sequence ``j``'s sampling spec, or None for plain greedy decoding (the engine's argmax)."""
-        if self.generation_config is None:
-            return None
-        # Sequence 0 draws what ``set_seed(seed); generate(...)`` draws; the others get seeds of their own.
-        seed = seed if j == 0 else (seed * 1_000_003 + j) % 2**63
-        return SamplingSpec(self.generation_config, prompt_length, self.do_sample, seed)
 
 
 @dataclass(eq=False)
@@ -103,43 +72,6 @@ class _Prompt:
     outputs: dict[int, list[int]] = field(default_factory=dict)
     seen_tokens: dict[int, int] = field(default_factory=dict)
     stop_checked: dict[int, int] = field(default_factory=dict)
-
-
-def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int) -> RequestPlan:
-    """Validate a job's params for the engine; raises InvalidParams naming the first one it cannot honour.
-
-    The job's generation config is built as the pipeline and ``generate`` build it in-process (the call's
-    params over the pipeline's defaults over the model's generation config), so a param the job leaves out
-    takes the same default on both paths.
-    """
-    params = dict(params)
-    seed = params.pop("seed", None)
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
-    generate = {**forward.pop("generate_kwargs", {}), **forward}
-    generate.pop("tokenizer", None)  # the pipeline adds it for stop strings
-    unknown = sorted(set(generate) - HANDLED_GENERATE_PARAMS)
-    if unknown:
-        raise InvalidParams(f"param {unknown[0]!r} is not supported with continuous batching (it takes "
-                            f"{', '.join(sorted(HANDLED_GENERATE_PARAMS - {'pad_token_id', 'stop_strings'}))}, "
-                            "stop_sequence and seed)")
-    stops = generate.pop("stop_strings", None) or []
-    stops = tuple(stop for stop in ([stops] if isinstance(stops, str) else stops) if stop)
-    try:
-        config, _ = pipe.model._prepare_generation_config(None, **pipe._prepare_generate_kwargs(generate))
-    except (TypeError, ValueError) as error:
-        raise InvalidParams(f"invalid generation params: {error}") from error
-    n = int(config.num_return_sequences or 1)
-    if n > 1 and not config.do_sample:
-        raise InvalidParams("param 'num_return_sequences' > 1 needs sampling (do_sample=True): greedy search "
-                            "returns one sequence per prompt")
-    max_new_tokens = int(generate.get("max_new_tokens") or config.max_new_tokens or default_max_new_tokens)
-    for name in list(preprocess):
-        if name in HANDLED_GENERATE_PARAMS:
-            preprocess.pop(name)
-    processed = config.do_sample or len(pipe.model._get_logits_processor(generation_config=config)) > 0
-    return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
-                       do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
-                       eos_token_id=config.eos_token_id)
 
 
 def _engine_error(message: str) -> Exception:
