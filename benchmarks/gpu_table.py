@@ -24,6 +24,10 @@ def rows(out: Path) -> list[tuple[str, str]]:
                    f"{r['ratio']['engine_tokens_per_s_mean']} tokens/s"),
                   ("fleet-to-engine ratio", str(r["ratio"]["fleet_continuous_to_engine"])),
                   ("engine alone, streaming on", f"{r['engine_after'].get('engine_streaming_tokens_per_s')} tokens/s")]
+        if "first_pass_tokens_per_s" in r["continuous"]:
+            found.append(("first passes (new batch shapes): fleet / engine alone",
+                          f"{r['continuous']['first_pass_tokens_per_s']} / "
+                          f"{r['engine_before'].get('engine_first_pass_tokens_per_s')} tokens/s"))
     else:
         found.append(("generation benchmark", "did not finish"))
     prefix = load("prefix.json")

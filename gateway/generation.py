@@ -24,12 +24,12 @@ from producers.job import Job
 
 def is_greedy(request: GenerationFields) -> bool:
     """True when the caller asked for greedy decoding (``temperature=0``)."""
-    return "temperature" in request.model_fields_set and request.temperature == 0
+    return request.temperature == 0
 
 
 def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any]:
     """The pipeline call params of an OpenAI generation request: the fields the caller set, mapped."""
-    sent = request.model_fields_set
+    sent = {name for name in request.model_fields_set if getattr(request, name) is not None}
     params: dict[str, Any] = {"max_new_tokens": max_tokens, "return_full_text": False}
     if is_greedy(request):
         params["do_sample"] = False
