@@ -1,7 +1,8 @@
-"""Text generation: static batches against continuous batching (transformers' engine), in one run.
+"""Text generation: static batches, continuous batching (transformers' engine) and the engine alone, in one run.
 
-    python -m benchmarks.generation                          # CPU, a small random Llama
-    python -m benchmarks.generation --device cuda --size 1b  # a GPU, a ~1B-parameter random Llama
+    python -m benchmarks.generation                          # CPU: a 4-layer 256-wide and a 2-layer 64-wide Llama
+    python -m benchmarks.generation --device cuda --sizes 1b --static   # a GPU, a ~1B-parameter random Llama
+    python -m benchmarks.generation --profile .pipefleet/profile        # py-spy the continuous worker under load
 
 Same model, same worker code, one fresh worker per deployment kind:
 
@@ -10,18 +11,23 @@ Same model, same worker code, one fresh worker per deployment kind:
   first streamed piece) and its latency.
 - **throughput**: 64 concurrent jobs with ``max_new_tokens`` spread evenly from
   16 to 256, as generated tokens/s (submit of the first to result of the last)
-  and p50/p95 job latency.
-- **in-process** references on the same prompts: ``pipeline(...)`` with
-  ``batch_size`` (every prompt at 256 tokens, since one call takes one
-  ``max_new_tokens``; only the requested tokens count), and the engine
-  in-process (``init_continuous_batching`` + ``add_request`` with each prompt's
-  own ``max_new_tokens``), the upper bound of what the fleet can add to.
+  and p50/p95 job latency. Nobody streams these jobs.
+- **the engine alone** on the same 64 requests: ``init_continuous_batching`` +
+  ``add_request`` in this process with each prompt's own ``max_new_tokens``,
+  ``streaming=False`` (and ``streaming=True``): the upper bound of what the
+  fleet can add to. It runs before and after the fleet's run; the
+  **fleet-to-engine ratio** divides the fleet's tokens/s by their mean, so a
+  machine that got busier halfway shows as a gap between the two.
+- with ``--static``, the static worker and ``pipeline(...)`` with ``batch_size``.
+- with ``--passes 2`` the throughput run (fleet and engine alone) is repeated and the
+  last pass counts: on a GPU the first pass over new batch shapes runs several
+  times slower than the next (``benchmarks/gpu.sh`` uses 2).
 
 The model has random weights and no end-of-sequence token, so every job
 generates exactly its ``max_new_tokens``; tokens that are not readable alone
 (byte pieces) are muted, so every step streams a piece and the first piece is
-the first token. The engine in-process is measured with ``streaming=False``
-and with ``streaming=True`` (what the worker uses: one output per token).
+the first token. ``setup`` records the load average before and after: the
+machine may be shared.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from tests.fleet import RedisServer, start_worker, write_config
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate
     "small": (256, 4, 4, 2, 512),
+    "tiny": (64, 2, 2, 1, 128),
     "1b": (2048, 16, 32, 8, 8192),
 }
 LONG_TOKENS = 200
@@ -69,6 +76,8 @@ def build_model(size: str) -> Path:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
+    if size == "1b":  # saved in bf16, the dtype it runs in: half the bytes to write and load
+        model = model.to(torch.bfloat16)
     with torch.no_grad():
         # Tokens that decode to nothing readable alone (byte pieces, specials) get a zero logit, below most
         # random ones: greedy text then shows in (nearly) every step, so the first piece is the first token.
@@ -83,9 +92,14 @@ def build_model(size: str) -> Path:
     return directory
 
 
+MIX = {"jobs": N_JOBS, "max_tokens": 256}
+"""The throughput mix: ``jobs`` jobs with 16 to ``max_tokens`` new tokens (``--jobs``, ``--max-tokens``)."""
+
+
 def token_budgets() -> list[int]:
-    """``max_new_tokens`` of the throughput jobs: 16 to 256, evenly spread, in a shuffled order."""
-    budgets = [16 + (240 * i) // (N_JOBS - 1) for i in range(N_JOBS)]
+    """``max_new_tokens`` of the throughput jobs: 16 to ``MIX["max_tokens"]``, evenly spread, shuffled."""
+    jobs, top = MIX["jobs"], MIX["max_tokens"]
+    budgets = [16 + ((top - 16) * i) // (jobs - 1) for i in range(jobs)]
     return budgets[::2] + budgets[1::2]
 
 
@@ -104,8 +118,7 @@ class Worker:
         if args.device == "cuda":
             deployment.update(device=0, dtype="bfloat16")
         if continuous:
-            deployment["continuous_batching_options"] = (
-                {"num_blocks": 128} if args.device == "cpu" else {"max_memory_percent": 0.5})
+            deployment["continuous_batching_options"] = engine_config(args.device)
         self.server = server
         self.gpu = "0" if args.device == "cuda" else "none"
         self.config = write_config(STATE_DIR / "bench-gen.toml", broker_url=f"{server.url}/0",
@@ -124,12 +137,13 @@ class Worker:
 def head_of_line(client) -> dict:
     """TTFT and latency of a short job that arrives while 8 long generations run."""
     params = {"max_new_tokens": LONG_TOKENS, "do_sample": False}
-    long_jobs = [client.submit(deployment="gen", inputs=PROMPTS[i % len(PROMPTS)], params=params) for i in range(8)]
+    long_jobs = [client.submit(deployment="gen", inputs=PROMPTS[i % len(PROMPTS)], params=params, stream=True)
+                 for i in range(8)]
     for job in long_jobs:
         next(iter(job.stream(timeout_s=600)))
     started = time.perf_counter()
     short = client.submit(deployment="gen", inputs=PROMPTS[3], params={"max_new_tokens": SHORT_TOKENS,
-                                                                      "do_sample": False})
+                                                                      "do_sample": False}, stream=True)
     pieces = short.stream(timeout_s=600)
     next(iter(pieces))
     ttft = time.perf_counter() - started
@@ -167,8 +181,13 @@ def throughput(client) -> dict:
             "p95_latency_s": round(percentile(latencies, 0.95), 2)}
 
 
-def in_process(model: Path, device: str, batch_size: int) -> dict:
-    """The same 64 prompts in-process: pipeline(batch_size) and the engine with per-request budgets."""
+def engine_config(device: str, **overrides) -> dict:
+    """The ``ContinuousBatchingConfig`` fields the fleet's deployment and the engine alone both use."""
+    return {**({"num_blocks": 128} if device == "cpu" else {"max_memory_percent": 0.5}), **overrides}
+
+
+def engine_alone(model: Path, device: str, *, streaming_too: bool = False, passes: int = 1) -> dict:
+    """The 64 throughput requests through transformers' engine in this process: tokens/s (streaming off, and on)."""
     import torch
     import transformers
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -177,68 +196,145 @@ def in_process(model: Path, device: str, batch_size: int) -> dict:
     kwargs = {"device": 0, "dtype": torch.bfloat16} if device == "cuda" else {}
     pipe = transformers.pipeline("text-generation", model=str(model), **kwargs)
     budgets = token_budgets()
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(budgets))]
-    pipe(prompts[:2], max_new_tokens=4, do_sample=False, batch_size=2)  # warm-up
-    started = time.perf_counter()
-    pipe(prompts, max_new_tokens=max(budgets), do_sample=False, batch_size=batch_size)
-    static_s = time.perf_counter() - started
-    config = ContinuousBatchingConfig(**({"num_blocks": 128} if device == "cpu" else {"max_memory_percent": 0.5}))
+    ids = [pipe.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(len(budgets))]
     generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=-1,
                                                       pad_token_id=pipe.tokenizer.pad_token_id)
-    manager = pipe.model.init_continuous_batching(generation_config=generation_config,
-                                                  continuous_batching_config=config)
+    manager = pipe.model.init_continuous_batching(
+        generation_config=generation_config,
+        continuous_batching_config=ContinuousBatchingConfig(**engine_config(device)))
     manager.start()
+    resolved = manager.continuous_batching_config
+    results = {"cuda_graphs": str(resolved.use_cuda_graph), "async_batching": str(resolved.use_async_batching)}
     try:
-        ids = [pipe.tokenizer(prompt)["input_ids"] for prompt in prompts]
         manager.add_request(ids[0], request_id="warm", max_new_tokens=4)
         while not (out := manager.get_result(timeout=60)) or not out.is_finished():
             pass
-        engine_s = {}
-        for streaming in (False, True):
+        runs = [False] * passes + ([True] if streaming_too else [])
+        for run, streaming in enumerate(runs):
             started = time.perf_counter()
             for index, (prompt_ids, n) in enumerate(zip(ids, budgets)):
-                manager.add_request(prompt_ids, request_id=f"r{index}-{streaming}", max_new_tokens=n,
+                manager.add_request(prompt_ids, request_id=f"r{index}-{run}", max_new_tokens=n,
                                     streaming=streaming)
             finished = 0
             while finished < len(ids):
                 out = manager.get_result(timeout=600)
                 finished += bool(out is not None and out.is_finished())
-            engine_s[streaming] = time.perf_counter() - started
+            key = "engine_streaming_tokens_per_s" if streaming else "engine_tokens_per_s"
+            if key in results:  # an earlier pass paid the first-time costs of these batch shapes
+                results.setdefault("engine_first_pass_tokens_per_s", results[key])
+            results[key] = round(sum(budgets) / (time.perf_counter() - started), 1)
     finally:
         manager.stop(block=True, timeout=10)
-    tokens = sum(budgets)
-    return {f"pipeline_batch_size_{batch_size}_tokens_per_s": round(tokens / static_s, 1),
-            "engine_in_process_tokens_per_s": round(tokens / engine_s[False], 1),
-            "engine_in_process_streaming_tokens_per_s": round(tokens / engine_s[True], 1)}
+    return results
+
+
+def pipeline_batched(model: Path, device: str, batch_size: int) -> dict:
+    """``pipeline(prompts, batch_size=...)`` on the same prompts (every prompt at 256 tokens; only the asked count)."""
+    import torch
+    import transformers
+
+    kwargs = {"device": 0, "dtype": torch.bfloat16} if device == "cuda" else {}
+    pipe = transformers.pipeline("text-generation", model=str(model), **kwargs)
+    budgets = token_budgets()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(budgets))]
+    pipe(prompts[:2], max_new_tokens=4, do_sample=False, batch_size=2)  # warm-up
+    started = time.perf_counter()
+    pipe(prompts, max_new_tokens=max(budgets), do_sample=False, batch_size=batch_size)
+    return {f"pipeline_batch_size_{batch_size}_tokens_per_s": round(sum(budgets) / (time.perf_counter() - started), 1)}
+
+
+def profiled(worker: "Worker", directory: Path | None, run):
+    """``run()`` while py-spy records the worker: wall time of every thread (--idle) and GIL holders (--gil)."""
+    if directory is None:
+        return run()
+    import shutil
+    import subprocess
+    import sys
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy is not installed: no profile", flush=True)
+        return run()
+    directory.mkdir(parents=True, exist_ok=True)
+    pid = str(worker.worker.proc.pid)
+    recorders = [subprocess.Popen([spy, "record", "--pid", pid, "--native", *flags, "--format", "raw", "--rate", "50",
+                                   "--output", str(directory / f"worker-{name}.txt")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for name, flags in (("idle", ["--idle", "--threads"]), ("gil", ["--gil", "--threads"]))]
+    try:
+        return run()
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(2)
+            recorder.wait(timeout=60)
+
+
+def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
+    """Every measurement of one model size; the fleet's continuous run sits between two runs of the engine alone."""
+    from producers import FleetClient
+
+    model = build_model(size)
+    results: dict[str, dict] = {"engine_before": engine_alone(model, args.device, passes=args.passes)}
+    print(size, "engine_before", json.dumps(results["engine_before"]), flush=True)
+    kinds = (("continuous", True), ("static", False)) if args.static else (("continuous", True),)
+    for kind, continuous in kinds:
+        with Worker(server, model, args, continuous) as worker:
+            with FleetClient(f"{server.url}/0", f"{server.url}/1") as client:
+                results[kind] = head_of_line(client)
+                profile = args.profile / size if args.profile is not None and continuous else None
+                for run in range(args.passes):  # the last pass counts; earlier ones pay first-time costs
+                    measured = profiled(worker, profile if run == args.passes - 1 else None, lambda: throughput(client))
+                    if run < args.passes - 1:
+                        results[kind]["first_pass_tokens_per_s"] = measured["tokens_per_s"]
+                results[kind].update(measured)
+        print(size, kind, json.dumps(results[kind]), flush=True)
+        if continuous:
+            results["engine_after"] = engine_alone(model, args.device, streaming_too=True, passes=args.passes)
+            print(size, "engine_after", json.dumps(results["engine_after"]), flush=True)
+    if args.static:
+        results["pipeline"] = pipeline_batched(model, args.device, args.batch_size)
+        print(size, "pipeline", json.dumps(results["pipeline"]), flush=True)
+    engine = (results["engine_before"]["engine_tokens_per_s"] + results["engine_after"]["engine_tokens_per_s"]) / 2
+    results["ratio"] = {"fleet_continuous_to_engine": round(results["continuous"]["tokens_per_s"] / engine, 3),
+                        "engine_tokens_per_s_mean": round(engine, 1)}
+    print(size, "ratio", json.dumps(results["ratio"]), flush=True)
+    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--sizes", default=None, help="comma-separated of " + ", ".join(SIZES) +
+                        " (default: small,tiny on the CPU, 1b on cuda)")
+    parser.add_argument("--static", action="store_true", help="also the static worker and pipeline(batch_size)")
     parser.add_argument("--batch-size", type=int, default=16, help="in-process pipeline batch_size")
-    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the continuous worker's throughput run")
+    parser.add_argument("--jobs", type=int, default=N_JOBS, help="throughput jobs")
+    parser.add_argument("--passes", type=int, default=1, help="throughput passes per run; the last one counts (a GPU "
+                        "pays first-time costs for each new batch shape on the first)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="the throughput jobs' largest max_new_tokens")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-generation.json")
     args = parser.parse_args()
+    MIX.update(jobs=args.jobs, max_tokens=args.max_tokens)
+    sizes = (args.sizes or ("1b" if args.device == "cuda" else "small,tiny")).split(",")
     STATE_DIR.mkdir(exist_ok=True)
-    model = build_model(args.size)
+    results: dict[str, dict] = {"setup": {"device": args.device, "threads": THREADS, "long_tokens": LONG_TOKENS,
+                                          "short_tokens": SHORT_TOKENS, "jobs": args.jobs,
+                                          "max_tokens": args.max_tokens,
+                                          "load_before": [round(x, 2) for x in os.getloadavg()]}}
     server = RedisServer().start()
-    results: dict[str, dict] = {}
     try:
-        from producers import FleetClient
-
-        for kind, continuous in (("static", False), ("continuous", True)):
-            with Worker(server, model, args, continuous):
-                with FleetClient(f"{server.url}/0", f"{server.url}/1") as client:
-                    results[kind] = {**head_of_line(client), **throughput(client)}
-            print(kind, json.dumps(results[kind]), flush=True)
+        for size in sizes:
+            results[size] = run_size(server, args, size)
     finally:
         server.cleanup()
-    if not args.skip_in_process:
-        results["in_process"] = in_process(model, args.device, args.batch_size)
-        print("in_process", json.dumps(results["in_process"]), flush=True)
-    results["setup"] = {"device": args.device, "size": args.size, "threads": THREADS,
-                        "long_tokens": LONG_TOKENS, "short_tokens": SHORT_TOKENS, "jobs": N_JOBS}
+    results["setup"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    print("setup", json.dumps(results["setup"]), flush=True)
+    print(f"{'size':<6} {'fleet tok/s':>12} {'engine tok/s':>13} {'ratio':>6} {'short TTFT s':>13}")
+    for size in sizes:
+        r = results[size]
+        print(f"{size:<6} {r['continuous']['tokens_per_s']:>12} {r['ratio']['engine_tokens_per_s_mean']:>13} "
+              f"{r['ratio']['fleet_continuous_to_engine']:>6} {r['continuous']['short_ttft_s']:>13}")
     args.json.write_text(json.dumps(results, indent=2))
     return 0
 

@@ -167,8 +167,10 @@ class ContinuousBatchingOptions(BaseModel):
     Unset fields keep the engine's own defaults, except the KV cache on the CPU:
     the engine would size it from the machine's free RAM, so a CPU deployment
     gets ``num_blocks = 64`` (64 x ``page_size`` tokens) unless one is given.
-    ``do_sample`` (with ``temperature``, ``top_k``, ``top_p`` as defaults) picks
-    sampling or greedy decoding for the whole engine; see the README.
+    ``do_sample``, ``temperature``, ``top_k`` and ``top_p`` are this deployment's
+    defaults for the requests that leave them out (over the pipeline's and the
+    model's own); every request samples or decodes greedily on its own, in one
+    running batch (docs/sampling.md).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -186,14 +188,14 @@ class ContinuousBatchingOptions(BaseModel):
     scheduler: Literal["fifo", "prefill_first"] | None = None
     """The engine's request scheduler."""
     allow_block_sharing: bool | None = None
-    """Share KV pages between requests with a common prompt prefix."""
-    do_sample: bool = False
-    """Sample (True) or decode greedily (False): one choice for every request of the engine."""
+    """Share KV pages between requests with a common prompt prefix (prefix caching; the engine's default: on)."""
+    do_sample: bool | None = None
+    """Default of requests that do not say whether to sample (None: the pipeline's and model's default)."""
     temperature: float | None = Field(default=None, gt=0)
     top_k: int | None = Field(default=None, gt=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0)
-    """Seed of the engine's one random stream (sampling engines)."""
+    """Seeds the seeds of requests that send none, so a worker's unseeded sampling is reproducible run to run."""
 
 
 class Deployment(BaseModel):

@@ -14,7 +14,8 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
@@ -28,7 +29,8 @@ from gateway.files import FileStore
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.errors import ApiError, describe, error_response_parts, is_openai_path
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                              EmbeddingRequest, EmbeddingResponse)
 from gateway.security import KeyCheck
 from gateway.state import GatewayState
 from producers.backlog import BacklogCollector
@@ -162,21 +164,30 @@ def _add_routes(app: FastAPI, keys: KeyCheck) -> None:
     async def models(state: State) -> Any:
         return await serving_models.list_models(state)
 
-    @app.post("/v1/embeddings", **guarded)
+    @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}}, **guarded)
     async def embeddings(body: EmbeddingRequest, state: State) -> Any:
         return await serving_embedding.create_embedding(state, body)
 
-    @app.post("/v1/completions", **guarded)
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}}, **guarded)
     async def completions(body: CompletionRequest, state: State) -> Any:
         if body.stream:
             return _sse(state, "/v1/completions", await serving_completion.stream_completion(state, body))
         return await serving_completion.create_completion(state, body)
 
-    @app.post("/v1/chat/completions", **guarded)
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}}, **guarded)
     async def chat_completions(body: ChatCompletionRequest, state: State) -> Any:
         if body.stream:
             return _sse(state, "/v1/chat/completions", await serving_chat.stream_chat_completion(state, body))
         return await serving_chat.create_chat_completion(state, body)
+
+    # The schema and its Swagger UI sit behind the key like every route they describe.
+    @app.get("/openapi.json", include_in_schema=False, **guarded)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, **guarded)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
 
 
 async def _health(state: GatewayState) -> JSONResponse:

@@ -1,12 +1,15 @@
 """What completions and chat completions share: sampling params, stop sequences, finish reasons, usage.
 
+Only the fields the caller sent become call params (pydantic's
+``model_fields_set``); a field left out takes the deployment's default, the
+model's generation config, as ``pipe(prompt)`` does in-process (vLLM's rule).
 OpenAI's fields map onto the text-generation pipeline's call params:
 ``max_tokens`` → ``max_new_tokens``; ``temperature`` 0 → greedy
-(``do_sample=False``), otherwise ``do_sample=True`` with ``temperature`` and
-``top_p``; ``seed`` → the fleet's ``seed``; ``stop`` → ``stop_sequence``
-(generation stops there, and the stop text is cut from the answer, as OpenAI
-does). ``n`` samples become ``num_return_sequences``; greedy ``n`` repeats the
-prompt, since greedy decoding gives one answer.
+(``do_sample=False``), any other ``temperature`` or a ``top_p`` →
+``do_sample=True`` with them; ``seed`` → the fleet's ``seed``; ``stop`` →
+``stop_sequence`` (generation stops there, and the stop text is cut from the
+answer, as OpenAI does). ``n`` > 1 samples become ``num_return_sequences``;
+under greedy decoding ``n`` repeats the prompt, since greedy gives one answer.
 """
 
 from __future__ import annotations
@@ -19,15 +22,24 @@ from producers.errors import InvalidParams
 from producers.job import Job
 
 
+def is_greedy(request: GenerationFields) -> bool:
+    """True when the caller asked for greedy decoding (``temperature=0``)."""
+    return request.temperature == 0
+
+
 def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any]:
-    """The pipeline call params of an OpenAI generation request."""
+    """The pipeline call params of an OpenAI generation request: the fields the caller set, mapped."""
+    sent = {name for name in request.model_fields_set if getattr(request, name) is not None}
     params: dict[str, Any] = {"max_new_tokens": max_tokens, "return_full_text": False}
-    if request.temperature == 0:
+    if is_greedy(request):
         params["do_sample"] = False
     else:
-        params.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
-        if request.n > 1:
-            params["num_return_sequences"] = request.n
+        if "temperature" in sent:
+            params.update(do_sample=True, temperature=request.temperature)
+        if "top_p" in sent:
+            params.update(do_sample=True, top_p=request.top_p)
+        if request.n > 1:  # several choices of one prompt only differ when sampled
+            params.update(do_sample=True, num_return_sequences=request.n)
     if request.seed is not None:
         params["seed"] = request.seed
     stops = request.stops()
@@ -40,7 +52,7 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
 
 def expand_inputs(request: GenerationFields, prompts: list[Any]) -> list[Any]:
     """The job's inputs: each prompt once, or ``n`` times under greedy decoding."""
-    copies = request.n if request.temperature == 0 else 1
+    copies = request.n if is_greedy(request) else 1
     return [prompt for prompt in prompts for _ in range(copies)]
 
 

@@ -38,7 +38,8 @@ async def plan(state: GatewayState, request: ChatCompletionRequest) -> JobPlan:
     info = await resolve_model(state, request.model, TASK)
     chat = [{"role": message.role, "content": message.text()} for message in request.messages]
     return JobPlan(deployment=info.name, inputs=expand_inputs(request, [chat]),
-                   params=sampling_params(request, _max_tokens(state, request)))
+                   params=sampling_params(request, _max_tokens(state, request)),
+                   stream=request.stream)
 
 
 async def respond(state: GatewayState, request: ChatCompletionRequest, job: Job) -> ChatCompletionResponse:

@@ -33,7 +33,7 @@ async def plan(state: GatewayState, request: CompletionRequest) -> JobPlan:
     info = await resolve_model(state, request.model, TASK)
     max_tokens = request.max_tokens or state.settings.default_max_tokens
     return JobPlan(deployment=info.name, inputs=expand_inputs(request, prompts),
-                   params=sampling_params(request, max_tokens))
+                   params=sampling_params(request, max_tokens), stream=request.stream)
 
 
 async def respond(state: GatewayState, request: CompletionRequest, job: Job) -> CompletionResponse:

@@ -49,6 +49,7 @@ class JobRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
     chunk_size: int | None = Field(default=None, gt=0)
     partial: bool = False
+    stream: bool = False
     webhook: str | None = None
     """A URL that receives the job's terminal event, signed (``[webhooks]``; see docs/webhooks.md)."""
     webhook_events: list[str] | None = None
@@ -98,7 +99,7 @@ async def submit(state: GatewayState, request: JobRequest, base_url: str) -> dic
                                      revision=request.revision, inputs=request.inputs, params=request.params,
                                      priority=request.priority, timeout_s=request.deadline_s,
                                      chunk_size=request.chunk_size, partial=request.partial,
-                                     webhook=request.webhook, webhook_events=request.webhook_events)
+                                     webhook=request.webhook, webhook_events=request.webhook_events, stream=request.stream)
     url = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
     return {"id": job.id, "state": JobState.PENDING.value, "status_url": url, "result_url": f"{url}/result",
             "events_url": f"{url}/events"}

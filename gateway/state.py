@@ -26,6 +26,8 @@ class JobPlan:
     deployment: str
     inputs: list[Any]
     params: dict[str, Any]
+    stream: bool = False
+    """Whether the caller reads the text as it is generated (an SSE response)."""
 
 
 @dataclass
@@ -68,7 +70,8 @@ class GatewayState:
 
     async def submit(self, plan: JobPlan) -> Job:
         """Enqueue ``plan`` as an interactive job."""
-        return await self.client.asubmit(deployment=plan.deployment, inputs=plan.inputs, params=plan.params)
+        return await self.client.asubmit(deployment=plan.deployment, inputs=plan.inputs, params=plan.params,
+                                         stream=plan.stream)
 
     async def output_within_max_wait(self, job: Job) -> Any:
         """The job's output; past ``max_wait_s`` the job is cancelled (nobody waits for it) and JobTimeout raised."""

@@ -139,7 +139,7 @@ class FleetClient:
                params: dict[str, Any] | None = None, *, deployment: str | None = None, revision: str | None = None,
                priority: int | None = None, timeout_s: float | None = None, chunk_size: int | None = None,
                partial: bool = False, job_id: str | None = None, webhook: str | None = None,
-               webhook_events: list[str] | None = None) -> Job:
+               webhook_events: list[str] | None = None, stream: bool = False) -> Job:
         """Validate and enqueue one job; returns its :class:`Job` at once.
 
         ``inputs`` is one input or a list of inputs, as for ``pipe(inputs)``.
@@ -149,10 +149,13 @@ class FleetClient:
         ``webhook`` is a URL that receives the job's ``job.succeeded``,
         ``job.failed`` or ``job.cancelled`` event (``webhook_events`` picks
         which), signed with the fleet's ``[webhooks] secret`` (docs/webhooks.md).
+        ``stream=True`` says the caller reads the generated text as it comes
+        (``job.stream()``): a text-generation worker then sends it token by token.
         """
         info = self.resolve(task=task, model=model, deployment=deployment, revision=revision)
         prepared = prepare(info, inputs=inputs, params=params, priority=priority, timeout_s=timeout_s,
-                           chunk_size=chunk_size, partial=partial, job_id=job_id, model=model, revision=revision)
+                           chunk_size=chunk_size, partial=partial, job_id=job_id, model=model, revision=revision,
+                           stream=stream)
         if webhook is not None or webhook_events is not None:
             self._watch(prepared, webhook, webhook_events)
         return self._send([prepared])[0]
@@ -188,7 +191,8 @@ class FleetClient:
                 prepared.append(prepare(info, inputs=request.inputs, params=request.params,
                                         priority=request.priority, timeout_s=request.timeout_s,
                                         chunk_size=request.chunk_size, partial=request.partial,
-                                        job_id=request.job_id, model=request.model, revision=request.revision))
+                                        job_id=request.job_id, model=request.model, revision=request.revision,
+                                        stream=request.stream))
                 if request.webhook is not None or request.webhook_events is not None:
                     webhooks.append((prepared[-1], request.webhook, request.webhook_events))
             except ValidationError as error:

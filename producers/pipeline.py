@@ -81,12 +81,12 @@ class FleetPipeline:
         raise TypeError(f"{task} pipeline needs inputs")
 
     def submit(self, inputs: Any = None, *, priority: int | None = None, timeout_s: float | None = None,
-               chunk_size: int | None = None, partial: bool = False, **params: Any) -> Job:
-        """Enqueue one call without waiting; returns its :class:`Job`."""
+               chunk_size: int | None = None, partial: bool = False, stream: bool = False, **params: Any) -> Job:
+        """Enqueue one call without waiting; returns its :class:`Job` (``stream``: see ``FleetClient.submit``)."""
         inputs = self._gather_kwargs_input(inputs, params, self.task)
         return self.client.submit(inputs=inputs, params=self._params(params), deployment=self.info.name,
                                   model=self.model, revision=self.revision, priority=priority, timeout_s=timeout_s,
-                                  chunk_size=chunk_size, partial=partial)
+                                  chunk_size=chunk_size, partial=partial, stream=stream)
 
     def __call__(self, inputs: Any = None, *args: Any, batch_size: int | None = None, **params: Any) -> Any:
         """Run ``inputs`` on the fleet and return what ``transformers.pipeline`` would."""
@@ -108,7 +108,7 @@ class FleetPipeline:
         The pieces concatenated equal ``pipe(inputs, return_full_text=False, **params)``'s
         ``generated_text``; the job's error is raised if it fails.
         """
-        job = self.submit(inputs, priority=priority, timeout_s=None, **params)
+        job = self.submit(inputs, priority=priority, timeout_s=None, stream=True, **params)
         return job.stream(timeout_s=self.timeout_s)
 
     async def astream(self, inputs: Any = None, *, priority: int | None = None,
@@ -116,7 +116,7 @@ class FleetPipeline:
         """Async :meth:`stream`."""
         job = await self.client.asubmit(inputs=self._gather_kwargs_input(inputs, params, self.task),
                                         params=self._params(params), deployment=self.info.name, model=self.model,
-                                        revision=self.revision, priority=priority)
+                                        revision=self.revision, priority=priority, stream=True)
         async for piece in job.astream(timeout_s=self.timeout_s):
             yield piece
 

@@ -46,6 +46,7 @@ class JobRequest(BaseModel):
     chunk_size: int | None = None
     partial: bool = False
     job_id: Any = None  # likewise
+    stream: bool = False
     webhook: str | None = None
     webhook_events: list[str] | None = None
 
@@ -92,7 +93,8 @@ def is_uuid4(value: Any) -> bool:
 
 def prepare(info: DeploymentInfo, *, inputs: Any, params: dict[str, Any] | None = None, priority: Any = None,
             timeout_s: float | None = None, chunk_size: int | None = None, partial: bool = False,
-            job_id: Any = None, model: str | None = None, revision: str | None = None) -> PreparedJob:
+            job_id: Any = None, model: str | None = None, revision: str | None = None,
+            stream: bool = False) -> PreparedJob:
     """Check one job against the deployment ``info`` and build its spec; raises JobRejected subclasses."""
     if inputs is None:
         raise InvalidInput("submit() needs inputs")
@@ -122,7 +124,7 @@ def prepare(info: DeploymentInfo, *, inputs: Any, params: dict[str, Any] | None 
     deadline_ts = time.time() + timeout_s if timeout_s is not None else None
     spec = JobSpec(deployment=info.name, inputs=encoded, params=params, single=single,
                    job_id=job_id or str(uuid.uuid4()), partial=partial, deadline_ts=deadline_ts, model=model,
-                   revision=revision)
+                   revision=revision, stream=stream)
     chunk = chunk_size or info.chunk_size
     if wants_split(info.task, params, single=single):
         kind = "split"

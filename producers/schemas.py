@@ -54,6 +54,11 @@ class JobSpec(BaseModel):
     deadline_ts: float | None = None
     model: str | None = None
     revision: str | None = None
+    stream: bool = False
+    """Somebody reads this text-generation job's tokens as they come: the worker sends them step by step.
+
+    Without it a continuous batching worker sends the text in one piece when the sequence ends (events and
+    ``job.stream()`` still work), and its engine skips the per-step outputs (docs/sampling.md)."""
 
 
 class ItemError(BaseModel):

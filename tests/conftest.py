@@ -120,3 +120,34 @@ def client(module_fleet: Fleet):
     """A :class:`producers.FleetClient` on the module's fleet."""
     with module_fleet.client() as fleet_client:
         yield fleet_client
+
+
+#: The deployments docs/sampling.md runs against: one tiny Llama, static and through continuous batching.
+SAMPLING_DEPLOYMENTS = {"chat": True, "chat-static": False}
+
+
+@pytest.fixture(scope="module")
+def sampling_fleet(module_fleet: Fleet, model_dir, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[dict[str, Any]]:
+    """A worker serving ``chat`` (continuous batching) and ``chat-static`` on the module's fleet (a docs fixture).
+
+    Sets ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` so ``FleetClient.from_env()`` finds it;
+    returns the names the page's blocks may use (none beyond what they define).
+    """
+    from tests.tasks.private_models import private_models
+
+    path = private_models(model_dir, tmp_path_factory.mktemp("models-sampling"),
+                          {"llama": "text-generation-llama"})["llama"]
+    deployments = [{"name": name, "task": "text-generation", "model": path, "continuous_batching": continuous,
+                    **({"continuous_batching_options": {"num_blocks": 32, "page_size": 64}} if continuous else {})}
+                   for name, continuous in SAMPLING_DEPLOYMENTS.items()]
+    module_fleet.worker(module_fleet.config(deployments), deployments=list(SAMPLING_DEPLOYMENTS))
+    saved = {name: os.environ.get(name) for name in ("PIPEFLEET_BROKER_URL", "PIPEFLEET_RESULT_BACKEND")}
+    os.environ["PIPEFLEET_BROKER_URL"] = module_fleet.broker_url
+    os.environ["PIPEFLEET_RESULT_BACKEND"] = module_fleet.result_backend
+    yield {}
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

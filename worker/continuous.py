@@ -10,19 +10,27 @@ static :class:`~worker.batcher.Batcher`, so the ``infer`` task is unchanged:
   included) and its output through the pipeline's own ``postprocess``, so the
   result has the shape and text of ``pipe(prompt, **params)``;
 - ``num_return_sequences = n`` adds ``n`` requests per prompt;
-- one collector thread reads the engine's per-step outputs, hands their token
-  ids to :class:`~worker.streaming.TextStreams`, resolves futures when
-  requests finish, and every ``SWEEP_INTERVAL_S`` cancels requests whose job
-  was cancelled or passed its deadline (``cancel_request`` removes them from
-  the running batch).
+- every request samples on its own (``do_sample``, ``temperature``, ``top_k``,
+  ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``, ``seed``) in one
+  running batch, through :mod:`worker.cb_sampling`; ``stop_sequence`` ends a
+  request at the token that completes a stop string, as ``generate`` does;
+- the engine reports every step only of the requests whose caller streams
+  (the job's ``stream`` flag) or that have stop strings; the others report once,
+  when they end, which keeps the engine at its ``streaming=False`` speed;
+- one collector thread reads the engine's outputs, hands token ids to
+  :class:`~worker.streaming.TextStreams`, resolves futures when requests
+  finish, and every ``SWEEP_INTERVAL_S`` cancels requests whose job was
+  cancelled or passed its deadline (``cancel_request`` removes them from the
+  running batch).
 
 Params the engine cannot honour per request raise
-:class:`~producers.errors.InvalidParams` naming the param; see :func:`plan_request`.
+:class:`~producers.errors.InvalidParams` naming the param; see :func:`worker.cb_plan.plan_request`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -30,8 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from config.models import Deployment, Limits
-from producers.errors import InvalidParams, JobCancelled, JobError, JobTimeout, OutOfMemory
+from producers.errors import JobCancelled, JobError, JobTimeout, OutOfMemory
+from worker import cb_sampling
 from worker.batcher import PendingItem
+from worker.cb_plan import RequestPlan, plan_request
 from worker.metrics import DeploymentMetrics
 
 logger = logging.getLogger(__name__)
@@ -45,23 +55,8 @@ CPU_DEFAULT_NUM_BLOCKS = 64
 MAX_OUTPUTS_PER_PASS = 4096
 """Engine outputs the collector takes in one pass at most."""
 
-SAMPLING_PARAMS = ("temperature", "top_k", "top_p")
-"""Sampling params the engine takes per request (``per_request_processors``) when it samples."""
-
-HANDLED_GENERATE_PARAMS = frozenset({"max_new_tokens", "do_sample", "num_return_sequences", *SAMPLING_PARAMS,
-                                     "pad_token_id"})
-"""Generate params continuous batching honours; any other one is refused by name."""
-
-
-@dataclass
-class RequestPlan:
-    """How one job's params become engine requests."""
-
-    preprocess: dict[str, Any]
-    postprocess: dict[str, Any]
-    max_new_tokens: int
-    num_return_sequences: int
-    sampling: dict[str, Any]
+STOP_WINDOW_TOKENS_PER_CHAR = 4
+"""Tokens of a sequence's tail decoded per character of its longest stop string (a byte token holds 1/4 of one)."""
 
 
 @dataclass(eq=False)
@@ -70,50 +65,13 @@ class _Prompt:
     plan: RequestPlan
     model_inputs: dict[str, Any]
     request_ids: list[str]
+    active: bool = False
+    """The job's text stream is open (every job but a chunk of a list): its sequences' tokens go to it."""
+    streamed: bool = False
+    """Its caller reads the text as it comes: the engine reports every step, not just the last."""
     outputs: dict[int, list[int]] = field(default_factory=dict)
     seen_tokens: dict[int, int] = field(default_factory=dict)
-
-
-def plan_request(pipe: Any, params: dict[str, Any], options: Any, default_max_new_tokens: int,
-                 supported_sampling: set[str]) -> RequestPlan:
-    """Validate a job's params for the engine; raises InvalidParams naming the first one it cannot honour."""
-    params = dict(params)
-    if "seed" in params:
-        raise InvalidParams("param 'seed' is not supported with continuous batching: every request of the engine "
-                            "samples from one random stream, so a per-request seed cannot be honoured")
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
-    generate = {**forward.pop("generate_kwargs", {}), **forward}
-    unknown = sorted(set(generate) - HANDLED_GENERATE_PARAMS)
-    if unknown:
-        raise InvalidParams(f"param {unknown[0]!r} is not supported with continuous batching (transformers' engine "
-                            f"takes only {', '.join(sorted(HANDLED_GENERATE_PARAMS - {'pad_token_id'}))})")
-    do_sample = generate.get("do_sample")
-    if do_sample is not None and bool(do_sample) != options.do_sample:
-        mode = "samples" if options.do_sample else "decodes greedily"
-        raise InvalidParams(f"param 'do_sample'={do_sample!r}: this deployment's continuous batching engine {mode} "
-                            "for every request (continuous_batching_options.do_sample)")
-    sampling = {}
-    for name in SAMPLING_PARAMS:
-        if name not in generate:
-            continue
-        if not options.do_sample:
-            if do_sample is None:
-                raise InvalidParams(f"param {name!r} asks for sampling, but this deployment's continuous batching "
-                                    "engine decodes greedily; pass do_sample=False to accept greedy output")
-            continue  # greedy, as in-process with do_sample=False
-        if name not in supported_sampling:
-            raise InvalidParams(f"param {name!r} cannot be set per request on this engine; set it in "
-                                f"continuous_batching_options.{name}")
-        sampling[name] = int(generate[name]) if name == "top_k" else float(generate[name])
-    n = generate.get("num_return_sequences") or 1
-    if n > 1 and not options.do_sample:
-        raise InvalidParams("param 'num_return_sequences' > 1 needs sampling; this deployment's continuous "
-                            "batching engine decodes greedily (greedy search returns one sequence per prompt)")
-    max_new_tokens = generate.get("max_new_tokens") or default_max_new_tokens
-    for name in list(preprocess):
-        if name in HANDLED_GENERATE_PARAMS:
-            preprocess.pop(name)
-    return RequestPlan(preprocess, postprocess, int(max_new_tokens), int(n), sampling)
+    stop_checked: dict[int, int] = field(default_factory=dict)
 
 
 def _engine_error(message: str) -> Exception:
@@ -136,7 +94,11 @@ class ContinuousBatcher:
         self.limits = limits
         self.find_cancelled = find_cancelled
         self.manager: Any = None
-        self.supported_sampling: set[str] = set()
+        self.sampler: Any = None
+        # Seeds of the requests that send none; reproducible from the deployment's seed when it sets one.
+        self._seeds = random.Random(self.options.seed) if self.options.seed is not None else None
+        self._defaults = {name: getattr(self.options, name) for name in ("do_sample", "temperature", "top_k", "top_p")
+                          if getattr(self.options, name) is not None}
         self._requests: dict[str, tuple[_Prompt, int]] = {}
         self._lock = threading.Lock()
         # Job threads tokenize their prompts; the Rust tokenizer takes one caller at a time.
@@ -148,39 +110,33 @@ class ContinuousBatcher:
         self.default_max_new_tokens = int(configured or defaults.get("max_new_tokens") or 256)
 
     def start(self) -> None:
-        """Create the engine on the pipeline's model and start it and the collector thread."""
-        import copy
-
+        """Create the engine on the pipeline's model, add the fleet's sampler, start it and the collector thread."""
+        from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         model = self.pipe.model
         options = self.options
-        generation_config = copy.deepcopy(model.generation_config)
-        generation_config.do_sample = options.do_sample
-        generation_config.num_return_sequences = 1
-        generation_config.max_new_tokens = self.default_max_new_tokens
-        if options.do_sample:
-            # The pipeline's own sampling defaults, unless the deployment sets the engine's.
-            defaults = getattr(self.pipe, "_generation_defaults", {}) or {}
-            generation_config.temperature = options.temperature or defaults.get("temperature", 1.0)
-            generation_config.top_k = options.top_k if options.top_k is not None else generation_config.top_k
-            generation_config.top_p = options.top_p if options.top_p is not None else generation_config.top_p
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = self.pipe.tokenizer.pad_token_id
+        # The engine decodes greedily with no processors of its own; every request's sampling runs in the sampler.
+        model_config = model.generation_config
+        pad = model_config.pad_token_id if model_config.pad_token_id is not None else self.pipe.tokenizer.pad_token_id
+        generation_config = GenerationConfig(do_sample=False, num_return_sequences=1,
+                                             max_new_tokens=self.default_max_new_tokens,
+                                             eos_token_id=model_config.eos_token_id,
+                                             bos_token_id=model_config.bos_token_id, pad_token_id=pad)
         engine: dict[str, Any] = {
             "max_batch_tokens": options.max_batch_tokens, "num_blocks": options.num_blocks,
             "page_size": options.page_size, "max_memory_percent": options.max_memory_percent,
             "max_requests_per_batch": options.max_requests_per_batch, "scheduler_type": options.scheduler,
-            "allow_block_sharing": options.allow_block_sharing, "seed": options.seed,
+            "allow_block_sharing": options.allow_block_sharing,
         }
         engine = {key: value for key, value in engine.items() if value is not None}
         if model.device.type == "cpu" and options.num_blocks is None and options.max_memory_percent is None:
             engine["num_blocks"] = CPU_DEFAULT_NUM_BLOCKS
-        config = ContinuousBatchingConfig(per_request_processors=options.do_sample, **engine)
+        config = ContinuousBatchingConfig(**engine, **cb_sampling.engine_overrides())
         self.manager = model.init_continuous_batching(generation_config=generation_config,
                                                       continuous_batching_config=config)
+        self.sampler = cb_sampling.install(self.manager, model)
         self.manager.start()
-        self.supported_sampling = set(getattr(self.manager.logit_processor, "supported_keys", {}) or {})
         self._thread.start()
         logger.info("deployment %s: continuous batching engine started (%s)", self.name, engine)
 
@@ -219,7 +175,9 @@ class ContinuousBatcher:
 
         if self.manager is None:
             raise RuntimeError(f"deployment {self.name}: the continuous batching engine is not started")
-        plan = plan_request(self.pipe, params, self.options, self.default_max_new_tokens, self.supported_sampling)
+        plan = plan_request(self.pipe, {**self._defaults, **params}, self.default_max_new_tokens)
+        active = self.streams is not None and self.streams.streaming(job_id)
+        streamed = active and self.streams.pieces(job_id)
         prompts = []
         for index, payload in enumerate(payloads):
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
@@ -228,25 +186,32 @@ class ContinuousBatcher:
                                                     **{**self.pipe._preprocess_params, **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
-            prompts.append(_Prompt(item, plan, model_inputs, ids))
-        streaming = self.streams is not None and self.streams.streaming(job_id)
+            prompts.append(_Prompt(item, plan, model_inputs, ids, active=active, streamed=streamed))
         with self._lock:
             for prompt in prompts:
                 for j, request_id in enumerate(prompt.request_ids):
                     self._requests[request_id] = (prompt, j)
+        # The engine reports every step of a request only when someone reads them: a stream, or a stop string.
+        per_step = streamed or bool(plan.stop_strings)
         for prompt in prompts:
             input_ids = prompt.model_inputs["input_ids"][0].tolist()
-            if streaming:
+            if active:
                 n = plan.num_return_sequences
                 self.streams.reset([(job_id, prompt.item.index * n + j) for j in range(n)], [len(input_ids)] * n)
-            for request_id in prompt.request_ids:
+            seed = plan.seed if plan.seed is not None else self._new_seed()
+            for j, request_id in enumerate(prompt.request_ids):
+                spec = plan.spec(len(input_ids), j, seed)
+                sampling = {} if spec is None else {cb_sampling.KWARG: spec}
                 added = self.manager.add_request(input_ids, request_id=request_id, max_new_tokens=plan.max_new_tokens,
-                                                 streaming=True, **plan.sampling)
+                                                 streaming=per_step, eos_token_id=plan.eos_token_id, **sampling)
                 if added is None:
                     self._finish(prompt, error=JobError("the continuous batching engine refused the request "
                                                         "(it is stopping)"))
                     break
         return [prompt.item.future for prompt in prompts]
+
+    def _new_seed(self) -> int:
+        return self._seeds.getrandbits(63) if self._seeds is not None else cb_sampling.random_seed()
 
     def _collect(self) -> None:
         last_sweep = time.monotonic()
@@ -283,15 +248,21 @@ class ContinuousBatcher:
         for request_id, output in latest.items():
             entry = entries[request_id]
             if entry is None:
-                continue  # a cancelled request's last outputs
+                continue  # a cancelled or stopped request's last outputs
             prompt, j = entry
-            tokens = list(output.generated_tokens)
+            tokens = output.generated_tokens  # the engine's own copy for this output
+            done = output.is_finished()
+            if prompt.plan.stop_strings and output.error is None:
+                stop_at = self._stop_position(prompt, j, tokens)
+                if stop_at is not None:
+                    tokens, done = tokens[:stop_at], True
+                    self.manager.cancel_request(request_id)
             new_tokens += max(0, len(tokens) - prompt.seen_tokens.get(j, 0))
             prompt.seen_tokens[j] = len(tokens)
-            if self.streams is not None and self.streams.streaming(prompt.item.job_id):
+            if prompt.streamed or (done and prompt.active):  # the usage and finish reason need the last tokens
                 updates.append(((prompt.item.job_id, prompt.item.index * prompt.plan.num_return_sequences + j),
                                 tokens))
-            if output.is_finished():
+            if done:
                 finished.append((request_id, output, prompt, j, tokens))
         if new_tokens:
             self.metrics.observe_tokens(new_tokens)
@@ -300,6 +271,7 @@ class ContinuousBatcher:
         for request_id, output, prompt, j, tokens in finished:
             with self._lock:
                 self._requests.pop(request_id, None)
+            self.sampler.forget(request_id)
             if output.error is not None:
                 self._finish(prompt, error=_engine_error(str(output.error)))
                 continue
@@ -309,6 +281,27 @@ class ContinuousBatcher:
                     self._finish(prompt, result=self._postprocess(prompt))
                 except Exception as error:
                     self._finish(prompt, error=error)
+
+    def _stop_position(self, prompt: _Prompt, j: int, tokens: list[int]) -> int | None:
+        """How many of ``tokens`` to keep when a stop string appeared in them (generation ends there), else None.
+
+        Only the tail past what the last check covered is decoded: ``generate``'s ``StopStringCriteria`` ends a
+        sequence at the token that completes a stop string, and so does this, at the same token.
+        """
+        stops = prompt.plan.stop_strings
+        window = STOP_WINDOW_TOKENS_PER_CHAR * max(len(stop) for stop in stops) + 1
+        checked = prompt.stop_checked.get(j, 0)
+        prompt.stop_checked[j] = len(tokens)
+        decode = self.pipe.tokenizer.decode
+        with self._tokenizer_lock:
+            tail = decode(tokens[max(0, checked - window):], skip_special_tokens=True)
+            if not any(stop in tail for stop in stops):
+                return None
+            for end in range(max(1, checked), len(tokens) + 1):  # the first token that completes one
+                piece = decode(tokens[max(0, end - window):end], skip_special_tokens=True)
+                if any(stop in piece for stop in stops):
+                    return end
+        return len(tokens)
 
     def _postprocess(self, prompt: _Prompt) -> Any:
         import torch
@@ -333,6 +326,7 @@ class ContinuousBatcher:
                 del self._requests[request_id]
         for request_id in leftover:
             self.manager.cancel_request(request_id)
+            self.sampler.forget(request_id)
         future = prompt.item.future
         if future.done():
             return

@@ -94,7 +94,7 @@ class PreparedJob:
     def submit(self) -> list[Future]:
         """Hand the items to the batcher; one future per item, in order."""
         if self.streams is not None:
-            self.streams.begin(self.job_id)
+            self.streams.begin(self.job_id, pieces=self.job.stream)
         batch_params = dict(self.call_params, **({"seed": self.params["seed"]} if "seed" in self.params else {}))
         # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
         return self.served.batcher.submit(self.job_id, self.prepared, batch_params, deadline=self.deadline_mono,

@@ -64,9 +64,14 @@ def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int
     from transformers import set_seed
     from transformers.pipelines.base import ChunkPipeline
 
+    from transformers.pipelines.text_generation import Chat, TextGenerationPipeline
+
     outputs = []
     for payload in payloads:
         set_seed(seed)
+        if isinstance(pipe, TextGenerationPipeline) and isinstance(payload, list) and payload \
+                and isinstance(payload[0], dict):
+            payload = Chat(payload)  # what pipe(messages) does before run_single
         if isinstance(pipe, ChunkPipeline):
             outputs.extend(pipe([payload], batch_size=1, **params))
             continue

@@ -67,19 +67,30 @@ class TextStreams:
         self.writer = writer
         self.eos_token_ids = frozenset(eos_token_ids)
         self._active: set[str] = set()
+        self._pieces: set[str] = set()
         self._lock = threading.Lock()
         # Touched only on the writer thread.
         self._sequences: dict[Key, _Sequence] = {}
 
-    def begin(self, job_id: str) -> None:
-        """A text-generation job starts on this worker; its events follow a ``restart`` if it ran before."""
+    def begin(self, job_id: str, *, pieces: bool = True) -> None:
+        """A text-generation job starts on this worker; its events follow a ``restart`` if it ran before.
+
+        ``pieces``: its caller reads the text as it comes (the job's ``stream`` flag); a continuous batching
+        engine reports such a job's every step, and any other job's sequences once, when they end.
+        """
         with self._lock:
             self._active.add(job_id)
+            if pieces:
+                self._pieces.add(job_id)
         self.writer.begin(job_id)
 
     def streaming(self, job_id: str) -> bool:
         """True while ``job_id`` began and has not ended (chunks of a list job never stream)."""
         return job_id in self._active
+
+    def pieces(self, job_id: str) -> bool:
+        """True while ``job_id`` streams and its caller asked for the text as it comes."""
+        return job_id in self._pieces
 
     def reset(self, keys: list[Key], prompt_tokens: list[int]) -> None:
         """These sequences (re)start generating from their prompts."""
@@ -112,6 +123,7 @@ class TextStreams:
     def _end(self, job_id: str) -> None:
         with self._lock:
             self._active.discard(job_id)
+            self._pieces.discard(job_id)
 
     # Writer thread from here on.
 

@@ -35,7 +35,12 @@ DEPLOYMENTS = {
     "gw-gen": ("text-generation", "text-generation", None),
     "gw-slow": ("text-classification", "text-classification", "tests.fault_pipelines.SlowTextClassification"),
     "gw-faulty": ("text-classification", "text-classification", "tests.fault_pipelines.FaultyTextClassification"),
+    "gw-llama": ("text-generation", "text-generation-llama", None),
+    "gw-llama-cb": ("text-generation", "text-generation-llama", None),
 }
+
+#: deployment -> its continuous batching options (the same tiny Llama as gw-llama, through the engine).
+CONTINUOUS = {"gw-llama-cb": {"num_blocks": 32, "page_size": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,8 @@ def models(module_fleet, model_dir, tmp_path_factory):
         deployment = {"name": name, "task": task, "model": paths[name], "max_batch_size": 8}
         if pipeline_class:
             deployment["pipeline_kwargs"] = {"pipeline_class": pipeline_class}
+        if name in CONTINUOUS:
+            deployment.update(continuous_batching=True, continuous_batching_options=CONTINUOUS[name])
         deployments.append(deployment)
     config = module_fleet.config(deployments, gateway={
         "api_keys": [API_KEY], "max_inputs_per_request": MAX_INPUTS, "max_body_bytes": MAX_BODY_BYTES,

@@ -11,7 +11,7 @@ ROUTES = {
     ("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/result"), ("GET", "/v1/jobs/{job_id}/events"), ("DELETE", "/v1/jobs/{job_id}"),
     ("GET", "/v1/deployments"), ("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
-    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions"), ("GET", "/openapi.json"), ("GET", "/docs"),
     ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"), ("GET", "/v1/files/{file_id}/content"),
     ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"), ("GET", "/v1/batches"),
     ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel"),

@@ -215,3 +215,76 @@ def test_raw_stream_ends_with_done(gateway):
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         data = [line for line in response.iter_lines() if line.startswith("data:")]
     assert data[-1] == "data: [DONE]"
+
+
+# Static and continuous deployments of one tiny Llama: OpenAI calls as users make them.
+STATIC, CONTINUOUS = "gw-llama", "gw-llama-cb"
+
+
+def seeded_pipeline(models, inputs, seed: int, **params) -> str:
+    """In-process ``set_seed(seed); pipe(inputs, **params)``'s new text, with the pipeline's own defaults."""
+    from transformers import set_seed
+
+    pipe = local_pipeline("text-generation", models[STATIC])
+    set_seed(seed)
+    return pipe(inputs, return_full_text=False, **params)[0]["generated_text"]
+
+
+@pytest.mark.parametrize("deployment", [STATIC, CONTINUOUS])
+def test_plain_calls_take_the_deployment_defaults(oai, deployment):
+    chat = oai.chat.completions.create(model=deployment, messages=CHAT)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens > 0
+    completion = oai.completions.create(model=deployment, prompt=PROMPTS[1])
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert 0 < completion.usage.completion_tokens <= 16  # OpenAI's default max_tokens for completions
+
+
+def test_unsent_fields_sample_as_the_pipeline_does_by_default(oai, models):
+    # No temperature, top_p or n: both paths sample with the pipeline's defaults, as pipe(messages) in-process.
+    expected = seeded_pipeline(models, CHAT, 3, max_new_tokens=10)
+    for deployment in (STATIC, CONTINUOUS):
+        chat = oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=10, seed=3)
+        assert chat.choices[0].message.content == expected, deployment
+
+
+def test_temperature_top_p_stop_and_seed_on_both_paths(oai, models):
+    params = {"temperature": 0.8, "top_p": 0.9, "seed": 11}
+    full = seeded_pipeline(models, PROMPTS[1], 11, max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    if not stop.strip():
+        pytest.skip(f"no printable stop sequence in the middle of {full!r}")
+    for deployment in (STATIC, CONTINUOUS):
+        response = oai.completions.create(model=deployment, prompt=PROMPTS[1], max_tokens=16, stop=[stop], **params)
+        assert response.choices[0].text == full[:full.find(stop)], deployment
+        assert response.choices[0].finish_reason == "stop", deployment
+        chat = oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=6, **params)
+        assert chat.choices[0].message.content == seeded_pipeline(
+            models, CHAT, 11, max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9), deployment
+
+
+def test_n_samples_on_the_continuous_path(oai):
+    response = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
+    again = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.text for c in response.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in response.choices}) > 1, "three samples came out the same"
+
+
+def test_openapi_schema_and_docs_sit_behind_the_key(gateway):
+    import httpx
+
+    assert httpx.get(f"{gateway.url}/openapi.json", timeout=30).status_code == 401
+    assert httpx.get(f"{gateway.url}/docs", timeout=30).status_code == 401
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    schema = httpx.get(f"{gateway.url}/openapi.json", headers=headers, timeout=30).json()
+    assert schema["openapi"].startswith("3.")
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert chat["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ChatCompletionResponse")
+    assert {"/v1/completions", "/v1/embeddings", "/v1/jobs", "/v1/models"} <= set(schema["paths"])
+    assert "/openapi.json" not in schema["paths"] and "/docs" not in schema["paths"]
+    page = httpx.get(f"{gateway.url}/docs", headers=headers, timeout=30)
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text

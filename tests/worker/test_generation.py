@@ -77,7 +77,7 @@ def _generated(result) -> str:
 @pytest.mark.parametrize("deployment", ["gen-static", "gen-cb"])
 def test_stream_pieces_add_up_to_the_generated_text(client, module_fleet, model, deployment):
     params = {"max_new_tokens": 40, "return_full_text": False, **GREEDY}
-    job = client.submit(deployment=deployment, inputs=PROMPTS[2], params=params)
+    job = client.submit(deployment=deployment, inputs=PROMPTS[2], params=params, stream=True)
     pieces = list(job.stream(timeout_s=120))
     result = job.result(timeout=60)
     assert "".join(pieces) == _generated(result)
@@ -105,7 +105,7 @@ def other_events(module_fleet, job_id, *, after):
 @pytest.mark.parametrize("deployment", ["gen-static", "gen-cb"])
 def test_stream_of_a_list_and_a_chat_job(client, model, deployment):
     params = {"max_new_tokens": 10, "return_full_text": False, **GREEDY}
-    job = client.submit(deployment=deployment, inputs=PROMPTS, params=params)
+    job = client.submit(deployment=deployment, inputs=PROMPTS, params=params, stream=True)
     events = list(job.events(timeout_s=120))
     result = job.result(timeout=60)
     for index, output in enumerate(result):
@@ -142,11 +142,9 @@ def test_events_of_a_job_that_does_not_stream_end_with_its_result(client, model)
 
 
 @pytest.mark.parametrize("params,named", [
-    ({"seed": 3, "max_new_tokens": 4}, "seed"),
     ({"num_beams": 2, "max_new_tokens": 4, **GREEDY}, "num_beams"),
-    ({"do_sample": True, "max_new_tokens": 4}, "do_sample"),
-    ({"temperature": 0.5, "max_new_tokens": 4}, "temperature"),
-    ({"repetition_penalty": 1.2, "max_new_tokens": 4, **GREEDY}, "repetition_penalty"),
+    ({"no_repeat_ngram_size": 2, "max_new_tokens": 4, **GREEDY}, "no_repeat_ngram_size"),
+    ({"num_return_sequences": 2, "max_new_tokens": 4, **GREEDY}, "num_return_sequences"),
 ])
 def test_continuous_refuses_params_it_cannot_honour_per_request(client, model, params, named):
     job = client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params)
@@ -157,7 +155,8 @@ def test_continuous_refuses_params_it_cannot_honour_per_request(client, model, p
 
 
 def test_cancel_removes_a_request_from_the_running_batch(client, model):
-    long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY})
+    long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY},
+                             stream=True)
     events = long_job.events(timeout_s=120)
     first = next(event for event in events if event.kind is EventKind.TEXT)
     assert first.data["index"] == 0
@@ -176,7 +175,7 @@ def test_cancel_removes_a_request_from_the_running_batch(client, model):
 
 def test_a_short_job_joins_the_running_batch_and_finishes_first(client, model):
     params = {"max_new_tokens": 1500, **GREEDY}
-    long_jobs = [client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params=params) for _ in range(2)]
+    long_jobs = [client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params=params, stream=True) for _ in range(2)]
     for job in long_jobs:  # both generate before the short one arrives
         next(event for event in job.events(timeout_s=120) if event.kind is EventKind.TEXT)
     short = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params={"max_new_tokens": 4, **GREEDY})
@@ -197,7 +196,8 @@ def test_deadline_stops_a_long_generation(client, model):
 
 
 def test_metrics_show_running_requests_kv_cache_and_tokens(client, model):
-    job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY})
+    job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY},
+                             stream=True)
     next(event for event in job.events(timeout_s=120) if event.kind is EventKind.TEXT)
     labels = {"deployment": "gen-cb"}
 
@@ -217,10 +217,120 @@ def test_metrics_show_running_requests_kv_cache_and_tokens(client, model):
     assert _value(samples, "pipefleet_generated_tokens_per_second", **labels) > 0
 
 
-def test_sampling_engine_takes_per_request_sampling_and_several_sequences(client, model):
-    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.9, "top_p": 0.8,
+def seeded_local(model, inputs, params):
+    """In-process ``set_seed(seed); pipe(inputs, **params)``: what the fleet's seed means."""
+    from transformers import set_seed
+
+    params = dict(params)
+    set_seed(params.pop("seed"))
+    return local(model)(inputs, **params)
+
+
+#: One request param each (seeded), as users send them; "defaults" sends none (the pipeline samples by default).
+SAMPLING_CASES = {
+    "defaults": {},
+    "do_sample": {"do_sample": True},
+    "temperature": {"do_sample": True, "temperature": 0.6},
+    "top_p": {"do_sample": True, "top_p": 0.8},
+    "top_k": {"do_sample": True, "top_k": 5},
+    "min_p": {"do_sample": True, "min_p": 0.05},
+    "repetition_penalty-greedy": {"do_sample": False, "repetition_penalty": 1.4},
+    "repetition_penalty-sampled": {"do_sample": True, "repetition_penalty": 1.3, "temperature": 0.9},
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_CASES))
+def test_each_sampling_param_equals_static_and_in_process_generate(client, model, name):
+    params = {**SAMPLING_CASES[name], "max_new_tokens": 12, "seed": 17}
+    jobs = {deployment: client.submit(deployment=deployment, inputs=PROMPTS[2], params=params)
+            for deployment in ("gen-cb", "gen-static")}
+    expected = seeded_local(model, PROMPTS[2], params)
+    for deployment, job in jobs.items():
+        assert job.result(timeout=120) == expected, deployment
+
+
+def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(client, model):
+    long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY},
+                             stream=True)
+    next(event for event in long_job.events(timeout_s=120) if event.kind is EventKind.TEXT)
+    cases = [(PROMPTS[i % len(PROMPTS)], {**params, "max_new_tokens": 10 + i, "seed": 100 + i})
+             for i, params in enumerate(SAMPLING_CASES.values())]
+    jobs = [client.submit(deployment="gen-cb", inputs=prompt, params=params) for prompt, params in cases]
+    results = [job.result(timeout=120) for job in jobs]
+    assert long_job.status().state not in (JobState.SUCCESS, JobState.FAILURE), "the batch did not run alongside"
+    long_job.cancel()
+    for (prompt, params), result in zip(cases, results):
+        assert result == seeded_local(model, prompt, params), params
+
+
+def _cut(result, stop: str) -> str:
+    text = result[0]["generated_text"]
+    return text[:text.find(stop)] if stop in text else text
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["on-token-boundaries", "anywhere"])
+def test_stop_strings_end_generation_where_static_does(client, model, aligned):
+    params = {"max_new_tokens": 30, "return_full_text": False, **GREEDY}
+    pipe = local(model)
+    ids = pipe.model.generate(**pipe.tokenizer(PROMPTS[1], return_tensors="pt"), max_new_tokens=30, do_sample=False,
+                              pad_token_id=pipe.tokenizer.pad_token_id)[0].tolist()
+    generated = ids[len(pipe.tokenizer(PROMPTS[1])["input_ids"]):]
+
+    def decode(tokens):
+        return pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    full = decode(generated)
+    # On token boundaries: two whole tokens, readable, whose text first occurs where they start.
+    candidates = [decode(generated[k:k + 2]) for k in range(3, len(generated) - 2)
+                  if "\ufffd" not in decode(generated[:k + 2]) and decode(generated[k:k + 2]).strip()
+                  and full.find(decode(generated[k:k + 2])) == len(decode(generated[:k]))] if aligned else \
+        [full[len(full) // 2:len(full) // 2 + 2]]
+    assert candidates, f"no readable stop string in {full!r}"
+    stop = candidates[0]
+    params["stop_sequence"] = [stop]
+    results = {}
+    for deployment in ("gen-cb", "gen-static"):
+        job = client.submit(deployment=deployment, inputs=PROMPTS[1], params=params)
+        results[deployment] = job.result(timeout=120)
+        done = list(job.events(timeout_s=30))[-1]
+        if deployment == "gen-cb" or aligned:
+            assert done.data["finish_reasons"] == ["stop"], deployment
+    # The engine ends the sequence at the first token whose text completes the stop string.
+    ending = next(k for k in range(1, len(generated) + 1) if stop in decode(generated[:k]))
+    assert results["gen-cb"] == local(model)(PROMPTS[1], **{**params, "max_new_tokens": ending,
+                                                            "stop_sequence": None})
+    # What OpenAI returns (the text before the stop) is the same on both paths and in-process.
+    expected = local(model)(PROMPTS[1], **params)
+    assert _cut(results["gen-cb"], stop) == _cut(results["gen-static"], stop) == _cut(expected, stop) \
+        == full[:full.find(stop)]
+    if aligned:  # generate's StopStringCriteria ends on the same token
+        assert results["gen-cb"] == results["gen-static"] == expected
+
+
+def test_n_seeded_sequences_are_reproducible_and_the_first_is_generates(client, model):
+    params = {"do_sample": True, "num_return_sequences": 3, "seed": 9, "max_new_tokens": 10}
+    first, second = (client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params).result(timeout=120)
+                     for _ in range(2))
+    assert first == second
+    assert len({record["generated_text"] for record in first}) > 1
+    # generate() draws n rows from one stream; the engine gives each sequence its own, the first one the seed's.
+    single = seeded_local(model, PROMPTS[0], {**params, "num_return_sequences": 1})
+    assert first[0] == single[0]
+
+
+def test_deployment_sampling_defaults_apply_to_requests_that_leave_them_out(client, model):
+    # gen-cb-sample sets do_sample and top_p=0.95 as its defaults; the request sets neither.
+    params = {"max_new_tokens": 12, "seed": 4, "num_return_sequences": 3, "return_full_text": False}
+    result = client.submit(deployment="gen-cb-sample", inputs=PROMPTS[0], params=params).result(timeout=120)
+    expected = seeded_local(model, PROMPTS[0], {**params, "num_return_sequences": 1, "do_sample": True,
+                                                "top_p": 0.95})
+    assert result[0] == expected[0]
+
+
+def test_sampled_sequences_stream_their_text(client, model):
+    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.9, "top_k": 8,
               "num_return_sequences": 3, "return_full_text": False}
-    job = client.submit(deployment="gen-cb-sample", inputs=PROMPTS, params=params)
+    job = client.submit(deployment="gen-cb", inputs=PROMPTS, params=params, stream=True)
     events = list(job.events(timeout_s=120))
     result = job.result(timeout=60)
     assert [len(records) for records in result] == [3] * len(PROMPTS)
@@ -228,6 +338,3 @@ def test_sampling_engine_takes_per_request_sampling_and_several_sequences(client
         text = "".join(e.data["text"] for e in events if e.kind is EventKind.TEXT and e.data["index"] == index)
         assert text == record["generated_text"]
     assert len(events[-1].data["finish_reasons"]) == 3 * len(PROMPTS)
-    with pytest.raises(InvalidParams, match="top_k"):  # the engine has no per-request top-k processor
-        client.submit(deployment="gen-cb-sample", inputs=PROMPTS[0],
-                      params={"top_k": 5, "max_new_tokens": 3}).result(timeout=60)

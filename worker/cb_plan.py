@@ -1,0 +1,85 @@
+"""How one text-generation job's params become requests of the continuous batching engine.
+
+:func:`plan_request` builds the job's generation config as the pipeline and
+``generate`` build it in-process (the call's params over the pipeline's
+defaults over the model's generation config), so a param the job leaves out
+takes the same default on the static and the continuous path, and refuses by
+name what the engine cannot honour per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from producers.errors import InvalidParams
+from worker.cb_sampling import SamplingSpec
+
+SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
+"""Generate params each request takes for itself (through :mod:`worker.cb_sampling`)."""
+
+HANDLED_GENERATE_PARAMS = frozenset({"max_new_tokens", "num_return_sequences", "stop_strings", "pad_token_id",
+                                     *SAMPLING_PARAMS})
+"""Generate params continuous batching honours; any other one is refused by name."""
+
+
+@dataclass
+class RequestPlan:
+    """How one job's params become engine requests."""
+
+    preprocess: dict[str, Any]
+    postprocess: dict[str, Any]
+    max_new_tokens: int
+    num_return_sequences: int
+    generation_config: Any = None
+    """The job's generation config as ``generate`` would build it; None when it decodes greedily, unprocessed."""
+    do_sample: bool = False
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    eos_token_id: Any = None
+
+    def spec(self, prompt_length: int, j: int, seed: int) -> SamplingSpec | None:
+        """Sequence ``j``'s sampling spec, or None for plain greedy decoding (the engine's argmax)."""
+        if self.generation_config is None:
+            return None
+        # Sequence 0 draws what ``set_seed(seed); generate(...)`` draws; the others get seeds of their own.
+        seed = seed if j == 0 else (seed * 1_000_003 + j) % 2**63
+        return SamplingSpec(self.generation_config, prompt_length, self.do_sample, seed)
+
+
+
+def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int) -> RequestPlan:
+    """Validate a job's params for the engine; raises InvalidParams naming the first one it cannot honour.
+
+    The job's generation config is built as the pipeline and ``generate`` build it in-process (the call's
+    params over the pipeline's defaults over the model's generation config), so a param the job leaves out
+    takes the same default on both paths.
+    """
+    params = dict(params)
+    seed = params.pop("seed", None)
+    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
+    generate = {**forward.pop("generate_kwargs", {}), **forward}
+    generate.pop("tokenizer", None)  # the pipeline adds it for stop strings
+    unknown = sorted(set(generate) - HANDLED_GENERATE_PARAMS)
+    if unknown:
+        raise InvalidParams(f"param {unknown[0]!r} is not supported with continuous batching (it takes "
+                            f"{', '.join(sorted(HANDLED_GENERATE_PARAMS - {'pad_token_id', 'stop_strings'}))}, "
+                            "stop_sequence and seed)")
+    stops = generate.pop("stop_strings", None) or []
+    stops = tuple(stop for stop in ([stops] if isinstance(stops, str) else stops) if stop)
+    try:
+        config, _ = pipe.model._prepare_generation_config(None, **pipe._prepare_generate_kwargs(generate))
+    except (TypeError, ValueError) as error:
+        raise InvalidParams(f"invalid generation params: {error}") from error
+    n = int(config.num_return_sequences or 1)
+    if n > 1 and not config.do_sample:
+        raise InvalidParams("param 'num_return_sequences' > 1 needs sampling (do_sample=True): greedy search "
+                            "returns one sequence per prompt")
+    max_new_tokens = int(generate.get("max_new_tokens") or config.max_new_tokens or default_max_new_tokens)
+    for name in list(preprocess):
+        if name in HANDLED_GENERATE_PARAMS:
+            preprocess.pop(name)
+    processed = config.do_sample or len(pipe.model._get_logits_processor(generation_config=config)) > 0
+    return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
+                       do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
+                       eos_token_id=config.eos_token_id)
