@@ -1,9 +1,9 @@
 """pipefleet's client library: what web backends import. Never imports torch or transformers."""
 
 from producers.client import FleetClient
-from producers.errors import (ChunkFailed, ConfigError, DeadLettered, FleetUnavailable, InvalidInput, InvalidParams, JobCancelled,
-                              JobError, JobRejected, JobTimeout, MediaError, OutOfMemory, PayloadTooLarge,
-                              PipefleetError, UnknownDeployment)
+from producers.errors import (ChunkFailed, ConfigError, DeadLettered, FleetUnavailable, InvalidInput, InvalidParams,
+                              JobCancelled, JobError, JobRejected, JobTimeout, MediaError, OutOfMemory,
+                              PayloadTooLarge, PipefleetError, UnknownDeployment, UnsafeURL)
 from producers.job import Job
 from producers.pipeline import FleetPipeline, pipeline
 from producers.redis_clients import RedisOptions
@@ -36,5 +36,6 @@ __all__ = [
     "PipefleetError",
     "RedisOptions",
     "UnknownDeployment",
+    "UnsafeURL",
     "pipeline",
 ]

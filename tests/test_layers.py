@@ -43,4 +43,5 @@ def test_a_new_upward_import_breaks_the_contract(tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr
     assert "worker.batcher -> tasks.infer" in run.stdout, run.stdout
     assert "producers.fleet -> torch" in run.stdout, run.stdout
-    assert "1 kept, 2 broken" in run.stdout, run.stdout
+    assert "Layers: tasks above worker above config above producers BROKEN" in run.stdout, run.stdout
+    assert "import producers stays light: no torch, transformers, worker, tasks or config BROKEN" in run.stdout

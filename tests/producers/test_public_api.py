@@ -9,11 +9,11 @@ import producers
 from tests.fleet import REPO_ROOT
 
 PUBLIC_NAMES = [
-    "ChunkFailed", "ConfigError", "DeploymentInfo", "EventKind", "FleetClient", "FleetPipeline", "FleetUnavailable",
+    "ChunkFailed", "ConfigError", "DeadLettered", "DeploymentInfo", "EventKind", "FleetClient", "FleetPipeline", "FleetUnavailable",
     "InvalidInput", "InvalidParams", "Job", "JobCancelled", "JobError", "JobEvent", "JobRejected", "JobRequest",
     "JobState", "JobStatus",
     "JobTimeout", "MediaError", "OutOfMemory", "PayloadTooLarge", "PipefleetError", "RedisOptions",
-    "UnknownDeployment",
+    "UnknownDeployment", "UnsafeURL",
     "pipeline",
 ]
 
