@@ -37,6 +37,7 @@ from typing import Any, Callable
 from celery import states
 from celery.worker import state as worker_state
 
+from producers.celery_internals import finished_task_meta
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
@@ -313,9 +314,7 @@ class HotPath:
         for job, state, value in outcomes:
             if state == states.SUCCESS:
                 # Exactly what Celery's Redis backend stores for a finished task (celery-task-meta-<id>).
-                meta = backend._get_result_meta(result=value, state=state, traceback=None, request=job.request,
-                                                encode=True)
-                meta["task_id"] = job.job_id
+                meta = finished_task_meta(backend, job.job_id, result=value, state=state, request=job.request)
                 successes.append((backend.get_key_for_task(job.job_id), backend.encode(meta)))
         if successes:
             def store(pipe: Any) -> None:
