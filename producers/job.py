@@ -56,10 +56,6 @@ def _expired(result: Any) -> bool:
     return False
 
 
-def _reraise(error: BaseException) -> None:
-    raise error
-
-
 def _is_chord_error(result: Any) -> bool:
     """True when a chord callback failed because one of its chunks did (Celery's ChordError)."""
     if isinstance(result, dict):
@@ -70,13 +66,11 @@ def _is_chord_error(result: Any) -> bool:
 class Job:
     """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
 
-    def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None,
-                 async_result: Any = None) -> None:
+    def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None) -> None:
         self.client = client
         self.id = job_id
         self._total = total
         self._chunked = chunked
-        self._async_result = async_result  # unused since results come from client.waiter; kept for callers
         self._meta: dict[str, Any] | None = None  # the final Celery meta, once read
 
     def __repr__(self) -> str:

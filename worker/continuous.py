@@ -33,6 +33,8 @@ from config.models import Deployment, Limits
 from producers.errors import InvalidParams, JobCancelled, JobError, JobTimeout, OutOfMemory
 from worker.batcher import PendingItem
 from worker.metrics import DeploymentMetrics
+from worker.transformers_internals import (generation_defaults, postprocess_defaults, preprocess_defaults,
+                                          sanitize_call_params)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def plan_request(pipe: Any, params: dict[str, Any], options: Any, default_max_ne
     if "seed" in params:
         raise InvalidParams("param 'seed' is not supported with continuous batching: every request of the engine "
                             "samples from one random stream, so a per-request seed cannot be honoured")
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
+    preprocess, forward, postprocess = sanitize_call_params(pipe, params)
     generate = {**forward.pop("generate_kwargs", {}), **forward}
     unknown = sorted(set(generate) - HANDLED_GENERATE_PARAMS)
     if unknown:
@@ -143,7 +145,7 @@ class ContinuousBatcher:
         self._tokenizer_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._collect, name=f"pipefleet-cb-{self.name}", daemon=True)
-        defaults = getattr(pipe, "_generation_defaults", {}) or {}
+        defaults = generation_defaults(pipe)
         configured = getattr(pipe.model.generation_config, "max_new_tokens", None)
         self.default_max_new_tokens = int(configured or defaults.get("max_new_tokens") or 256)
 
@@ -161,7 +163,7 @@ class ContinuousBatcher:
         generation_config.max_new_tokens = self.default_max_new_tokens
         if options.do_sample:
             # The pipeline's own sampling defaults, unless the deployment sets the engine's.
-            defaults = getattr(self.pipe, "_generation_defaults", {}) or {}
+            defaults = generation_defaults(self.pipe)
             generation_config.temperature = options.temperature or defaults.get("temperature", 1.0)
             generation_config.top_k = options.top_k if options.top_k is not None else generation_config.top_k
             generation_config.top_p = options.top_p if options.top_p is not None else generation_config.top_p
@@ -225,7 +227,7 @@ class ContinuousBatcher:
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
             with self._tokenizer_lock:
                 model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
-                                                    **{**self.pipe._preprocess_params, **plan.preprocess})
+                                                    **{**preprocess_defaults(self.pipe), **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
             prompts.append(_Prompt(item, plan, model_inputs, ids))
@@ -324,7 +326,7 @@ class ContinuousBatcher:
                          "prompt_text": prompt.model_inputs["prompt_text"]}
         with self._tokenizer_lock:
             return self.pipe.postprocess(model_outputs,
-                                         **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
+                                         **{**postprocess_defaults(self.pipe), **prompt.plan.postprocess})
 
     def _finish(self, prompt: _Prompt, *, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
