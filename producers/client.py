@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from producers import chunking, client_map
 from producers.celery_app import make_celery, producer_backend_url
+from producers.celery_internals import finished_task_meta
 from producers.construction import ConstructionRequest
 from producers.constants import (CANCEL_KEY_PREFIX, DEFAULT_BROKER_URL, DISCOVERY_TTL_S, DEFAULT_PRIORITY, DEFAULT_RESULT_BACKEND,
                                  INFER_TASK, JOB_KEY_PREFIX)
@@ -327,10 +328,7 @@ class FleetClient:
         for task_id, key, raw in zip(ids, keys, stored):
             if raw is not None and backend.decode(raw).get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
                 continue
-            # The meta Celery's Redis backend writes for a revoked task (celery-task-meta-<id>).
-            meta = backend._get_result_meta(result=error, state="REVOKED", traceback=None, request=None)
-            meta["task_id"] = task_id
-            value = backend.encode(meta)
+            value = backend.encode(finished_task_meta(backend, task_id, result=error, state="REVOKED"))
             pipe.setex(key, backend.expires, value)
             pipe.publish(key, value)
         pipe.execute()

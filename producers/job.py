@@ -60,10 +60,6 @@ def _expired(result: Any) -> bool:
     return False
 
 
-def _reraise(error: BaseException) -> None:
-    raise error
-
-
 def _is_chord_error(result: Any) -> bool:
     """True when a chord callback failed because one of its chunks did (Celery's ChordError)."""
     if isinstance(result, dict):
@@ -75,7 +71,7 @@ class Job:
     """A submitted job. ``job.id`` is enough to reattach with ``client.job(id)``."""
 
     def __init__(self, client: "FleetClient", job_id: str, *, total: int = 0, chunked: bool | None = None,
-                 async_result: Any = None, deployment: str | None = None, deadline_ts: float | None = None) -> None:
+                 deployment: str | None = None, deadline_ts: float | None = None) -> None:
         self.client = client
         self.id = job_id
         self.deployment = deployment
@@ -84,7 +80,6 @@ class Job:
         """Unix time after which a job no worker has started fails with JobTimeout (None: no deadline)."""
         self._total = total
         self._chunked = chunked
-        self._async_result = async_result  # unused since results come from client.waiter; kept for callers
         self._meta: dict[str, Any] | None = None  # the final Celery meta, once read
 
     def __repr__(self) -> str:

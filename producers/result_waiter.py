@@ -44,6 +44,7 @@ import redis as redis_lib
 from producers.redis_clients import RedisOptions, redis_client
 from producers.errors import FleetUnavailable
 from producers.redis_access import as_fleet_unavailable, is_refusal
+from producers.redis_internals import pubsub_socket
 from producers.result_book import ResultBook, Wait
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ class ResultWaiter:
         if heard is not None:
             return heard
         # redis-py offers no way to wait on a pub/sub connection and a second socket at once.
-        readable, _, _ = select.select([self._pubsub.connection._sock, self._wake_r], [], [], timeout)
+        readable, _, _ = select.select([pubsub_socket(self._pubsub), self._wake_r], [], [], timeout)
         if not readable:
             return None
         woken = self._wake_r in readable

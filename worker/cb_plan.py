@@ -14,6 +14,7 @@ from typing import Any
 
 from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
+from worker.transformers_internals import logits_processors, resolved_generation_config, sanitize_call_params
 
 SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
 """Generate params each request takes for itself (through :mod:`worker.cb_sampling`)."""
@@ -57,7 +58,7 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     """
     params = dict(params)
     seed = params.pop("seed", None)
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
+    preprocess, forward, postprocess = sanitize_call_params(pipe, params)
     generate = {**forward.pop("generate_kwargs", {}), **forward}
     generate.pop("tokenizer", None)  # the pipeline adds it for stop strings
     unknown = sorted(set(generate) - HANDLED_GENERATE_PARAMS)
@@ -68,7 +69,7 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     stops = generate.pop("stop_strings", None) or []
     stops = tuple(stop for stop in ([stops] if isinstance(stops, str) else stops) if stop)
     try:
-        config, _ = pipe.model._prepare_generation_config(None, **pipe._prepare_generate_kwargs(generate))
+        config = resolved_generation_config(pipe, generate)
     except (TypeError, ValueError) as error:
         raise InvalidParams(f"invalid generation params: {error}") from error
     n = int(config.num_return_sequences or 1)
@@ -79,7 +80,7 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     for name in list(preprocess):
         if name in HANDLED_GENERATE_PARAMS:
             preprocess.pop(name)
-    processed = config.do_sample or len(pipe.model._get_logits_processor(generation_config=config)) > 0
+    processed = config.do_sample or len(logits_processors(pipe.model, config)) > 0
     return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
                        do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
                        eos_token_id=config.eos_token_id)

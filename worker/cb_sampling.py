@@ -36,6 +36,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from worker.transformers_internals import logits_processors
+
 KWARG = "fleet_sampling"
 """The per-request engine kwarg (``add_request(**{KWARG: spec})``) that carries a :class:`SamplingSpec`."""
 
@@ -147,8 +149,8 @@ class _FleetSamplerBody:
         if live is None:
             import torch
 
-            processors = self.model._get_logits_processor(generation_config=spec.generation_config,
-                                                          input_ids_seq_length=spec.prompt_length, device=device)
+            processors = logits_processors(self.model, spec.generation_config,
+                                           input_ids_seq_length=spec.prompt_length, device=device)
             generator = torch.Generator(device=device)
             generator.manual_seed(spec.seed)
             live = _Live(processors, generator)

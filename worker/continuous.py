@@ -43,6 +43,7 @@ from worker import cb_sampling
 from worker.batcher import PendingItem
 from worker.cb_plan import RequestPlan, plan_request
 from worker.metrics import DeploymentMetrics
+from worker.transformers_internals import generation_defaults, postprocess_defaults, preprocess_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ContinuousBatcher:
         self._tokenizer_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._collect, name=f"pipefleet-cb-{self.name}", daemon=True)
-        defaults = getattr(pipe, "_generation_defaults", {}) or {}
+        defaults = generation_defaults(pipe)
         configured = getattr(pipe.model.generation_config, "max_new_tokens", None)
         self.default_max_new_tokens = int(configured or defaults.get("max_new_tokens") or 256)
 
@@ -183,7 +184,7 @@ class ContinuousBatcher:
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
             with self._tokenizer_lock:
                 model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
-                                                    **{**self.pipe._preprocess_params, **plan.preprocess})
+                                                    **{**preprocess_defaults(self.pipe), **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
             ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
             prompts.append(_Prompt(item, plan, model_inputs, ids, active=active, streamed=streamed))
@@ -317,7 +318,7 @@ class ContinuousBatcher:
                          "prompt_text": prompt.model_inputs["prompt_text"]}
         with self._tokenizer_lock:
             return self.pipe.postprocess(model_outputs,
-                                         **{**self.pipe._postprocess_params, **prompt.plan.postprocess})
+                                         **{**postprocess_defaults(self.pipe), **prompt.plan.postprocess})
 
     def _finish(self, prompt: _Prompt, *, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:

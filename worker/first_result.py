@@ -15,6 +15,8 @@ from typing import Any
 
 from celery import states
 
+from producers.celery_internals import finished_task_meta
+
 STORE_FIRST_SCRIPT = """
 -- KEYS[1] the job's result key; ARGV[1] encoded meta, ARGV[2] expiry in seconds (0: none)
 local current = redis.call('GET', KEYS[1])
@@ -39,9 +41,7 @@ return 1
 def encoded_meta(backend: Any, job_id: str, state: str, value: Any, request: Any) -> str:
     """What Celery's Redis backend stores for a job that ended in ``state`` with ``value``."""
     result = backend.encode_result(value, state)
-    meta = backend._get_result_meta(result=result, state=state, traceback=None, request=request, encode=True)
-    meta["task_id"] = job_id
-    return backend.encode(meta)
+    return backend.encode(finished_task_meta(backend, job_id, result=result, state=state, request=request))
 
 
 class FirstResultStore:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from celery import states
 from celery.worker import state as worker_state
 
+from producers.celery_internals import finished_task_meta
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
 from celery.exceptions import TaskRevokedError

@@ -26,6 +26,7 @@ from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment
 from worker.shapes import job_result
+from worker.transformers_internals import sanitize_call_params
 from worker.usage import token_usage
 
 
@@ -65,7 +66,7 @@ def resolve_inputs(job: JobSpec, runtime: Runtime) -> list[Any]:
 def sanitize(served: ServedDeployment, call_params: dict[str, Any]) -> None:
     """Let the pipeline refuse params it does not take, as ``pipe(x, **params)`` would."""
     try:
-        served.pipeline._sanitize_parameters(**call_params)
+        sanitize_call_params(served.pipeline, call_params)
     except PipefleetError:
         raise
     except Exception as error:

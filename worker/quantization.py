@@ -133,7 +133,7 @@ def describe(config: Any) -> str:
 
 
 def check_can_load(deployment: Deployment, config: Any) -> None:
-    """Ask bitsandbytes whether ``config`` loads where ``deployment`` runs; raises ConfigError saying what is missing."""
+    """Ask bitsandbytes whether ``config`` runs where ``deployment`` will; raises ConfigError naming what is missing."""
     what = f"deployment {deployment.name!r}: quantization_config ({describe(config)})"
     try:
         import bitsandbytes as bnb

@@ -14,6 +14,7 @@ from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
 from worker.metrics import DeploymentMetrics
 from worker.stages import is_stage_batch, run_stage
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
+from worker.transformers_internals import step_params
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int
             outputs.extend(pipe([payload], batch_size=1, **params))
             continue
         # pipe(payload) minus the per-task reshaping of __call__, which worker.shapes redoes per job.
-        preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
-        outputs.append(pipe.run_single(payload, {**pipe._preprocess_params, **preprocess},
-                                       {**pipe._forward_params, **forward},
-                                       {**pipe._postprocess_params, **postprocess}))
+        outputs.append(pipe.run_single(payload, *step_params(pipe, params)))
     return outputs
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from worker.transformers_internals import step_params
+
 logger = logging.getLogger(__name__)
 
 STAGE_KEY = "__stage__"
@@ -38,9 +40,7 @@ def is_stage_batch(params: dict[str, Any]) -> bool:
 
 def stage_call_params(pipe: Any, call_params: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(preprocess, forward, postprocess)`` params exactly as ``Pipeline.__call__`` builds them."""
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**call_params)
-    return ({**pipe._preprocess_params, **preprocess}, {**pipe._forward_params, **forward},
-            {**pipe._postprocess_params, **postprocess})
+    return step_params(pipe, call_params)
 
 
 def run_stage(pipe: Any, payloads: list[Any], params: dict[str, Any]) -> list[Any]:

@@ -113,8 +113,10 @@ def test_submit_many_sends_a_burst_in_one_round_trip_and_outputs_equal_in_proces
     assert len({job.id for job in jobs}) == len(texts)
     outputs = quiet_client.results(jobs, timeout=120)
     assert_same(outputs, [local_pipeline("text-classification", model)(text) for text in texts])
-    # Still ordinary Celery results.
-    assert quiet_client.celery.AsyncResult(jobs[0].id).get(timeout=10)["outputs"] == outputs[0]
+    # Still ordinary Celery results, with the request's arguments as Celery's Redis backend stores them.
+    result = quiet_client.celery.AsyncResult(jobs[0].id)
+    assert result.get(timeout=10)["outputs"] == outputs[0]
+    assert result.args == [] and result.kwargs["spec"]["job_id"] == jobs[0].id
 
 
 def test_submit_many_takes_job_requests_and_mixes_plain_and_chunked_jobs(quiet_client, model):

@@ -17,6 +17,8 @@ from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import ModelOutput
 
+from worker.transformers_internals import translation_inputs_builder
+
 logger = logging.getLogger(__name__)
 
 
@@ -170,10 +172,11 @@ class TranslationPipeline(Text2TextGenerationPipeline):
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, inputs, truncation=TruncationStrategy.DO_NOT_TRUNCATE, src_lang=None, tgt_lang=None):
-        if getattr(self.tokenizer, "_build_translation_inputs", None) is not None:
+        build_translation_inputs = translation_inputs_builder(self.tokenizer)
+        if build_translation_inputs is not None:
             if not isinstance(inputs, str):
                 raise ValueError(f"translation expects a string or a list of strings, got {type(inputs).__name__}")
-            return self.tokenizer._build_translation_inputs(
+            return build_translation_inputs(
                 inputs, return_tensors="pt", truncation=truncation, src_lang=src_lang, tgt_lang=tgt_lang
             )
         return self._parse_and_tokenize(inputs, truncation=truncation)

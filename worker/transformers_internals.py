@@ -1,0 +1,76 @@
+"""Every private part of transformers pipefleet uses, in one place.
+
+A worker runs a pipeline's steps itself (one batched forward pass for many
+jobs, chunk windows on other workers, generation in the continuous batching
+engine), so it needs what ``Pipeline.__call__`` computes before the steps:
+
+- ``Pipeline._sanitize_parameters(**params)`` splits call params into
+  preprocess, forward and postprocess params, and raises on one the pipeline
+  does not take (custom pipelines implement it; callers outside transformers
+  are not meant to call it);
+- ``Pipeline._preprocess_params`` / ``_forward_params`` / ``_postprocess_params``
+  hold the params given at construction, which ``__call__`` puts under the
+  call's own;
+- ``Pipeline._generation_defaults`` holds the generation defaults a
+  generating pipeline applies on top of the model's generation config;
+- ``GenerationMixin._prepare_generation_config`` (with the pipeline's
+  ``_prepare_generate_kwargs``) resolves a call's generate kwargs over the
+  model's generation config exactly as ``generate`` does, and
+  ``GenerationMixin._get_logits_processor`` builds the processors ``generate``
+  would apply for that config: the continuous batching path samples per
+  request with them (:mod:`worker.cb_plan`, :mod:`worker.cb_sampling`);
+- a multilingual tokenizer's ``_build_translation_inputs`` (NLLB, M2M100,
+  mBART...) builds a source-language prompt with its target-language token,
+  as transformers 4's translation pipeline did (pipefleet's own translation
+  pipeline, transformers 5 having dropped it, does the same).
+
+``tests/worker/test_transformers_internals.py`` pins them against the installed transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def sanitize_call_params(pipe: Any, params: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """The call's own ``(preprocess, forward, postprocess)`` params; raises as ``pipe(x, **params)`` would."""
+    return pipe._sanitize_parameters(**params)
+
+
+def step_params(pipe: Any, params: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """``(preprocess, forward, postprocess)`` params exactly as ``Pipeline.__call__`` builds them."""
+    preprocess, forward, postprocess = pipe._sanitize_parameters(**params)
+    return ({**pipe._preprocess_params, **preprocess}, {**pipe._forward_params, **forward},
+            {**pipe._postprocess_params, **postprocess})
+
+
+def preprocess_defaults(pipe: Any) -> dict[str, Any]:
+    """The preprocess params the pipeline was constructed with."""
+    return pipe._preprocess_params
+
+
+def postprocess_defaults(pipe: Any) -> dict[str, Any]:
+    """The postprocess params the pipeline was constructed with."""
+    return pipe._postprocess_params
+
+
+def generation_defaults(pipe: Any) -> dict[str, Any]:
+    """The generation defaults a generating pipeline applies (empty for other pipelines)."""
+    return getattr(pipe, "_generation_defaults", None) or {}
+
+
+def translation_inputs_builder(tokenizer: Any) -> Callable[..., Any] | None:
+    """A multilingual tokenizer's ``(text, return_tensors, truncation, src_lang, tgt_lang)`` encoder, else None."""
+    return getattr(tokenizer, "_build_translation_inputs", None)
+
+
+def resolved_generation_config(pipe: Any, generate_kwargs: dict[str, Any]) -> Any:
+    """The ``GenerationConfig`` that ``pipe.model.generate(**generate_kwargs)`` would run with, from the pipeline."""
+    config, _ = pipe.model._prepare_generation_config(None, **pipe._prepare_generate_kwargs(generate_kwargs))
+    return config
+
+
+def logits_processors(model: Any, generation_config: Any, **options: Any) -> Any:
+    """The ``LogitsProcessorList`` that ``generate`` builds for ``generation_config`` (``input_ids_seq_length``,
+    ``device``: as ``generate`` passes them)."""
+    return model._get_logits_processor(generation_config=generation_config, **options)
