@@ -173,7 +173,8 @@ def docs_env(docs_models, module_fleet, tmp_path_factory) -> dict[str, str]:
         job = client.submit(deployment="sentiment", inputs="a finished job")
         job.result(timeout=120)
     yield {"PIPEFLEET_BROKER_URL": module_fleet.broker_url, "PIPEFLEET_RESULT_BACKEND": module_fleet.result_backend,
-           "URL": gateway.url, "KEY": API_KEY, "ID": job.id}
+           "URL": gateway.url, "KEY": API_KEY, "ID": job.id,
+           "OPENAI_BASE_URL": f"{gateway.url}/v1", "OPENAI_API_KEY": API_KEY}
     gateway.stop()
 
 
