@@ -79,7 +79,7 @@ class BulkAcker:
         """Queue one tag for removal."""
         self._tags.put(tag)
 
-    def ack_now(self, tags: list[str]) -> None:
+    def ack_now(self, tags: list[str], on_retry: Callable[[], None] = lambda: None) -> None:
         """Remove ``tags`` on the calling thread, retrying through Redis errors (the hot path's commit).
 
         Done right after a job's result is stored, so the window in which a killed worker's finished job
@@ -91,6 +91,7 @@ class BulkAcker:
                 return
             except redis_lib.RedisError as error:
                 logger.warning("could not ack %d jobs (%s); retrying", len(tags), error)
+                on_retry()
                 time.sleep(RETRY_DELAY_S)
 
     def _drain(self, first: str) -> list[str]:
@@ -115,17 +116,10 @@ class BulkAcker:
             if first is None:
                 break
             tags = self._drain(first)
-            while True:
-                try:
-                    self._script(keys=self._keys, args=tags)
-                    break
-                except redis_lib.RedisError as error:
-                    logger.warning("could not ack %d jobs (%s); retrying", len(tags), error)
-                    self._supervisor.tick("acker")
-                    time.sleep(RETRY_DELAY_S)
-                except Exception:  # never lose the loop: the tags stay held and go back if this worker dies
-                    logger.exception("could not ack %d jobs", len(tags))
-                    break
+            try:
+                self.ack_now(tags, on_retry=lambda: self._supervisor.tick("acker"))
+            except Exception:  # never lose the loop: the tags stay held and go back if this worker dies
+                logger.exception("could not ack %d jobs", len(tags))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush every queued ack, then stop the thread."""
