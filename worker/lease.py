@@ -121,24 +121,6 @@ return 1
 """Hand one held job back to the head of the list it came from (0 if this worker no longer holds it)."""
 
 
-def claimed_count(client: redis_lib.Redis, queue: str) -> int:
-    """Jobs of ``queue`` (a deployment's queue name) claimed by some worker and not yet acked.
-
-    Counts across every lease holder and every priority step of the queue; a job
-    claimed but not started is counted here, not in the queue's length.
-    """
-    lists = set(kombu_layout.priority_queue_keys([queue], constants.PRIORITY_STEPS))
-    total = 0
-    for worker in client.smembers(constants.LEASE_HOLDERS_KEY):
-        name = worker.decode() if isinstance(worker, bytes) else worker
-        for claim in client.hvals(kombu_layout.claims_key(name)):
-            text = claim.decode(errors="replace") if isinstance(claim, bytes) else claim
-            parts = text.split(" ", 3)
-            if len(parts) == 4 and parts[3] in lists:
-                total += 1
-    return total
-
-
 class LeaseKeeper:
     """Renews this worker's lease and reaps lapsed ones, on one thread; see the module docstring.
 

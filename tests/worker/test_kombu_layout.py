@@ -16,7 +16,8 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from producers.constants import LEASE_HOLDERS_KEY, PRIORITY_STEPS
 from worker import kombu_layout
-from worker.lease import LeaseKeeper, claimed_count
+from producers.backlog import claimed_counts
+from worker.lease import LeaseKeeper
 
 WORKER = "layout-worker"
 
@@ -115,7 +116,7 @@ def test_a_fresh_claim_is_not_restored_by_kombus_sweep_and_renewal_keeps_it_fres
     assert renewed > claimed_at + 1
     connection.default_channel.qos.restore_visible(num=10)
     assert client.hexists(kombu_layout.UNACKED_KEY, _tag(raw)), "kombu's sweep took a renewed claim"
-    assert claimed_count(client, "layout") == 1
+    assert claimed_counts(client, ["layout"]) == {"layout": 1}
 
 
 def test_a_lapsed_lease_puts_its_jobs_back_at_the_head_in_order(broker):
@@ -133,7 +134,7 @@ def test_a_lapsed_lease_puts_its_jobs_back_at_the_head_in_order(broker):
     assert [_tag(m) for m in reversed(client.lrange(lst, 0, -1))][:3] == [_tag(raw) for raw in taken]
     assert client.hlen(kombu_layout.UNACKED_KEY) == 0 and client.zcard(kombu_layout.UNACKED_INDEX_KEY) == 0
     assert not client.sismember(LEASE_HOLDERS_KEY, WORKER)
-    assert claimed_count(client, "layout") == 0
+    assert claimed_counts(client, ["layout"]) == {"layout": 0}
     # The lapsed worker can no longer ack away the record of a claim another worker now holds.
     retaken = _claim(client, "layout", limit=1, worker="layout-other")
     ack = client.register_script(kombu_layout.ACK_SCRIPT)
