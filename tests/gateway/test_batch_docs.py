@@ -28,7 +28,7 @@ def test_every_python_block_is_run_or_says_why_not():
     for page in ("batches.md", "webhooks.md"):
         text = (DOCS / page).read_text()
         for info, _ in _BLOCK.findall(text):
-            assert info.strip() in ("python", "python no-run", "toml", "json", ""), (page, info)
+            assert info.strip() in ("python", "python no-run", "toml", "json", "text", ""), (page, info)
 
 
 def test_the_toml_tables_are_valid_config():
