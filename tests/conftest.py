@@ -142,11 +142,13 @@ def sampling_fleet(module_fleet: Fleet, model_dir, tmp_path_factory: pytest.Temp
                     **({"continuous_batching_options": {"num_blocks": 32, "page_size": 64}} if continuous else {})}
                    for name, continuous in SAMPLING_DEPLOYMENTS.items()]
     module_fleet.worker(module_fleet.config(deployments), deployments=list(SAMPLING_DEPLOYMENTS))
-    saved = {name: os.environ.get(name) for name in ("PIPEFLEET_BROKER_URL", "PIPEFLEET_RESULT_BACKEND")}
-    os.environ["PIPEFLEET_BROKER_URL"] = module_fleet.broker_url
-    os.environ["PIPEFLEET_RESULT_BACKEND"] = module_fleet.result_backend
+    # Only what this fixture changes is undone at the module's end: the docs test's own per-test environment
+    # (the same fleet) may be in place now and gone by then, and must not be written back.
+    wanted = {"PIPEFLEET_BROKER_URL": module_fleet.broker_url, "PIPEFLEET_RESULT_BACKEND": module_fleet.result_backend}
+    changed = {name: os.environ.get(name) for name, value in wanted.items() if os.environ.get(name) != value}
+    os.environ.update({name: wanted[name] for name in changed})
     yield {}
-    for name, value in saved.items():
+    for name, value in changed.items():
         if value is None:
             os.environ.pop(name, None)
         else:
