@@ -1,5 +1,1 @@
-"""Celery task definitions: the ``infer`` task, chunk chords and their assembly."""
-
-from tasks.app import app, configure_app
-
-__all__ = ["app", "configure_app"]
+"""Celery task definitions: the ``infer`` task, chunk chords and their assembly (on :data:`worker.celery_app.app`)."""

@@ -15,8 +15,8 @@ from producers.codec import encode_output
 from producers.constants import ASSEMBLE_TASK, PAYLOAD_KEY_PREFIX
 from producers.errors import JobError, PipefleetError
 from producers.schemas import ResultEnvelope
-from tasks.app import app
-from tasks.tensors import decode_model_io
+from worker.celery_app import app
+from worker.model_io import decode_model_io
 from worker.runtime import get_runtime
 from worker.shapes import job_result
 from worker.stages import stage_params

@@ -18,8 +18,8 @@ from celery.exceptions import Ignore
 
 from producers.constants import INFER_TASK
 from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
-from tasks.app import app
-from tasks.chunks import chunk_failed, record_progress
+from worker.celery_app import app
+from worker.chunks import chunk_failed, record_progress
 from worker.jobs import collect_outputs, finish_job, prepare_job
 from worker.runtime import get_runtime
 

@@ -9,7 +9,7 @@ spread over every worker of the deployment. The chord callback
 outputs. The split task replaces itself with that chord, so the callback
 inherits its task id: the job id.
 
-Windows and window outputs cross workers as JSON (see :mod:`tasks.tensors`).
+Windows and window outputs cross workers as JSON (see :mod:`worker.model_io`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from producers.constants import (ASSEMBLE_TASK, CANCEL_KEY_PREFIX, FORWARD_TASK,
 from producers.errors import InvalidInput, JobCancelled, JobError, JobTimeout, PipefleetError
 from producers.payloads import load_payload, store_payload
 from producers.schemas import PayloadRef, ResultEnvelope
-from tasks.app import app
-from tasks.chunks import record_progress
+from worker.celery_app import app
+from worker.chunks import record_progress
 from worker.jobs import check_model, parse_spec, resolve_inputs, sanitize
-from tasks.tensors import decode_model_io, encode_model_io
+from worker.model_io import decode_model_io, encode_model_io
 from worker.inputs import prepare_inputs
 from worker.params import pipeline_call_params, validate_params
 from worker.runtime import get_runtime

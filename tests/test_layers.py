@@ -1,8 +1,8 @@
 """The import layers of the design card, kept by import-linter's contracts in ``pyproject.toml``.
 
 ``producers`` ← ``config`` ← ``worker`` ← ``tasks``; the gateway on ``producers`` only; ``import producers``
-never reaching torch, transformers, worker, tasks or config. The contracts list today's upward imports (the
-known debt of issue 18) as ``ignore_imports``, so any new one breaks this test.
+never reaching torch, transformers, worker, tasks or config. No module of ``worker`` imports ``tasks``: Celery
+imports the task modules itself when a worker starts (``worker.celery_app.TASK_MODULES``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,23 @@ def test_the_layer_contracts_are_kept():
     run = lint_imports(REPO_ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "3 kept, 0 broken" in run.stdout, run.stdout
+
+
+def test_the_worker_registers_the_tasks_without_importing_them(tmp_path):
+    """A fresh interpreter: configuring the app imports no task module; Celery's worker start registers them all."""
+    script = (
+        "import sys\n"
+        "from config.models import FleetConfig\n"
+        "from worker.celery_app import TASK_MODULES, app, configure_app\n"
+        "configure_app(FleetConfig(deployments=[]))\n"
+        "assert not any(m in sys.modules for m in TASK_MODULES), sorted(m for m in sys.modules if m.startswith('tasks'))\n"
+        "app.loader.init_worker()\n"
+        "from producers.constants import ASSEMBLE_TASK, FORWARD_TASK, INFER_TASK, SPLIT_TASK\n"
+        "missing = {INFER_TASK, SPLIT_TASK, FORWARD_TASK, ASSEMBLE_TASK} - set(app.tasks)\n"
+        "assert not missing, missing\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_a_new_upward_import_breaks_the_contract(tmp_path):

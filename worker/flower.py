@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from flower.urls import settings
     from tornado.options import options
 
-    from tasks.app import configure_app
+    from worker.celery_app import configure_app
 
     app = configure_app(config)
     options.address = args.address or config.flower.address

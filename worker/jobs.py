@@ -20,7 +20,7 @@ from producers.errors import (InvalidInput, InvalidParams, JobCancelled, JobErro
                               PipefleetError, UnknownDeployment)
 from producers.payloads import load_payload
 from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
-from tasks.chunks import chunk_failed
+from worker.chunks import chunk_failed
 from worker.inputs import prepare_inputs
 from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output

@@ -251,7 +251,7 @@ def run_worker(args: argparse.Namespace) -> int:
         supervisor.watch(f"device-{device}", runner.thread, ticks=False)
     warm_up_deployments(runtime)
 
-    from tasks.app import configure_app
+    from worker.celery_app import configure_app
 
     app = configure_app(config)
     import worker.control  # noqa: F401  (registers the remote-control commands)

@@ -1,4 +1,9 @@
-"""The Celery app shared by ``tasks/`` and ``worker/``, configured from the fleet config."""
+"""The Celery app of the fleet, configured from the fleet config; ``tasks/`` registers its tasks on it.
+
+The worker never imports ``tasks/``: Celery imports the task modules named in
+:data:`TASK_MODULES` when its worker starts (its ``imports`` setting), so the
+layers stay ``worker`` below ``tasks``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ from celery import Celery
 
 from config.models import FleetConfig
 from producers.celery_app import celery_settings, worker_backend_url
+
+TASK_MODULES = ("tasks.infer", "tasks.split", "tasks.assemble")
+"""The modules that define the fleet's Celery tasks, imported by Celery at worker start."""
 
 app = Celery("pipefleet", set_as_current=True)
 """The worker-side Celery app; tasks register on it, :func:`configure_app` sets it up."""
@@ -29,8 +37,5 @@ def configure_app(config: FleetConfig) -> Celery:
         task_send_sent_event=config.task_events,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    import tasks.infer  # noqa: F401  (registers the tasks on the app)
-    import tasks.assemble  # noqa: F401
-    import tasks.split  # noqa: F401
-
+    app.conf.imports = TASK_MODULES
     return app
