@@ -62,6 +62,10 @@ CLAIMS_KEY_PREFIX = f"{KEY_PREFIX}:claims:"
 LEASE_HOLDERS_KEY = f"{KEY_PREFIX}:lease-holders"
 """Set of the workers that may hold claims; every worker's reaper checks their leases."""
 
+REDELIVERED_KEY = f"{KEY_PREFIX}:redelivered"
+"""Set of the delivery tags the reap put back from a dead worker, until a claim takes them again: a claimed job
+marked so is checked for a result its dead holder stored before its ack, and is then acked, not run again."""
+
 DEAD_LETTER_KEY = f"{KEY_PREFIX}:dead-letter"
 """List of poison messages (JSON records: reason, tag, job id, the raw message), newest first."""
 

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import redis as redis_lib
 from celery import bootsteps, signals
+from celery.states import READY_STATES
 from celery.exceptions import InvalidTaskError
 from celery.worker import state as worker_state
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -52,6 +53,7 @@ from worker.retrying import RETRY_DELAY_S
 from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
+job_logger = logging.getLogger("pipefleet.jobs")
 
 MAX_CLAIM = 256
 """Most messages taken in one claim, whatever the free capacity."""
@@ -93,6 +95,8 @@ class BulkConsumer:
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake, supervisor)
         self._stopping = threading.Event()
         self._paused = threading.Event()
+        self.redelivered_done = 0
+        """Jobs put back from a dead worker that had already stored their results: acked, not run again."""
         self._thread = threading.Thread(target=guarded("claim", self._run), name="pipefleet-consumer", daemon=True)
         supervisor.watch("claim", self._thread)
         signals.task_postrun.connect(self._on_task_done, weak=False)
@@ -177,22 +181,27 @@ class BulkConsumer:
         reply = self._claim(keys=self._keys, args=kombu_layout.claim_args(
             min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first))
         if reply:
-            claimed = self._decode(reply)
+            claimed, redelivered = self._decode(reply)
+            stored = self._already_stored(redelivered)
             cancelled = self._cancelled([payload for _, _, payload in claimed])
             for tag, raw, payload in claimed:
-                self._deliver_or_dead_letter(tag, raw, payload, cancelled)
+                if tag in stored:
+                    self._ack_stored(tag, payload, stored[tag])
+                else:
+                    self._deliver_or_dead_letter(tag, raw, payload, cancelled)
             return
         self._wake.clear()
         self._watcher.armed.set()
         self._wake.wait(WATCH_TIMEOUT_S)
         self._watcher.armed.clear()
 
-    def _decode(self, reply: list[bytes]) -> list[tuple[str, bytes, dict]]:
-        """``(tag, raw, payload)`` of each runnable message; poison goes to the dead-letter list."""
+    def _decode(self, reply: list[bytes]) -> tuple[list[tuple[str, bytes, dict]], dict[str, str]]:
+        """``(tag, raw, payload)`` of each runnable message, and ``{tag: job id}`` of those put back from a dead
+        worker; poison goes to the dead-letter list."""
         known = self._celery.strategies
         claimed = []
-        for tag, raw in zip(reply[0::2], reply[1::2]):
-            tag = tag.decode(errors="replace")
+        redelivered = {}
+        for tag, raw, again in kombu_layout.parse_claim_reply(reply):
             if not tag:  # the claim script already moved it to the dead-letter list
                 self.dead_letters.record(raw, "not a kombu message (no delivery tag)")
                 continue
@@ -203,9 +212,45 @@ class BulkConsumer:
                 payload, problem = None, str(error)
             if problem is None:
                 claimed.append((tag, raw, payload))
+                if again:
+                    redelivered[tag] = payload["headers"]["id"]
             else:
                 self._dead_letter(tag, problem, raw, job_id_of(payload))
-        return claimed
+        return claimed, redelivered
+
+    def _already_stored(self, redelivered: dict[str, str]) -> dict[str, str]:
+        """``{tag: final state}`` of the redelivered jobs whose result their dead holder stored before its ack.
+
+        One MGET on the result store, and only for jobs the reap put back; an
+        unreadable store runs them (the first stored result still stands).
+        """
+        if not redelivered:
+            return {}
+        backend = self._celery.app.backend
+        try:
+            records = backend.client.mget([backend.get_key_for_task(job_id) for job_id in redelivered.values()])
+        except redis_lib.RedisError as error:
+            logger.warning("cannot read the results of %d redelivered jobs (%s); running them", len(redelivered),
+                           error)
+            return {}
+        stored = {}
+        for tag, record in zip(redelivered, records):
+            try:
+                state = json.loads(record)["status"] if record else None
+            except (ValueError, TypeError, KeyError):
+                state = None
+            if state in READY_STATES:
+                stored[tag] = state
+        return stored
+
+    def _ack_stored(self, tag: str, payload: dict, state: str) -> None:
+        """Ack a redelivered job whose result is already stored, without running it again."""
+        self.acker.ack(tag)
+        self.redelivered_done += 1
+        job_logger.info("job %s on %s: REDELIVERED-%s (its result was stored before its holder died; acked, not "
+                        "run again)", payload["headers"]["id"],
+                        payload["properties"].get("delivery_info", {}).get("routing_key", "?"), state,
+                        extra={"job_id": payload["headers"]["id"], "state": f"REDELIVERED-{state}"})
 
     def _dead_letter(self, tag: str, reason: str, raw: bytes, job_id: str | None) -> None:
         try:

@@ -54,8 +54,8 @@ def claims_key(worker: str) -> str:
 
 CLAIM_SCRIPT = """
 -- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] dead-letter list, KEYS[4] this worker's claims hash,
--- KEYS[5] lease holders set, KEYS[6] this worker's lease key,
--- KEYS[7..] queue lists: one group of ARGV[4] lists per priority step, urgent first
+-- KEYS[5] lease holders set, KEYS[6] this worker's lease key, KEYS[7] the set of tags put back from dead workers,
+-- KEYS[8..] queue lists: one group of ARGV[4] lists per priority step, urgent first
 -- ARGV[1] most messages to take, ARGV[2] now (unix seconds), ARGV[3] worker name, ARGV[4] lists per step,
 -- ARGV[5] which list of a step goes first (round robin), ARGV[6..] quantum of each list of a step
 -- A worker whose lease lapsed takes nothing until it renews it: the fleet may be putting its jobs back.
@@ -74,6 +74,7 @@ local function take(key, raw)
                                                  job_id = false, at = tonumber(ARGV[2]), message = raw}))
     taken[#taken + 1] = ''  -- reported to the worker (log line, metric) with an empty tag
     taken[#taken + 1] = raw
+    taken[#taken + 1] = 0
     return
   end
   local info = type(properties.delivery_info) == 'table' and properties.delivery_info or {}
@@ -87,8 +88,9 @@ local function take(key, raw)
   redis.call('HSET', KEYS[4], tag, ARGV[2] .. ' ' .. count .. ' ' .. #raw .. ' ' .. key)
   taken[#taken + 1] = tag
   taken[#taken + 1] = raw
+  taken[#taken + 1] = redis.call('SREM', KEYS[7], tag)  -- 1: put back from a dead worker, which may have stored it
 end
-local steps = (#KEYS - 6) / per_step
+local steps = (#KEYS - 7) / per_step
 for step = 0, steps - 1 do
   while count < limit do
     local found = false
@@ -96,7 +98,7 @@ for step = 0, steps - 1 do
       if count >= limit then break end
       local q = (first + j) % per_step
       local quantum = math.min(tonumber(ARGV[6 + q]), limit - count)
-      local key = KEYS[7 + step * per_step + q]
+      local key = KEYS[8 + step * per_step + q]
       local raws = redis.call('RPOP', key, quantum)
       if raws then
         found = true
@@ -110,8 +112,9 @@ if count > 0 then redis.call('SADD', KEYS[5], ARGV[3]) end
 return taken
 """
 """Atomically pop up to ARGV[1] messages, record each as unacked (as kombu's ``QoS.append`` does) and as held
-by this worker; returns ``[tag, raw, tag, raw, ...]``, where an empty tag marks a message that had none and
-went straight to the dead-letter list.
+by this worker; returns ``[tag, raw, redelivered, tag, raw, redelivered, ...]`` (read it with
+:func:`parse_claim_reply`), where an empty tag marks a message that had none and went straight to the dead-letter
+list, and ``redelivered`` is 1 for a message the reap put back from a dead worker (:mod:`worker.lease`).
 
 A message is never only in a worker's memory: it is either in a queue list or in
 the unacked hash, whatever moment the worker dies at. Within a priority step the
@@ -123,7 +126,13 @@ turn (deficit round robin by batch), starting at ARGV[5].
 def claim_keys(queue_keys: list[str], worker: str) -> list[str]:
     """KEYS of :data:`CLAIM_SCRIPT` for these queue lists (as :func:`priority_queue_keys` orders them)."""
     return [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, claims_key(worker), constants.LEASE_HOLDERS_KEY,
-            lease_key(worker), *queue_keys]
+            lease_key(worker), constants.REDELIVERED_KEY, *queue_keys]
+
+
+def parse_claim_reply(reply: list) -> list[tuple[str, bytes, bool]]:
+    """``(tag, raw message, redelivered)`` for each message of a :data:`CLAIM_SCRIPT` reply ("" tag: dead-lettered)."""
+    return [(tag.decode(errors="replace") if isinstance(tag, bytes) else str(tag), raw, bool(again))
+            for tag, raw, again in zip(reply[0::3], reply[1::3], reply[2::3])]
 
 
 def claim_args(limit: int, now: float, worker: str, quanta: list[int], first: int) -> list:

@@ -12,8 +12,11 @@ message it takes in kombu's unacked hash *and* in the worker's claims hash,
   worker, however long the job runs.
 - **Reap** (:data:`REAP_SCRIPT`, every worker, every second): for each worker in
   ``pipefleet:lease-holders`` whose lease key is gone, push each job it held
-  back onto the head of the list it came from, in claim order, and forget its
-  claims, in one atomic step. A killed worker's jobs are claimable again within
+  back onto the head of the list it came from, in claim order, mark it as
+  redelivered (``pipefleet:redelivered``), and forget its claims, in one atomic
+  step. The dead worker may have stored a job's result and died before its ack:
+  the claim that takes a marked job finds that result and acks the job without
+  running it again. A killed worker's jobs are claimable again within
   ``lease_ttl_s`` plus one second.
 - **Release** (:data:`RELEASE_SCRIPT`): a worker hands one job back (warm
   shutdown, Celery's requeue) to the head of its list.
@@ -70,7 +73,7 @@ return {held, oldest and tostring(oldest) or false, lapsed and 1 or 0}
 """Renew a worker's lease and the kombu scores of every job it holds."""
 
 REAP_SCRIPT = """
--- KEYS[1] holders set, KEYS[2] unacked hash, KEYS[3] unacked index
+-- KEYS[1] holders set, KEYS[2] unacked hash, KEYS[3] unacked index, KEYS[4] set of tags put back from dead workers
 -- ARGV[1] lease key prefix, ARGV[2] claims key prefix
 -- Returns {jobs put back, worker, worker, ...} for the workers whose lease had lapsed
 local restored = 0
@@ -91,6 +94,7 @@ for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.sort(entries, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
     for _, entry in ipairs(entries) do
       redis.call('RPUSH', entry[5], entry[4])
+      redis.call('SADD', KEYS[4], entry[3])
       redis.call('HDEL', KEYS[2], entry[3])
       redis.call('ZREM', KEYS[3], entry[3])
       restored = restored + 1
@@ -175,7 +179,8 @@ class LeaseKeeper:
     def reap(self) -> int:
         """Put back the jobs of every worker whose lease lapsed; returns how many."""
         restored, *workers = self._reap(
-            keys=[constants.LEASE_HOLDERS_KEY, kombu_layout.UNACKED_KEY, kombu_layout.UNACKED_INDEX_KEY],
+            keys=[constants.LEASE_HOLDERS_KEY, kombu_layout.UNACKED_KEY, kombu_layout.UNACKED_INDEX_KEY,
+                  constants.REDELIVERED_KEY],
             args=[constants.LEASE_KEY_PREFIX, constants.CLAIMS_KEY_PREFIX])
         restored = int(restored)
         if workers:

@@ -47,7 +47,7 @@ def _claim(client, queue_name: str, limit: int = 10, now: float | None = None, w
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
     reply = script(keys=keys, args=kombu_layout.claim_args(limit, time.time() if now is None else now, worker,
                                                            [limit], 0))
-    return [raw for tag, raw in zip(reply[0::2], reply[1::2]) if tag]
+    return [raw for tag, raw, _ in kombu_layout.parse_claim_reply(reply) if tag]
 
 
 def _tag(raw: bytes) -> str:
@@ -160,5 +160,6 @@ def test_claim_serves_deployments_of_one_step_round_robin_by_quantum(broker):
     keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys(["busy", "quiet"], PRIORITY_STEPS), WORKER)
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
     reply = script(keys=keys, args=kombu_layout.claim_args(5, time.time(), WORKER, [4, 4], 0))
-    routed = [json.loads(raw)["properties"]["delivery_info"]["routing_key"] for raw in reply[1::2]]
+    routed = [json.loads(raw)["properties"]["delivery_info"]["routing_key"]
+              for _, raw, _ in kombu_layout.parse_claim_reply(reply)]
     assert routed == ["busy"] * 4 + ["quiet"], "the quiet deployment waited more than one batch of the busy one"

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from producers.constants import LEASE_TTL_S
+from producers.constants import LEASE_TTL_S, PRIORITY_STEPS, REDELIVERED_KEY, queue_name
+from worker import kombu_layout
 from tests.conftest import Fleet
 from tests.fault_pipelines import BATCH_LOG_PREFIX, SLOW_S_ENV
 from tests.fleet import held_job_ids, job_log_counts
@@ -157,3 +158,51 @@ def test_a_worker_paused_past_its_lease_never_replaces_the_stored_result(fleet: 
         finally:
             os.kill(other.proc.pid, signal.SIGCONT)
     _figures("sigstop-past-lease", job_s=job_s, lease_ttl_s=LEASE_TTL_S, results_stored=1, runs=2)
+
+
+def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet: Fleet, model_dir):
+    """The window between a result's store and its ack: the holder dies there, the next claim finds the result.
+
+    Built from real parts: the worker runs the job (result stored, message acked); then the same message is put
+    back under a second worker's lease, as if that worker had claimed it, stored that result and died before its
+    ack. When the lease lapses the reap puts the message back marked redelivered; the worker that claims it finds
+    the stored result and acks it without a second run.
+    """
+    model = str(model_dir("text-classification"))
+    config = fleet.config([_deployment("lease-stored", model)])
+    worker = fleet.worker(config, deployments=["lease-stored"])
+    broker = _broker(fleet)
+    queue_keys = kombu_layout.priority_queue_keys([queue_name("lease-stored")], PRIORITY_STEPS)
+    with fleet.client() as client:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            job = client.submit(deployment="lease-stored", inputs="a job stored before its ack")
+            [(key, raw)] = [(key, raw) for key in queue_keys for raw in broker.lrange(key, 0, -1)]
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        first = job.result(timeout=60)
+        stored_meta = _results(fleet).get(f"celery-task-meta-{job.id}")
+        _wait_for(lambda: not broker.hlen(kombu_layout.UNACKED_KEY), 30, "the worker to ack the job")
+        # The dead holder: claims the same message under a one-second lease that it never renews.
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            broker.rpush(key, raw)
+            broker.set(kombu_layout.lease_key("ghost"), "alive", px=1000)
+            claim = broker.register_script(kombu_layout.CLAIM_SCRIPT)
+            taken = kombu_layout.parse_claim_reply(claim(
+                keys=kombu_layout.claim_keys(queue_keys, "ghost"),
+                args=kombu_layout.claim_args(1, time.time(), "ghost", [1], 0)))
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        assert [(tag, again) for tag, _, again in taken] == [(json.loads(raw)["properties"]["delivery_tag"], False)]
+        _wait_for(lambda: f"job {job.id} on " in worker.log() and "REDELIVERED-SUCCESS" in worker.log(), 30,
+                  "the worker to reap the ghost's lease and claim the job")
+        _wait_for(lambda: not broker.hlen(kombu_layout.UNACKED_KEY), 30, "the redelivered job to be acked")
+        assert client.job(job.id).result(timeout=5) == first
+    assert _results(fleet).get(f"celery-task-meta-{job.id}") == stored_meta
+    assert "lease of ghost lapsed" in worker.log()
+    assert not broker.sismember(REDELIVERED_KEY, taken[0][0]), "the claim took the redelivery mark"
+    stored, again = job_log_counts([worker])
+    assert stored == {job.id: 1} and not again, (stored, again)
+    assert _received([worker], job.id) == 1, "the job ran again"
+    _figures("stored-then-died", runs=1, results_stored=1, lease_ttl_s=LEASE_TTL_S)
