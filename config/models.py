@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S
+from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S, WRITE_RETRY_S
 from producers.redis_clients import RedisOptions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -286,6 +286,9 @@ class FleetConfig(BaseModel):
     """How often a worker refreshes its advertisements."""
     heartbeat_ttl_s: int = Field(default=HEARTBEAT_TTL_S, gt=0)
     """A worker silent this long vanishes from discovery and ``pipefleet fleet``."""
+    redis_write_retry_s: float = Field(default=WRITE_RETRY_S, gt=0)
+    """How long a worker retries a result or ack write Redis refuses (capped exponential backoff) before it logs
+    WriteFailed and leaves the job unacked, held by its lease; keep it well past a Sentinel failover."""
     sentinel_master_name: str | None = None
     """The Sentinel-monitored master's name, for ``sentinel://`` URLs (env ``PIPEFLEET_SENTINEL_MASTER_NAME``)."""
     sentinel_username: str | None = None
