@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S, WRITE_RETRY_S
 from producers.redis_clients import RedisOptions
@@ -64,8 +66,8 @@ class GatewaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_keys: list[str] = Field(default_factory=list)
-    cors_origins: list[str] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int | None = Field(default=None, gt=0)
     """Largest request body; default ``[limits].max_payload_bytes``."""
     max_inputs_per_request: int | None = Field(default=None, gt=0)
@@ -78,7 +80,9 @@ class GatewaySettings(BaseModel):
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        # An environment override may be a plain "k1,k2" rather than a JSON list.
+        # An environment override is a JSON list or a plain "k1,k2" (NoDecode: pydantic-settings leaves it a string).
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
