@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
-from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S
+from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S, WRITE_RETRY_S
 from producers.redis_clients import RedisOptions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -64,8 +66,8 @@ class GatewaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_keys: list[str] = Field(default_factory=list)
-    cors_origins: list[str] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int | None = Field(default=None, gt=0)
     """Largest request body; default ``[limits].max_payload_bytes``."""
     max_inputs_per_request: int | None = Field(default=None, gt=0)
@@ -78,7 +80,9 @@ class GatewaySettings(BaseModel):
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        # An environment override may be a plain "k1,k2" rather than a JSON list.
+        # An environment override is a JSON list or a plain "k1,k2" (NoDecode: pydantic-settings leaves it a string).
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -286,6 +290,9 @@ class FleetConfig(BaseModel):
     """How often a worker refreshes its advertisements."""
     heartbeat_ttl_s: int = Field(default=HEARTBEAT_TTL_S, gt=0)
     """A worker silent this long vanishes from discovery and ``pipefleet fleet``."""
+    redis_write_retry_s: float = Field(default=WRITE_RETRY_S, gt=0)
+    """How long a worker retries a result or ack write Redis refuses (capped exponential backoff) before it logs
+    WriteFailed and leaves the job unacked, held by its lease; keep it well past a Sentinel failover."""
     sentinel_master_name: str | None = None
     """The Sentinel-monitored master's name, for ``sentinel://`` URLs (env ``PIPEFLEET_SENTINEL_MASTER_NAME``)."""
     sentinel_username: str | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +31,7 @@ from producers.redis_clients import RedisOptions, ReplicaWait, async_redis_pool,
 from producers.requests import JobRequest, PreparedJob, prepare
 from producers.result_waiter import ResultWaiter
 from producers.schemas import DeploymentInfo, JobSpec
+from producers.settings import ClientSettings
 from producers.webhooks import job_webhook, watch_job
 
 logger = logging.getLogger(__name__)
@@ -81,18 +81,11 @@ class FleetClient:
     def from_env(cls, **overrides: Any) -> "FleetClient":
         """A client for ``PIPEFLEET_BROKER_URL`` / ``PIPEFLEET_RESULT_BACKEND`` (or the defaults).
 
-        ``sentinel://`` URLs take their master's name from ``PIPEFLEET_SENTINEL_MASTER_NAME``; TLS
-        files and replica acknowledgements come from the other variables :meth:`RedisOptions.from_env` reads.
+        ``sentinel://`` URLs take their master's name from ``PIPEFLEET_SENTINEL_MASTER_NAME``; TLS files
+        and replica acknowledgements come from the other variables :class:`~producers.settings.ClientSettings`
+        reads. ``overrides`` are keyword arguments of the constructor and win over the environment.
         """
-        settings: dict[str, Any] = {
-            "broker_url": os.environ.get("PIPEFLEET_BROKER_URL", DEFAULT_BROKER_URL),
-            "result_backend": os.environ.get("PIPEFLEET_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
-        }
-        if "PIPEFLEET_VISIBILITY_TIMEOUT_S" in os.environ:
-            settings["visibility_timeout_s"] = int(os.environ["PIPEFLEET_VISIBILITY_TIMEOUT_S"])
-        settings.update(overrides)
-        settings.setdefault("redis_options", RedisOptions.from_env())
-        return cls(**settings)
+        return cls(**{**ClientSettings().client_kwargs(), **overrides})
 
     @property
     def aredis(self) -> Any:

@@ -72,6 +72,9 @@ DEAD_LETTER_KEY = f"{KEY_PREFIX}:dead-letter"
 LEASE_TTL_S = 5.0
 """A worker's lease lapses this long after its last renewal; its jobs then go back to their queues."""
 
+WRITE_RETRY_S = 30.0
+"""Default of ``redis_write_retry_s``: how long a worker retries a result or ack write before WriteFailed."""
+
 DISCOVERY_TTL_S = 2.0
 """How long a client routes by the deployments it last read before reading them again."""
 

@@ -5,6 +5,7 @@
     PipefleetError                 root of everything pipefleet raises
     ├── ConfigError                the fleet config file or environment is invalid
     ├── FleetUnavailable           Redis cannot be reached, or refuses our credentials
+    │   └── WriteFailed            a worker's result or ack write was refused past redis_write_retry_s
     ├── JobRejected                the job was refused before it ran
     │   ├── UnknownDeployment      no live deployment serves this task/model/name
     │   ├── InvalidInput           inputs have the wrong shape, type or content
@@ -36,6 +37,10 @@ class ConfigError(PipefleetError):
 
 class FleetUnavailable(PipefleetError):
     """Redis cannot be reached, or it refused the credentials."""
+
+
+class WriteFailed(FleetUnavailable):
+    """Redis refused a result or ack write for longer than ``redis_write_retry_s``; the message names it."""
 
 
 class JobRejected(PipefleetError):
@@ -94,7 +99,7 @@ class JobCancelled(PipefleetError):
 ERRORS_BY_NAME: dict[str, type[PipefleetError]] = {
     cls.__name__: cls
     for cls in (
-        PipefleetError, ConfigError, FleetUnavailable, JobRejected, UnknownDeployment,
+        PipefleetError, ConfigError, FleetUnavailable, WriteFailed, JobRejected, UnknownDeployment,
         InvalidInput, InvalidParams, PayloadTooLarge, MediaError, UnsafeURL, JobError, OutOfMemory,
         ChunkFailed, DeadLettered, JobTimeout, JobCancelled,
     )

@@ -10,7 +10,6 @@ publisher and the result reads.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -62,23 +61,6 @@ class RedisOptions(BaseModel):
         found = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
                  "ssl_keyfile": self.ssl_keyfile}
         return {key: value for key, value in found.items() if value}
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> "RedisOptions":
-        """Options from ``PIPEFLEET_SENTINEL_MASTER_NAME``, ``PIPEFLEET_SENTINEL_PASSWORD``, ``PIPEFLEET_REDIS_SSL_*``."""
-        env = {
-            "sentinel_master_name": "PIPEFLEET_SENTINEL_MASTER_NAME",
-            "sentinel_username": "PIPEFLEET_SENTINEL_USERNAME",
-            "sentinel_password": "PIPEFLEET_SENTINEL_PASSWORD",
-            "ssl_ca_certs": "PIPEFLEET_REDIS_SSL_CA_CERTS",
-            "ssl_certfile": "PIPEFLEET_REDIS_SSL_CERTFILE",
-            "ssl_keyfile": "PIPEFLEET_REDIS_SSL_KEYFILE",
-            "wait_replicas": "PIPEFLEET_REDIS_WAIT_REPLICAS",
-            "wait_timeout_ms": "PIPEFLEET_REDIS_WAIT_TIMEOUT_MS",
-        }
-        values = {field: os.environ[name] for field, name in env.items() if os.environ.get(name)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 def is_sentinel(url: str) -> bool:

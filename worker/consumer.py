@@ -43,7 +43,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport.virtual import Message
 from vine import promise
 
-from producers.constants import CANCEL_KEY_PREFIX, LEASE_TTL_S
+from producers.constants import CANCEL_KEY_PREFIX, LEASE_TTL_S, WRITE_RETRY_S
 from producers.redis_clients import RedisOptions, redis_client
 from worker import kombu_layout
 from worker.consumer_threads import WATCH_TIMEOUT_S, BulkAcker, ClaimedChannel, QueueWatcher
@@ -70,7 +70,7 @@ class BulkConsumer:
                  quanta: list[int] | None = None, lease_ttl_s: float = LEASE_TTL_S,
                  visibility_timeout_s: float = 3600,
                  hot_path: Callable[..., Any] | None = None,
-                 redis_options: RedisOptions | None = None) -> None:
+                 redis_options: RedisOptions | None = None, write_retry_s: float = WRITE_RETRY_S) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
         self._redis_options = redis_options
@@ -89,7 +89,8 @@ class BulkConsumer:
                                  healthy=supervisor.healthy, tick=lambda: supervisor.tick("lease"),
                                  chores=[self._sweep_poison])
         supervisor.watch("lease", self.lease.thread)
-        self.acker = BulkAcker(redis_client(broker_url, redis_options), worker, supervisor)
+        self.acker = BulkAcker(redis_client(broker_url, redis_options), worker, supervisor,
+                               write_retry_s=write_retry_s)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake, supervisor)

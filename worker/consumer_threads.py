@@ -17,8 +17,10 @@ from typing import Callable
 
 import redis as redis_lib
 
+from producers.constants import WRITE_RETRY_S
+from producers.errors import WriteFailed
 from worker import kombu_layout
-from worker.retrying import RETRY_DELAY_S
+from worker.retrying import RETRY_DELAY_S, write_until_done
 from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ class BulkAcker:
     this worker still holds.
     """
 
-    def __init__(self, client: redis_lib.Redis, worker: str, supervisor: Supervisor) -> None:
+    def __init__(self, client: redis_lib.Redis, worker: str, supervisor: Supervisor, *,
+                 write_retry_s: float = WRITE_RETRY_S) -> None:
         self._client = client
+        self._write_retry_s = write_retry_s
         self._keys = kombu_layout.ack_keys(worker)
         self._script = client.register_script(kombu_layout.ACK_SCRIPT)
         self._supervisor = supervisor
@@ -83,16 +87,11 @@ class BulkAcker:
         """Remove ``tags`` on the calling thread, retrying through Redis errors (the hot path's commit).
 
         Done right after a job's result is stored, so the window in which a killed worker's finished job
-        runs again is one round trip, not a wait in the ack queue.
+        runs again is one round trip, not a wait in the ack queue. Past ``write_retry_s`` it raises
+        :class:`~producers.errors.WriteFailed`; the tags stay held by this worker's lease.
         """
-        while True:
-            try:
-                self._script(keys=self._keys, args=tags)
-                return
-            except redis_lib.RedisError as error:
-                logger.warning("could not ack %d jobs (%s); retrying", len(tags), error)
-                on_retry()
-                time.sleep(RETRY_DELAY_S)
+        write_until_done(lambda: self._script(keys=self._keys, args=tags), f"the acks of {len(tags)} jobs",
+                         bound_s=self._write_retry_s, on_retry=on_retry)
 
     def _drain(self, first: str) -> list[str]:
         tags = [first]
@@ -118,6 +117,8 @@ class BulkAcker:
             tags = self._drain(first)
             try:
                 self.ack_now(tags, on_retry=lambda: self._supervisor.tick("acker"))
+            except WriteFailed as error:  # the tags stay held and go back if this worker gives its lease up
+                logger.error("%s; they stay held by this worker's lease; acking on", error)
             except Exception:  # never lose the loop: the tags stay held and go back if this worker dies
                 logger.exception("could not ack %d jobs", len(tags))
 

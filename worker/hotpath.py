@@ -40,8 +40,8 @@ from celery import states
 from celery.worker import state as worker_state
 
 from producers.celery_internals import finished_task_meta
-from producers.constants import INFER_TASK
-from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.constants import INFER_TASK, WRITE_RETRY_S
+from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError, WriteFailed
 from celery.exceptions import TaskRevokedError
 
 from worker.first_result import FirstResultStore, encoded_meta
@@ -117,8 +117,10 @@ class HotPath:
     def __init__(self, runtime: Runtime, *, backend: Any, hostname: str, events: Callable[[], Any],
                  on_finished: Callable[[int], None], supervisor: Supervisor,
                  dead_letter: Callable[[HotJob, str], None] = lambda job, reason: None,
-                 ack: Callable[[list[str]], None] | None = None) -> None:
+                 ack: Callable[[list[str]], None] | None = None, write_retry_s: float = WRITE_RETRY_S) -> None:
         self.runtime = runtime
+        self._write_retry_s = write_retry_s
+        """How long a result write is retried before its jobs are left unacked (``redis_write_retry_s``)."""
         self.backend = backend
         self._results = FirstResultStore(backend)
         self._replica_wait = getattr(backend, "replica_wait", NO_WAIT)  # WAIT for a replica under Sentinel
@@ -434,15 +436,24 @@ class HotPath:
             return None
 
     def _store(self, settled: list) -> list:
-        """Write the results of ``settled`` jobs in one pipeline; returns those stored (others are dead-lettered)."""
+        """Write the results of ``settled`` jobs in one pipeline; returns those stored.
+
+        A job whose result cannot be encoded or stored is dead-lettered, except when Redis
+        refused the write past ``redis_write_retry_s`` (:class:`WriteFailed`): then nothing is
+        acked, the jobs stay held by this worker's lease, and they run again if it gives the lease up.
+        """
         try:
             written = pipeline_until_done(self.backend.client,
                                           lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
                                                         for job, (state, _, encoded) in settled],
-                                          f"the results of {len(settled)} jobs", wait=self._replica_wait)
+                                          f"the results of {len(settled)} jobs", wait=self._replica_wait,
+                                          bound_s=self._write_retry_s)
             for (job, _), stored in zip(settled, written):
                 job.duplicate = not stored
             return settled
+        except WriteFailed as error:
+            self._left_unacked([job for job, _ in settled], error)
+            return []
         except Exception:
             logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
         stored = []
@@ -450,13 +461,21 @@ class HotPath:
             try:
                 [written] = pipeline_until_done(
                     self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
-                    f"the result of job {job.job_id}", wait=self._replica_wait)
+                    f"the result of job {job.job_id}", wait=self._replica_wait, bound_s=self._write_retry_s)
                 job.duplicate = not written
                 stored.append((job, outcome))
+            except WriteFailed as error:
+                self._left_unacked([job], error)
             except Exception as error:
                 logger.exception("job %s: its result could not be stored", job.job_id)
                 self._dead_letter(job, f"its result could not be stored: {type(error).__name__}: {error}")
         return stored
+
+    def _left_unacked(self, jobs: list[HotJob], error: WriteFailed) -> None:
+        """Log jobs whose results Redis refused: unacked, they stay held by the lease and run again."""
+        logger.error("%s; jobs %s stay unacked, held by this worker's lease (they go back to their queues "
+                     "if it gives the lease up); serving on", error, ", ".join(job.job_id for job in jobs),
+                     extra={"job_ids": [job.job_id for job in jobs]})
 
     def _commit(self, jobs: list[HotJob]) -> None:
         settled = []
@@ -469,6 +488,8 @@ class HotPath:
                 try:
                     self._ack([job.message.delivery_tag for job, _ in settled])
                     acked = True
+                except WriteFailed as error:  # held by the lease meanwhile
+                    logger.error("%s; the ack thread tries them again", error)
                 except Exception:  # the ack thread takes them instead
                     logger.exception("could not ack %d jobs at once", len(settled))
             for job, (state, value, _) in settled:

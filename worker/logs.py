@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+from pythonjsonlogger import json as json_logs
+
+JSON_FIELDS = {"levelname": "level", "name": "logger", "exc_info": "exc"}
+"""LogRecord attributes every JSON line carries, under the names it gives them (with ``ts`` and ``message``)."""
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; ``extra=`` fields (job_id, deployment, …) are kept."""
+class JsonFormatter(json_logs.JsonFormatter):
+    """One JSON object per line (python-json-logger): ``ts``, ``level``, ``logger``, ``message``, and the
+    ``extra=`` fields (job_id, deployment, …); ``exc`` holds a traceback."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        data.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s %(message)s", rename_fields=JSON_FIELDS)
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        """Put ``ts`` (epoch seconds, to the millisecond) first, then the library's fields."""
+        log_data["ts"] = round(record.created, 3)
+        super().add_fields(log_data, record, message_dict)
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:

@@ -274,7 +274,8 @@ def run_worker(args: argparse.Namespace) -> int:
     def hot_path(celery_consumer, on_finished, dead_letter, ack):
         return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
                        events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished,
-                       supervisor=supervisor, dead_letter=dead_letter, ack=ack)
+                       supervisor=supervisor, dead_letter=dead_letter, ack=ack,
+                       write_retry_s=config.redis_write_retry_s)
 
     def created(consumer: BulkConsumer) -> None:
         consumers.append(consumer)
@@ -285,7 +286,7 @@ def run_worker(args: argparse.Namespace) -> int:
         concurrency=concurrency, on_create=created, hot_path=hot_path, worker=worker_name,
         supervisor=supervisor, quanta=[config.deployment(n).max_batch_size for n in names],
         lease_ttl_s=config.lease_ttl_s, visibility_timeout_s=config.visibility_timeout_s,
-        redis_options=config.redis_options()))
+        redis_options=config.redis_options(), write_retry_s=config.redis_write_retry_s))
     # Celery's own consumer keeps only a private queue (remote control and the unacked sweep run on
     # its connection); the deployment queues are claimed in bulk by worker.consumer.
     worker = app.Worker(

@@ -76,3 +76,13 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(path, environ={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_environment_values_that_are_not_json_are_refused_naming_the_field(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text("redis_write_retry_s = 5\n")
+    assert load_config(path, environ={}).redis_write_retry_s == 5
+    assert load_config(path, environ={"PIPEFLEET_REDIS_WRITE_RETRY_S": "60"}).redis_write_retry_s == 60
+    with pytest.raises(ConfigError, match=r"media\.allowed_hosts: Input should be a valid list"):
+        load_config(path, environ={"PIPEFLEET_MEDIA__ALLOWED_HOSTS": "a.example"})
+    assert load_config(path, environ={"PIPEFLEET_DEPLOYMENTS": "[1]"}).deployments == []  # only from the file

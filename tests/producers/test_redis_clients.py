@@ -10,6 +10,7 @@ from config.loader import load_config
 from producers.celery_app import celery_settings, producer_backend_url, worker_backend_url
 from producers.errors import ConfigError
 from producers.redis_clients import RedisOptions, ReplicaWait, parse_sentinel_url, redis_client
+from producers.settings import ClientSettings
 
 SENTINELS = "sentinel://:secret@h1:26379/2;sentinel://:secret@h2:26380/2;sentinel://h3/2"
 
@@ -53,7 +54,7 @@ def test_the_fleet_config_and_the_environment_carry_the_options(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        options = RedisOptions.from_env()
+        options = ClientSettings().redis_options()
     assert (options.sentinel_master_name, options.replicas_to_wait_for("redis://x")) == ("pf", 2)
 
 
