@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import NoDecode
 
 from producers.constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, LEASE_TTL_S, WRITE_RETRY_S
-from producers.redis_clients import RedisOptions
+from producers.redis_clients import RedisConnectionKeys
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -263,8 +263,11 @@ class Deployment(BaseModel):
         return value
 
 
-class FleetConfig(BaseModel):
-    """The whole fleet: broker, result store, deployments, limits and security."""
+class FleetConfig(RedisConnectionKeys):
+    """The whole fleet: broker, result store, deployments, limits and security.
+
+    Its Sentinel and TLS keys, and ``redis_options()``, come from :class:`RedisConnectionKeys`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -293,16 +296,6 @@ class FleetConfig(BaseModel):
     redis_write_retry_s: float = Field(default=WRITE_RETRY_S, gt=0)
     """How long a worker retries a result or ack write Redis refuses (capped exponential backoff) before it logs
     WriteFailed and leaves the job unacked, held by its lease; keep it well past a Sentinel failover."""
-    sentinel_master_name: str | None = None
-    """The Sentinel-monitored master's name, for ``sentinel://`` URLs (env ``PIPEFLEET_SENTINEL_MASTER_NAME``)."""
-    sentinel_username: str | None = None
-    sentinel_password: str | None = None
-    """Credentials of the Sentinels (the master's own come from the URLs)."""
-    redis_ssl_ca_certs: str | None = None
-    """CA file for ``rediss://`` servers (broker, result backend and every other Redis client)."""
-    redis_ssl_certfile: str | None = None
-    redis_ssl_keyfile: str | None = None
-    """Client certificate and key, when Redis asks for one."""
     limits: Limits = Field(default_factory=Limits)
     media: MediaSettings = Field(default_factory=MediaSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
@@ -319,13 +312,6 @@ class FleetConfig(BaseModel):
         if duplicates:
             raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}")
         return self
-
-    def redis_options(self) -> RedisOptions:
-        """The settings every Redis client of this fleet needs beyond its URL."""
-        return RedisOptions(
-            sentinel_master_name=self.sentinel_master_name, sentinel_username=self.sentinel_username,
-            sentinel_password=self.sentinel_password, ssl_ca_certs=self.redis_ssl_ca_certs,
-            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile)
 
     def deployment(self, name: str) -> Deployment:
         """The deployment called ``name``; raises KeyError listing the known ones."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -152,24 +152,40 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+FinishReason = Literal["stop", "length"] | None
+"""Why a choice ended: a stop sequence or the end of the text (``stop``), or ``max_tokens`` (``length``)."""
+
+_ChoiceT = TypeVar("_ChoiceT", bound=BaseModel)
+
+
+class ChoicesObject(BaseModel, Generic[_ChoiceT]):
+    """The frame of every generation answer and stream chunk, in OpenAI's field order.
+
+    Each subclass names its choice model and fixes ``object`` (and ``id``'s prefix, where it makes the id).
+    """
+
+    id: str
+    object: str
+    created: int = Field(default_factory=_created)
+    model: str
+    choices: list[_ChoiceT]
+    usage: Usage | None = None
+
+
 class CompletionChoice(BaseModel):
     """One generated text of ``/v1/completions`` (or its piece, in a stream chunk)."""
 
     index: int
     text: str
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(ChoicesObject[CompletionChoice]):
     """The answer of ``/v1/completions``, and each of its stream chunks."""
 
     id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_created)
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -185,17 +201,14 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(ChoicesObject[ChatChoice]):
     """The answer of ``/v1/chat/completions``."""
 
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_created)
-    model: str
-    choices: list[ChatChoice]
     usage: Usage
 
 
@@ -212,18 +225,13 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(ChoicesObject[ChatChunkChoice]):
     """One SSE chunk of a streamed chat completion."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_created)
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

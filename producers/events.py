@@ -79,7 +79,11 @@ def final_event_from_status(status: JobStatus, last_id: str) -> JobEvent | None:
 
 
 class _Reader:
-    """The cursor and end-of-stream rule shared by the sync and async readers."""
+    """The cursor and end-of-stream rule shared by the sync and async readers.
+
+    Each loop reads with ``block_ms()`` after ``cursor``, hands out ``take(reply)``, or ``on_idle(status)``
+    when the read was empty, until ``done``.
+    """
 
     def __init__(self, job_id: str, last_event_id: str | None, timeout_s: float | None) -> None:
         self.key = events_key(job_id)
@@ -87,6 +91,8 @@ class _Reader:
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.final_seen_at: float | None = None
         self.seen_any = last_event_id is not None
+        self.done = False
+        """True once the stream's final event was handed out: the reader reads no more."""
 
     def block_ms(self) -> int:
         wait_s = EVENTS_POLL_S
@@ -94,15 +100,20 @@ class _Reader:
             wait_s = min(wait_s, max(0.001, self.deadline - time.monotonic()))
         return max(1, int(wait_s * 1000))
 
-    def entries(self, reply: Any) -> list[JobEvent]:
+    def take(self, reply: Any) -> list[JobEvent]:
+        """The events of one XREAD ``reply`` up to the first final one (which ends the stream); advances the cursor."""
         events = [decode_entry(entry_id, fields) for _, entries in (reply or []) for entry_id, fields in entries]
         if events:
             self.cursor = events[-1].id
             self.seen_any = True
+        for position, event in enumerate(events):
+            if event.kind in FINAL_EVENT_KINDS:
+                self.done = True
+                return events[:position + 1]
         return events
 
-    def on_idle(self, status: JobStatus) -> JobEvent | None:
-        """After an empty read: the synthesized final event once the job is over, else None."""
+    def on_idle(self, status: JobStatus) -> list[JobEvent]:
+        """After an empty read: the synthesized final event once the job is over (which ends the stream), else []."""
         final = final_event_from_status(status, self.cursor)
         if final is not None:
             # A worker that streams writes its final event after the last piece; the result may land first.
@@ -111,31 +122,22 @@ class _Reader:
                 if self.final_seen_at is None:
                     self.final_seen_at = now
                 if now - self.final_seen_at < EVENTS_FINAL_GRACE_S:
-                    return None
-            return final
+                    return []
+            self.done = True
+            return [final]
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise JobTimeout(f"no event from job {self.key[len(EVENTS_KEY_PREFIX):]} within the timeout")
-        return None
+        return []
 
 
 def iter_events(job: "Job", last_event_id: str | None = None, timeout_s: float | None = None) -> Iterator[JobEvent]:
     """Implementation of :meth:`producers.job.Job.events`."""
     client = job.client
     reader = _Reader(job.id, last_event_id, timeout_s)
-    while True:
+    while not reader.done:
         reply = client.access.call(client.redis.xread, {reader.key: reader.cursor}, count=READ_COUNT,
                                    block=reader.block_ms())
-        events = reader.entries(reply)
-        for event in events:
-            yield event
-            if event.kind in FINAL_EVENT_KINDS:
-                return
-        if events:
-            continue
-        final = reader.on_idle(job.status())
-        if final is not None:
-            yield final
-            return
+        yield from reader.take(reply) or reader.on_idle(job.status())
 
 
 async def aiter_events(job: "Job", last_event_id: str | None = None,
@@ -143,19 +145,10 @@ async def aiter_events(job: "Job", last_event_id: str | None = None,
     """Implementation of :meth:`producers.job.Job.aevents`: blocks on Redis without holding a thread."""
     redis = job.client.aredis
     reader = _Reader(job.id, last_event_id, timeout_s)
-    while True:
+    while not reader.done:
         reply = await redis.xread({reader.key: reader.cursor}, count=READ_COUNT, block=reader.block_ms())
-        events = reader.entries(reply)
-        for event in events:
+        for event in reader.take(reply) or reader.on_idle(await asyncio.to_thread(job.status)):
             yield event
-            if event.kind in FINAL_EVENT_KINDS:
-                return
-        if events:
-            continue
-        final = reader.on_idle(await asyncio.to_thread(job.status))
-        if final is not None:
-            yield final
-            return
 
 
 class TextFollower:

@@ -63,6 +63,37 @@ class RedisOptions(BaseModel):
         return {key: value for key, value in found.items() if value}
 
 
+class RedisConnectionKeys(BaseModel):
+    """The Sentinel and TLS keys of the fleet config and of the client's environment, as both spell them.
+
+    :class:`~config.models.FleetConfig` and :class:`~producers.settings.ClientSettings` inherit them, so a
+    ``PIPEFLEET_SENTINEL_*`` or ``PIPEFLEET_REDIS_SSL_*`` variable means the same to workers and clients;
+    :meth:`redis_options` turns them into :class:`RedisOptions`.
+    """
+
+    sentinel_master_name: str | None = None
+    """The Sentinel-monitored master's name, for ``sentinel://`` URLs (env ``PIPEFLEET_SENTINEL_MASTER_NAME``)."""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    """Credentials of the Sentinels (the master's own come from the URLs)."""
+    redis_ssl_ca_certs: str | None = None
+    """CA file for ``rediss://`` servers (broker, result backend and every other Redis client)."""
+    redis_ssl_certfile: str | None = None
+    redis_ssl_keyfile: str | None = None
+    """Client certificate and key, when Redis asks for one."""
+
+    def replica_wait(self) -> dict[str, Any]:
+        """The ``wait_*`` options of :class:`RedisOptions` these keys set: none here (its defaults)."""
+        return {}
+
+    def redis_options(self) -> RedisOptions:
+        """The settings every Redis client needs beyond its URL."""
+        return RedisOptions(
+            sentinel_master_name=self.sentinel_master_name, sentinel_username=self.sentinel_username,
+            sentinel_password=self.sentinel_password, ssl_ca_certs=self.redis_ssl_ca_certs,
+            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile, **self.replica_wait())
+
+
 def is_sentinel(url: str) -> bool:
     """True for a ``sentinel://`` URL (one or several)."""
     return url.split("://", 1)[0] == SENTINEL_SCHEME

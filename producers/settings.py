@@ -12,13 +12,13 @@ from typing import Any
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.constants import DEFAULT_BROKER_URL, DEFAULT_RESULT_BACKEND
-from producers.redis_clients import DEFAULT_WAIT_TIMEOUT_MS, RedisOptions
+from producers.redis_clients import DEFAULT_WAIT_TIMEOUT_MS, RedisConnectionKeys
 
 ENV_PREFIX = "PIPEFLEET_"
 """Every variable's prefix (``PIPEFLEET_BROKER_URL`` sets ``broker_url``)."""
 
 
-class ClientSettings(BaseSettings):
+class ClientSettings(BaseSettings, RedisConnectionKeys):
     """``PIPEFLEET_BROKER_URL``, ``PIPEFLEET_RESULT_BACKEND``, ``PIPEFLEET_VISIBILITY_TIMEOUT_S`` and the
     Redis options (``PIPEFLEET_SENTINEL_*``, ``PIPEFLEET_REDIS_SSL_*``, ``PIPEFLEET_REDIS_WAIT_*``).
 
@@ -31,23 +31,13 @@ class ClientSettings(BaseSettings):
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str = DEFAULT_RESULT_BACKEND
     visibility_timeout_s: int = 3600
-    sentinel_master_name: str | None = None
-    sentinel_username: str | None = None
-    sentinel_password: str | None = None
-    redis_ssl_ca_certs: str | None = None
-    redis_ssl_certfile: str | None = None
-    redis_ssl_keyfile: str | None = None
     redis_wait_replicas: int | None = None
     """Replica acknowledgements each submission waits for; None: 1 under Sentinel, else 0."""
     redis_wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS
 
-    def redis_options(self) -> RedisOptions:
-        """The Sentinel, TLS and replica-wait options these variables set."""
-        return RedisOptions(
-            sentinel_master_name=self.sentinel_master_name, sentinel_username=self.sentinel_username,
-            sentinel_password=self.sentinel_password, ssl_ca_certs=self.redis_ssl_ca_certs,
-            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile,
-            wait_replicas=self.redis_wait_replicas, wait_timeout_ms=self.redis_wait_timeout_ms)
+    def replica_wait(self) -> dict[str, Any]:
+        """The replica-wait options of :meth:`redis_options` (``PIPEFLEET_REDIS_WAIT_*``)."""
+        return {"wait_replicas": self.redis_wait_replicas, "wait_timeout_ms": self.redis_wait_timeout_ms}
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~producers.client.FleetClient` for these settings."""

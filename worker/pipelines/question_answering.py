@@ -18,6 +18,8 @@ from transformers import AutoModelForQuestionAnswering
 from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 from transformers.pipelines.base import ChunkPipeline
 
+from worker.pipelines.params import at_least_one, given
+
 logger = logging.getLogger(__name__)
 
 TASK = "question-answering"
@@ -166,30 +168,12 @@ class QuestionAnsweringPipeline(ChunkPipeline):
     ):
         if kwargs:
             raise ValueError(f"question-answering got unknown parameters {sorted(kwargs)}")
-        preprocess_params = {}
-        if padding is not None:
-            preprocess_params["padding"] = padding
-        if doc_stride is not None:
-            preprocess_params["doc_stride"] = doc_stride
-        if max_seq_len is not None:
-            preprocess_params["max_seq_len"] = max_seq_len
-        if max_question_len is not None:
-            # Only v4's slow-tokenizer path used it; accepted for compatibility.
-            preprocess_params["max_question_len"] = max_question_len
-
-        postprocess_params = {}
-        if top_k is not None:
-            if top_k < 1:
-                raise ValueError(f"top_k parameter should be >= 1 (got {top_k})")
-            postprocess_params["top_k"] = top_k
-        if max_answer_len is not None:
-            if max_answer_len < 1:
-                raise ValueError(f"max_answer_len parameter should be >= 1 (got {max_answer_len})")
-            postprocess_params["max_answer_len"] = max_answer_len
-        if handle_impossible_answer is not None:
-            postprocess_params["handle_impossible_answer"] = handle_impossible_answer
-        if align_to_words is not None:
-            postprocess_params["align_to_words"] = align_to_words
+        # max_question_len: only v4's slow-tokenizer path used it; accepted for compatibility.
+        preprocess_params = given(padding=padding, doc_stride=doc_stride, max_seq_len=max_seq_len,
+                                  max_question_len=max_question_len)
+        postprocess_params = given(top_k=at_least_one("top_k", top_k),
+                                   max_answer_len=at_least_one("max_answer_len", max_answer_len),
+                                   handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words)
         return preprocess_params, {}, postprocess_params
 
     def _check_windows(self, question: str, context: str, max_seq_len: int, doc_stride: int) -> None:

@@ -17,6 +17,7 @@ from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import ModelOutput
 
+from worker.pipelines.params import given
 from worker.transformers_internals import translation_inputs_builder
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,7 @@ class Text2TextGenerationPipeline(Pipeline):
         stop_sequence=None,
         **generate_kwargs,
     ):
-        preprocess_params = {}
-        if truncation is not None:
-            preprocess_params["truncation"] = truncation
+        preprocess_params = given(truncation=truncation)
 
         postprocess_params = {}
         if return_tensors is not None and return_type is None:

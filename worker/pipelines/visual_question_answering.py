@@ -14,6 +14,8 @@ from transformers import AutoModelForVisualQuestionAnswering, GenerationConfig, 
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
+from worker.pipelines.params import at_least_one, given
+
 logger = logging.getLogger(__name__)
 
 #: The task name this module registers.
@@ -43,17 +45,8 @@ class VisualQuestionAnsweringPipeline(Pipeline):
     _default_generation_config = GenerationConfig(max_new_tokens=256)
 
     def _sanitize_parameters(self, top_k=None, padding=None, truncation=None, timeout=None, **generate_kwargs):
-        preprocess_params, postprocess_params = {}, {}
-        if padding is not None:
-            preprocess_params["padding"] = padding
-        if truncation is not None:
-            preprocess_params["truncation"] = truncation
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
-        if top_k is not None:
-            if top_k < 1:
-                raise ValueError(f"top_k parameter should be >= 1 (got {top_k})")
-            postprocess_params["top_k"] = top_k
+        preprocess_params = given(padding=padding, truncation=truncation, timeout=timeout)
+        postprocess_params = given(top_k=at_least_one("top_k", top_k))
         forward_params = dict(generate_kwargs.pop("generate_kwargs", None) or {})
         forward_params.update(generate_kwargs)
         return preprocess_params, forward_params, postprocess_params
