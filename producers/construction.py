@@ -86,13 +86,15 @@ def name_or_path(value: Any) -> Any:
     return name_or_path(config) if config is not None else value
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
+    """Options as JSON: tables and lists kept, enums by value, dtypes and other objects by :func:`dtype_name`
+    (quantization configs hold enums and torch dtypes; ads and requests travel as JSON)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     if isinstance(value, enum.Enum):
-        return _plain(value.value)
+        return plain_json(value.value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return dtype_name(value)
@@ -101,7 +103,7 @@ def _plain(value: Any) -> Any:
 def quantization_dict(config: Any) -> dict[str, Any]:
     """A quantization config (``BitsAndBytesConfig``, any ``to_dict()`` object, or a dict) as plain JSON."""
     table = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in _plain(table).items() if not k.startswith("_")}
+    return {k: v for k, v in plain_json(table).items() if not k.startswith("_")}
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def split_construction(model: Any, kwargs: dict[str, Any]) -> tuple[Construction
             components[key] = given if isinstance(given, str) else f"<{type(given).__name__} object>"
     request = ConstructionRequest(
         dtype=dtype_name(dtype), quantization=quantization, trust_remote_code=trust,
-        model_kwargs=_plain(model_kwargs), components=components, use_fast=options.get("use_fast"),
+        model_kwargs=plain_json(model_kwargs), components=components, use_fast=options.get("use_fast"),
         pipeline_class=_class_name(options.get("pipeline_class")), device=device_name(options.get("device")),
         device_map=options.get("device_map", placement.pop("device_map", None)), placement_kwargs=placement,
         batch_size=options.get("batch_size"),

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import Any
 
 from config.models import Deployment
+from producers.construction import dtype_name, plain_json, quantization_dict
 from producers.schemas import Construction
 
 logger = logging.getLogger(__name__)
 
 
-def _jsonable(value: Any) -> Any:
-    # Quantization configs hold enums and torch dtypes; ads travel as JSON.
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return _jsonable(value.value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value).removeprefix("torch.")
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def _quantization(model: Any) -> dict[str, Any] | None:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None:
-        return None
-    table = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in _jsonable(table).items() if not k.startswith("_")}  # "_load_in_8bit" mirrors a key
+    return None if config is None else quantization_dict(config)
 
 
 def _auto_dtype(deployment: Deployment, loaded: str | None) -> str | None:
@@ -49,17 +29,17 @@ def _auto_dtype(deployment: Deployment, loaded: str | None) -> str | None:
     except Exception as error:  # an unreadable config only makes dtype="auto" unmatchable
         logger.debug("deployment %s: cannot read the checkpoint dtype: %s", deployment.name, error)
         return None
-    return _dtype_name(getattr(config, "dtype", None)) or "float32"
+    return dtype_name(getattr(config, "dtype", None)) or "float32"
 
 
 def construction_facts(deployment: Deployment, pipe: Any) -> Construction:
     """The construction facts of ``deployment`` as loaded in ``pipe``."""
     model = getattr(pipe, "model", None)
-    loaded = _dtype_name(getattr(model, "dtype", None))
+    loaded = dtype_name(getattr(model, "dtype", None))
     model_kwargs = {k: v for k, v in deployment.model_kwargs.items() if k != "quantization_config"}
     return Construction(
         dtype=loaded, auto_dtype=_auto_dtype(deployment, loaded), quantization=_quantization(model),
         device_map=deployment.device_map, trust_remote_code=deployment.trust_remote_code,
-        model_kwargs=_jsonable(model_kwargs), batch_size=deployment.batch_size,
+        model_kwargs=plain_json(model_kwargs), batch_size=deployment.batch_size,
         pipeline_class=f"{type(pipe).__module__}.{type(pipe).__qualname__}",
     )
