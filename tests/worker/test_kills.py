@@ -89,7 +89,7 @@ def _kill_during_stage(fleet: Fleet, *, deployment: dict, inputs, params: dict, 
     """Run one chunk-pipeline job on a slow victim, SIGKILL it inside ``stage``, expect the survivor to finish."""
     name = deployment["name"]
     config = fleet.config([deployment])
-    victim = fleet.worker(config, deployments=[name], env={SLOW_STAGE_ENV: "30"})
+    victim = fleet.worker(config, deployments=[name], env={SLOW_STAGE_ENV: "12"})
     survivor = fleet.worker(config, deployments=[name])
     marker = f"{STAGE_LOG_PREFIX} {stage}"
     with fleet.client() as client:
