@@ -13,10 +13,11 @@ from typing import Any
 
 from producers.codec import encode_output
 from producers.constants import ASSEMBLE_TASK, PAYLOAD_KEY_PREFIX
-from producers.errors import JobError, PipefleetError
+from producers.errors import JobError
 from producers.schemas import ResultEnvelope
 from tasks.app import app
 from tasks.tensors import decode_model_io
+from worker.outcome import job_error
 from worker.runtime import get_runtime
 from worker.shapes import job_result
 from worker.stages import stage_params
@@ -72,11 +73,8 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
             usage = None
         else:
             raise JobError(f"unknown assembly kind {kind!r}")
-    except PipefleetError:
-        raise
     except Exception as error:
-        logger.exception("assembling job %s failed", job_id)
-        raise JobError(f"{type(error).__name__}: {error}") from None
+        raise job_error(error, describe=f"assembling job {job_id}") from None
     _drop_payloads(runtime.redis, list(payload_keys or []))
     return ResultEnvelope(outputs=result, deployment=deployment, worker=runtime.worker_name,
                           n_items=len(outputs), usage=usage).model_dump()

@@ -39,21 +39,19 @@ from typing import Any, Callable
 from celery import states
 from celery.worker import state as worker_state
 
-from producers.celery_internals import finished_task_meta
 from producers.constants import INFER_TASK
-from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
-from celery.exceptions import TaskRevokedError
+from producers.errors import JobTimeout
 
 from worker.first_result import FirstResultStore, encoded_meta
 from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
 from producers.redis_clients import NO_WAIT
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
+from worker.outcome import cancel_error, end_job, error_text, final_state, job_logger, log_job, metric_state, stored_value
 from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
 from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
-job_logger = logging.getLogger("pipefleet.jobs")
 
 MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
 """Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
@@ -278,7 +276,7 @@ class HotPath:
                     kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                     parent_id=headers.get("parent_id"), retries=request.retries)
         if cancelled:
-            job.error = JobCancelled(f"job {job_id} was cancelled")
+            job.error = cancel_error(job_id)
             job.finished = True
             self._done.put(job)
             return
@@ -405,18 +403,8 @@ class HotPath:
                                                   self.runtime.worker_name)
             except Exception as error:
                 job.error = error
-        error = job.error
-        if job.prepared is not None and isinstance(error, PipefleetError):
-            job.prepared.failed(error)  # the token stream ends with the job's error
-        if isinstance(error, JobCancelled):
-            return states.REVOKED, error
-        if not isinstance(error, PipefleetError):
-            logger.error("job %s on %s failed unexpectedly", job.job_id, job.deployment,
-                         exc_info=(type(error), error, error.__traceback__))
-            error = JobError(f"{type(error).__name__}: {error}")
-            if job.prepared is not None:
-                job.prepared.failed(error)
-        return states.FAILURE, error
+        return final_state(job.error), end_job(job.prepared, job.error,
+                                               describe=f"job {job.job_id} on {job.deployment}")
 
     def _settle(self, job: HotJob) -> tuple[str, Any, str] | None:
         """Outcome, metric and encoded result of one job; None (and dead-lettered) if it cannot be encoded."""
@@ -425,12 +413,12 @@ class HotPath:
             served = self.runtime.deployments.get(job.deployment or "")
             if served is not None:
                 # Counted before the result is visible, so a client that sees the result sees the count.
-                served.metrics.observe_job("CANCELLED" if state == states.REVOKED else state)
-            stored = TaskRevokedError("cancelled") if state == states.REVOKED else value
-            return state, value, encoded_meta(self.backend, job.job_id, state, stored, job.request)
+                served.metrics.observe_job(metric_state(state))
+            return state, value, encoded_meta(self.backend, job.job_id, state, stored_value(state, value),
+                                              job.request)
         except Exception as error:
             logger.exception("job %s: its outcome could not be encoded", job.job_id)
-            self._dead_letter(job, f"its outcome could not be encoded: {type(error).__name__}: {error}")
+            self._dead_letter(job, f"its outcome could not be encoded: {error_text(error)}")
             return None
 
     def _store(self, settled: list) -> list:
@@ -455,7 +443,7 @@ class HotPath:
                 stored.append((job, outcome))
             except Exception as error:
                 logger.exception("job %s: its result could not be stored", job.job_id)
-                self._dead_letter(job, f"its result could not be stored: {type(error).__name__}: {error}")
+                self._dead_letter(job, f"its result could not be stored: {error_text(error)}")
         return stored
 
     def _commit(self, jobs: list[HotJob]) -> None:
@@ -491,18 +479,8 @@ class HotPath:
             self._event("task-succeeded", uuid=job.job_id, result=f"{value.get('n_items')} item(s)",
                         runtime=duration_s)
         elif state == states.FAILURE:
-            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}",
-                        traceback=None)
+            self._event("task-failed", uuid=job.job_id, exception=error_text(value), traceback=None)
         elif state == states.REVOKED:
             self._event("task-revoked", uuid=job.job_id, terminated=False, signum=None, expired=False)
-        if job.duplicate:
-            logger.warning("job %s on %s ran again after another run stored its result (this worker lost its "
-                           "lease or died before its ack); this run's %s is dropped", job.job_id, job.deployment,
-                           state)
-            state = f"DUPLICATE-{state}"
-        if job_logger.isEnabledFor(logging.INFO):
-            n_items = value.get("n_items") if state == states.SUCCESS else None
-            job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,
-                            extra={"job_id": job.job_id, "deployment": job.deployment, "state": state,
-                                   "n_items": n_items, "duration_s": duration_s})
+        log_job(job.job_id, job.deployment, state, duration_s, result=value, duplicate=job.duplicate)
 
