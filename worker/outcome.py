@@ -11,7 +11,8 @@ and ``assemble`` tasks), its end goes through this module, as every job of rq's 
 - :func:`end_job` settles a failed job: its error, and its token stream ended with that error.
 - :func:`revoked` records a cancel on the Celery path as Celery records a revoke; the hot path stores
   :func:`stored_value`, the same result.
-- :func:`log_job` writes the one per-job line of the ``pipefleet.jobs`` logger.
+- :func:`task_event` is the Celery task event of a job's end (for Flower), and :func:`log_job` writes the one
+  per-job line of the ``pipefleet.jobs`` logger.
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ def revoked(backend: Any, task_id: str, request: Any) -> Ignore:
     """
     backend.mark_as_revoked(task_id, CANCELLED_REASON, request=request)
     return Ignore()
+
+
+def task_event(job_id: str, state: str, value: Any, duration_s: float) -> tuple[str, dict[str, Any]] | None:
+    """``(kind, fields)`` of the Celery task event that a job's end sends, as Celery's own request sends it."""
+    if state == states.SUCCESS:
+        return "task-succeeded", {"uuid": job_id, "result": f"{value.get('n_items')} item(s)", "runtime": duration_s}
+    if state == states.FAILURE:
+        return "task-failed", {"uuid": job_id, "exception": error_text(value), "traceback": None}
+    if state == states.REVOKED:
+        return "task-revoked", {"uuid": job_id, "terminated": False, "signum": None, "expired": False}
+    return None
 
 
 def log_job(job_id: str, deployment: str | None, state: str, duration_s: float | None, *, result: Any = None,
