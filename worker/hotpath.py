@@ -17,9 +17,9 @@ strategy (:meth:`HotPath.offer` returns False), so chords, ETAs, expiry and
 revokes keep Celery's semantics.
 
 A job's deadline is watched from its submission (:mod:`worker.deadlines`): when it passes first, the job
-fails with :class:`~producers.errors.JobTimeout` and its pending items are
-dropped. How each job ends is written by :mod:`worker.outcome`. At-least-once: a worker killed between the result write and the ack
-runs the job again; the first final result stays (:mod:`worker.first_result`).
+fails with :class:`~producers.errors.JobTimeout` and its pending items are dropped. How each job ends is
+written by :mod:`worker.outcome`. At-least-once: a worker killed between the result write and the ack runs
+the job again; the first final result stays (:mod:`worker.first_result`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ and ``assemble`` tasks), its end goes through this module, as every job of rq's 
 
 - :func:`job_error` turns any exception into the job's error: pipefleet's own errors (cancel, timeout, a chunk's
   failure, a rejected input) keep their type and message; anything else becomes :class:`JobError` naming it.
-- :func:`cancel_error` is the error of a cancelled job; :func:`final_state` names the Celery state of an ended job: a cancel is ``REVOKED``, any other error ``FAILURE``
-  (an expired deadline is a failure with :class:`JobTimeout`).
+- :func:`cancel_error` is the error of a cancelled job; :func:`final_state` names the Celery state of an ended
+  job: a cancel is ``REVOKED``, any other error ``FAILURE`` (an expired deadline is a failure with
+  :class:`JobTimeout`).
 - :func:`end_job` settles a failed job: its error, and its token stream ended with that error.
 - :func:`revoked` records a cancel on the Celery path as Celery records a revoke; the hot path stores
   :func:`stored_value`, the same result.
