@@ -53,8 +53,7 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
     """Merge the chunk results ``parts`` (in any order) into the job's :class:`ResultEnvelope`."""
     runtime = get_runtime()
     job_id = self.request.id
-    runtime.tracker.handed_over(deployment, job_id)  # it never hands items to the batcher itself
-    runtime.wake(deployment)
+    runtime.handed_over(deployment, job_id)  # it never hands items to the batcher itself
     params = params or {}
     try:
         if kind == "list":

@@ -41,8 +41,7 @@ def infer(self, spec: dict) -> dict:
             futures = prepared.submit()
         finally:
             if isinstance(deployment_name, str):
-                runtime.tracker.handed_over(deployment_name, job_id)
-                runtime.wake(deployment_name)
+                runtime.handed_over(deployment_name, job_id)
         deadline = prepared.deadline_mono
         _, not_done = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not_done:

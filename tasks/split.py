@@ -72,8 +72,7 @@ def split(self, spec: dict) -> dict:
             [future] = served.batcher.submit(job_id, prepared, stage_params("preprocess", call_params))
         finally:
             if isinstance(deployment_name, str):
-                runtime.tracker.handed_over(deployment_name, job_id)
-                runtime.wake(deployment_name)
+                runtime.handed_over(deployment_name, job_id)
         windows = _wait(future, job.deadline_ts)
         if not windows:
             raise InvalidInput("the input is too short to cut into windows")
@@ -124,8 +123,7 @@ def forward(self, *, deployment: str, job_id: str, index: int, window: dict, par
             [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params),
                                              cancel_id=job_id)
         finally:
-            runtime.tracker.handed_over(deployment, task_id)
-            runtime.wake(deployment)
+            runtime.handed_over(deployment, task_id)
         outputs = encode_model_io(_wait(future, deadline_ts))
     except JobCancelled:
         raise revoked(self.backend, task_id, self.request)

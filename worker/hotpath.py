@@ -44,7 +44,6 @@ from producers.redis_clients import NO_WAIT
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
 from worker.outcome import (cancel_error, end_job, error_text, final_state, job_logger, log_job, metric_state,
                             stored_value, task_event)
-from worker.retrying import pipeline_until_done
 from worker.runtime import Runtime
 from worker.supervision import Supervisor, guarded
 
@@ -343,27 +342,15 @@ class HotPath:
 
     def _store(self, settled: list) -> list:
         """Write the results of ``settled`` jobs in one pipeline; returns those stored (others are dead-lettered)."""
-        try:
-            written = pipeline_until_done(self.backend.client,
-                                          lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
-                                                        for job, (state, _, encoded) in settled],
-                                          f"the results of {len(settled)} jobs", wait=self._replica_wait)
-            for (job, _), stored in zip(settled, written):
-                job.duplicate = not stored
-            return settled
-        except Exception:
-            logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
+        replies = self._results.store([(job.job_id, state, encoded) for job, (state, _, encoded) in settled],
+                                      wait=self._replica_wait)
         stored = []
-        for job, outcome in settled:
-            try:
-                [written] = pipeline_until_done(
-                    self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
-                    f"the result of job {job.job_id}", wait=self._replica_wait)
-                job.duplicate = not written
-                stored.append((job, outcome))
-            except Exception as error:
-                logger.exception("job %s: its result could not be stored", job.job_id)
-                self._dead_letter(job, f"its result could not be stored: {error_text(error)}")
+        for (job, outcome), reply in zip(settled, replies):
+            if isinstance(reply, BaseException):
+                self._dead_letter(job, f"its result could not be stored: {error_text(reply)}")
+                continue
+            job.duplicate = not reply
+            stored.append((job, outcome))
         return stored
 
     def _commit(self, jobs: list[HotJob]) -> None:

@@ -69,8 +69,7 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser, supervisor: Supervis
     def _gone(request=None, **_):
         deployment = _deployment_of(request)
         if deployment is not None and request is not None:
-            runtime.tracker.handed_over(deployment, request.id)
-            runtime.wake(deployment)
+            runtime.handed_over(deployment, request.id)
 
     for signal in (signals.task_revoked, signals.task_rejected, signals.task_unknown):
         signal.connect(_gone, weak=False)

@@ -201,6 +201,11 @@ class Runtime:
                 f"it serves: {', '.join(sorted(self.deployments)) or 'nothing'}"
             ) from None
 
+    def handed_over(self, deployment: str, job_id: str) -> None:
+        """The job's items are in the batcher, or it ended without reaching it: its batcher may flush now."""
+        self.tracker.handed_over(deployment, job_id)
+        self.wake(deployment)
+
     def wake(self, deployment: str) -> None:
         """Let the deployment's runner re-check its flush rule."""
         served = self.deployments.get(deployment)
