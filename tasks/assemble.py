@@ -13,10 +13,11 @@ from typing import Any
 
 from producers.codec import encode_output
 from producers.constants import ASSEMBLE_TASK, PAYLOAD_KEY_PREFIX
-from producers.errors import JobError, PipefleetError
+from producers.errors import JobError
 from producers.schemas import ResultEnvelope
 from worker.celery_app import app
 from worker.model_io import decode_model_io
+from worker.outcome import job_error
 from worker.runtime import get_runtime
 from worker.shapes import job_result
 from worker.stages import stage_params
@@ -52,8 +53,7 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
     """Merge the chunk results ``parts`` (in any order) into the job's :class:`ResultEnvelope`."""
     runtime = get_runtime()
     job_id = self.request.id
-    runtime.tracker.handed_over(deployment, job_id)  # it never hands items to the batcher itself
-    runtime.wake(deployment)
+    runtime.handed_over(deployment, job_id)  # it never hands items to the batcher itself
     params = params or {}
     try:
         if kind == "list":
@@ -72,11 +72,8 @@ def assemble(self, parts: list, *, deployment: str, task: str, kind: str = "list
             usage = None
         else:
             raise JobError(f"unknown assembly kind {kind!r}")
-    except PipefleetError:
-        raise
     except Exception as error:
-        logger.exception("assembling job %s failed", job_id)
-        raise JobError(f"{type(error).__name__}: {error}") from None
+        raise job_error(error, describe=f"assembling job {job_id}") from None
     _drop_payloads(runtime.redis, list(payload_keys or []))
     return ResultEnvelope(outputs=result, deployment=deployment, worker=runtime.worker_name,
                           n_items=len(outputs), usage=usage).model_dump()

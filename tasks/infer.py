@@ -14,13 +14,14 @@ import logging
 import time
 from concurrent.futures import wait
 
-from celery.exceptions import Ignore
+from celery import states
 
 from producers.constants import INFER_TASK
-from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.errors import JobTimeout
 from worker.celery_app import app
 from worker.chunks import chunk_failed, record_progress
 from worker.jobs import collect_outputs, finish_job, prepare_job
+from worker.outcome import end_job, final_state, metric_state, revoked
 from worker.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def infer(self, spec: dict) -> dict:
             futures = prepared.submit()
         finally:
             if isinstance(deployment_name, str):
-                runtime.tracker.handed_over(deployment_name, job_id)
-                runtime.wake(deployment_name)
+                runtime.handed_over(deployment_name, job_id)
         deadline = prepared.deadline_mono
         _, not_done = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not_done:
@@ -49,25 +49,17 @@ def infer(self, spec: dict) -> dict:
                 future.cancel()
             raise JobTimeout(f"job passed its deadline with {len(not_done)} of {len(futures)} items unfinished")
         envelope = finish_job(prepared, collect_outputs(prepared, futures), runtime.worker_name)
-    except JobCancelled as error:
-        if prepared is not None:
-            prepared.failed(error)
-        if served is not None:
-            served.metrics.observe_job("CANCELLED")
-        self.backend.mark_as_revoked(job_id, "cancelled", request=self.request)
-        raise Ignore()
     except Exception as error:
+        state = final_state(error)
         if served is not None:
-            served.metrics.observe_job("FAILURE")
-        if prepared is not None and prepared.job.chunk_index is not None:
+            served.metrics.observe_job(metric_state(state))
+        if state == states.FAILURE and prepared is not None and prepared.job.chunk_index is not None:
             raise chunk_failed(prepared.job, error) from None
-        if not isinstance(error, PipefleetError):
-            logger.exception("job %s on %s failed unexpectedly", job_id, deployment_name)
-            error = JobError(f"{type(error).__name__}: {error}")
-        if prepared is not None:
-            prepared.failed(error)
+        error = end_job(prepared, error, describe=f"job {job_id} on {deployment_name}")
+        if state == states.REVOKED:
+            raise revoked(self.backend, job_id, self.request)
         raise error from None
-    served.metrics.observe_job("SUCCESS")
+    served.metrics.observe_job(metric_state(states.SUCCESS))
     job = prepared.job
     if job.chunk_index is not None:
         record_progress(runtime.redis, job.job_id or job_id, job.chunk_index, envelope["n_items"],

@@ -20,11 +20,10 @@ import time
 from typing import Any
 
 from celery import chord
-from celery.exceptions import Ignore
 
 from producers.constants import (ASSEMBLE_TASK, CANCEL_KEY_PREFIX, FORWARD_TASK, JOB_KEY_PREFIX, SPLIT_TASK,
                                  queue_name)
-from producers.errors import InvalidInput, JobCancelled, JobError, JobTimeout, PipefleetError
+from producers.errors import InvalidInput, JobCancelled, JobTimeout
 from producers.payloads import load_payload, store_payload
 from producers.schemas import PayloadRef, ResultEnvelope
 from worker.celery_app import app
@@ -32,6 +31,7 @@ from worker.chunks import record_progress
 from worker.jobs import check_model, parse_spec, resolve_inputs, sanitize
 from worker.model_io import decode_model_io, encode_model_io
 from worker.inputs import prepare_inputs
+from worker.outcome import cancel_error, job_error, revoked
 from worker.params import pipeline_call_params, validate_params
 from worker.runtime import get_runtime
 from worker.stages import stage_params
@@ -48,13 +48,6 @@ def _wait(future: Any, deadline_ts: float | None) -> Any:
         raise JobTimeout("the job passed its deadline") from None
 
 
-def _fail(error: Exception, job_id: str, what: str) -> Exception:
-    if isinstance(error, PipefleetError):
-        return error
-    logger.exception("%s %s failed unexpectedly", what, job_id)
-    return JobError(f"{type(error).__name__}: {error}")
-
-
 @app.task(name=SPLIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def split(self, spec: dict) -> dict:
     """Cut one input into windows and replace this task by the chord that runs them."""
@@ -65,7 +58,7 @@ def split(self, spec: dict) -> dict:
         try:
             job = parse_spec(spec)
             if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job_id}"):
-                raise JobCancelled(f"job {job_id} was cancelled")
+                raise cancel_error(job_id)
             served = runtime.served(job.deployment)
             check_model(job, served)
             inputs = resolve_inputs(job, runtime)
@@ -79,17 +72,15 @@ def split(self, spec: dict) -> dict:
             [future] = served.batcher.submit(job_id, prepared, stage_params("preprocess", call_params))
         finally:
             if isinstance(deployment_name, str):
-                runtime.tracker.handed_over(deployment_name, job_id)
-                runtime.wake(deployment_name)
+                runtime.handed_over(deployment_name, job_id)
         windows = _wait(future, job.deadline_ts)
         if not windows:
             raise InvalidInput("the input is too short to cut into windows")
         encoded = [encode_model_io(window) for window in windows]
     except JobCancelled:
-        self.backend.mark_as_revoked(job_id, "cancelled", request=self.request)
-        raise Ignore()
+        raise revoked(self.backend, job_id, self.request)
     except Exception as error:
-        raise _fail(error, job_id, "split of job") from None
+        raise job_error(error, describe=f"split of job {job_id}") from None
 
     limits = runtime.config.limits
     refs = [store_payload(runtime.redis, [window], ttl_s=limits.payload_ttl_s) for window in encoded]
@@ -125,21 +116,19 @@ def forward(self, *, deployment: str, job_id: str, index: int, window: dict, par
     try:
         try:
             if runtime.redis.exists(f"{CANCEL_KEY_PREFIX}{job_id}"):
-                raise JobCancelled(f"job {job_id} was cancelled")
+                raise cancel_error(job_id)
             served = runtime.served(deployment)
             [encoded] = load_payload(runtime.redis, PayloadRef.model_validate(window))
             model_inputs = decode_model_io(encoded)
             [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params),
                                              cancel_id=job_id)
         finally:
-            runtime.tracker.handed_over(deployment, task_id)
-            runtime.wake(deployment)
+            runtime.handed_over(deployment, task_id)
         outputs = encode_model_io(_wait(future, deadline_ts))
     except JobCancelled:
-        self.backend.mark_as_revoked(task_id, "cancelled", request=self.request)
-        raise Ignore()
+        raise revoked(self.backend, task_id, self.request)
     except Exception as error:
-        raise _fail(error, task_id, "window") from None
+        raise job_error(error, describe=f"window {task_id}") from None
     record_progress(runtime.redis, job_id, index, 1, ttl_s=runtime.config.result_ttl_s)
     return ResultEnvelope(outputs=outputs, deployment=deployment, worker=runtime.worker_name, n_items=1,
                           chunk_index=index).model_dump()

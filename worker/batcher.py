@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from producers.errors import JobCancelled, JobTimeout, OutOfMemory
 from worker.metrics import DeploymentMetrics
+from worker.outcome import cancel_error
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Batcher:
         live = []
         for item in waiting:
             if item.job_id in cancelled:
-                item.future.set_exception(JobCancelled(f"job {item.cancel_id or item.job_id} was cancelled"))
+                item.future.set_exception(cancel_error(item.cancel_id or item.job_id))
             elif item.deadline is not None and now > item.deadline:
                 item.future.set_exception(JobTimeout(f"job {item.job_id} passed its deadline before it ran"))
             else:

@@ -43,6 +43,7 @@ from worker import cb_sampling
 from worker.batcher import PendingItem
 from worker.cb_plan import RequestPlan, plan_request
 from worker.metrics import DeploymentMetrics
+from worker.outcome import cancel_error
 from worker.transformers_internals import generation_defaults, postprocess_defaults, preprocess_defaults
 
 logger = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ class ContinuousBatcher:
             if item.future.done():  # its job stopped waiting (deadline in the job thread)
                 self._finish(prompt)
             elif item.job_id in cancelled:
-                self._finish(prompt, error=JobCancelled(f"job {item.cancel_id or item.job_id} was cancelled"))
+                self._finish(prompt, error=cancel_error(item.cancel_id or item.job_id))
             elif item.deadline is not None and now > item.deadline:
                 self._finish(prompt, error=JobTimeout(f"job {item.job_id} passed its deadline while generating"))
 

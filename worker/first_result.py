@@ -11,11 +11,18 @@ the first final result of a job is the one every reader sees, for good.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import states
 
 from producers.celery_internals import finished_task_meta
+from producers.constants import WRITE_RETRY_S
+from producers.errors import WriteFailed
+from producers.redis_clients import NO_WAIT, ReplicaWait
+from worker.retrying import pipeline_until_done
+
+logger = logging.getLogger(__name__)
 
 STORE_FIRST_SCRIPT = """
 -- KEYS[1] the job's result key; ARGV[1] encoded meta, ARGV[2] expiry in seconds (0: none)
@@ -60,3 +67,36 @@ class FirstResultStore:
         """Queue one conditional write on ``pipe`` (a pipeline of the backend's client)."""
         self._script(keys=[self.backend.get_key_for_task(job_id)], args=[encoded, self.expiry_s(state)],
                      client=pipe)
+
+    def store(self, results: list[tuple[str, str, str]], *, wait: ReplicaWait = NO_WAIT,
+              bound_s: float = WRITE_RETRY_S) -> list[Any]:
+        """Write ``(job_id, state, encoded)`` results in one pipeline, retried for up to ``bound_s``.
+
+        Returns one reply per result: true when it was stored, false when another run's final result was
+        already there. Raises :class:`WriteFailed` when Redis refused the pipeline past ``bound_s``. When the
+        pipeline cannot be sent whole for another reason, each result is written alone, and a result that
+        still cannot be stored gets the error that kept it out as its reply (:class:`WriteFailed` included).
+        """
+        try:
+            return pipeline_until_done(self.backend.client,
+                                       lambda pipe: [self.queue(pipe, job_id, state, encoded)
+                                                     for job_id, state, encoded in results],
+                                       f"the results of {len(results)} jobs", wait=wait, bound_s=bound_s)
+        except WriteFailed:
+            raise
+        except Exception:
+            logger.exception("could not store the results of %d jobs together; storing them one by one",
+                             len(results))
+        replies: list[Any] = []
+        for job_id, state, encoded in results:
+            try:
+                [written] = pipeline_until_done(self.backend.client,
+                                                lambda pipe: self.queue(pipe, job_id, state, encoded),
+                                                f"the result of job {job_id}", wait=wait, bound_s=bound_s)
+                replies.append(written)
+            except WriteFailed as error:
+                replies.append(error)
+            except Exception as error:
+                logger.exception("job %s: its result could not be stored", job_id)
+                replies.append(error)
+        return replies

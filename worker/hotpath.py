@@ -16,53 +16,45 @@ its slot. Anything else goes back to Celery's own
 strategy (:meth:`HotPath.offer` returns False), so chords, ETAs, expiry and
 revokes keep Celery's semantics.
 
-A job's deadline is watched from its submission: when it passes first, the job
-fails with :class:`~producers.errors.JobTimeout` and its pending items are
-dropped. At-least-once: a worker killed between the result write and the ack
-runs the job again; the first final result stays (:mod:`worker.first_result`).
+A job's deadline is watched from its submission (:mod:`worker.deadlines`): when it passes first, the job
+fails with :class:`~producers.errors.JobTimeout` and its pending items are dropped. How each job ends is
+written by :mod:`worker.outcome`. At-least-once: a worker killed between the result write and the ack runs
+the job again; the first final result stays (:mod:`worker.first_result`).
 """
 
 from __future__ import annotations
 
-import heapq
-import json
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from celery import states
-from celery.worker import state as worker_state
 
-from producers.celery_internals import finished_task_meta
-from producers.constants import INFER_TASK, WRITE_RETRY_S
-from producers.errors import JobCancelled, JobError, JobTimeout, PipefleetError, WriteFailed
-from celery.exceptions import TaskRevokedError
+from producers.constants import WRITE_RETRY_S
+from producers.errors import JobTimeout, WriteFailed
+from producers.redis_clients import NO_WAIT
 
+from worker.deadlines import TICK_S, DeadlineWatch
+from worker.decode import plain_job
 from worker.first_result import FirstResultStore, encoded_meta
 from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
-from producers.redis_clients import NO_WAIT
 from worker.jobs import PreparedJob, collect_outputs, finish_job, prepare_job
-from worker.retrying import pipeline_until_done
+from worker.outcome import (cancel_error, end_job, error_text, final_state, job_logger, log_job, metric_state,
+                            stored_value, task_event)
 from worker.runtime import Runtime
 from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
-job_logger = logging.getLogger("pipefleet.jobs")
 
 MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
 """Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
 
 PREPARE_THREADS_PER_DEPLOYMENT = 4
 """Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
-
-TICK_S = 1.0
-"""Longest wait of the commit and deadline loops, so their supervisor sees them go round."""
 
 
 @dataclass(eq=False)
@@ -82,33 +74,6 @@ class HotJob:
     duplicate: bool = False
     """Another run of this job had already stored its final result; this run's was dropped."""
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _plain_infer(message: Any) -> bool:
-    headers = message.headers or {}
-    if headers.get("task") != INFER_TASK or headers.get("group") or headers.get("eta"):
-        return False
-    expires = headers.get("expires")
-    if expires:
-        when = datetime.fromisoformat(expires)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        if when <= datetime.now(timezone.utc):
-            return False  # Celery's strategy records the expiry as it always does
-    return headers.get("id") not in worker_state.revoked
-
-
-def _decode_body(message: Any) -> tuple[list, dict, dict] | None:
-    body = message.body
-    if message.content_type != "application/json":
-        return None
-    try:
-        args, kwargs, embed = json.loads(body)
-    except (ValueError, TypeError):
-        return None
-    if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
-        return None
-    return args, kwargs, embed
 
 
 class HotPath:
@@ -131,9 +96,6 @@ class HotPath:
         self._events = events
         self._on_finished = on_finished
         self._done: queue.SimpleQueue[HotJob | None] = queue.SimpleQueue()
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._deadline_cv = threading.Condition()
-        self._sequence = 0
         self._live: dict[str, HotJob] = {}
         self._taken = 0  # written by the consumer thread only
         self._committed = 0
@@ -144,22 +106,19 @@ class HotPath:
         self._dispatcher_lock = threading.Lock()
         self._committer = threading.Thread(target=guarded("commit", self._commit_loop), name="pipefleet-commit",
                                            daemon=True)
-        self._timer = threading.Thread(target=guarded("deadlines", self._deadline_loop), name="pipefleet-deadlines",
-                                       daemon=True)
         supervisor.watch("commit", self._committer)
-        supervisor.watch("deadlines", self._timer)
+        self._deadlines = DeadlineWatch(self._expire, live=self._live, supervisor=supervisor)
 
     def start(self) -> None:
         """Start the commit and deadline threads."""
         self._committer.start()
-        self._timer.start()
+        self._deadlines.start()
 
     def stop(self) -> None:
         """Commit what is done, then stop the threads."""
         self._stopping = True
         self._done.put(None)
-        with self._deadline_cv:
-            self._deadline_cv.notify()
+        self._deadlines.stop()
         self._committer.join(10)
         for pool in self._preparers.values():
             pool.shutdown(wait=False, cancel_futures=True)
@@ -207,30 +166,12 @@ class HotPath:
 
         ``cancelled``: the job's cancel flag was set when it was claimed; it ends as cancelled, unrun.
         """
-        if not _plain_infer(message):
-            return False
-        decoded = _decode_body(message)
+        decoded = plain_job(message, hostname=self.hostname)
         if decoded is None:
             return False
-        args, kwargs, _ = decoded
-        # infer(spec): clients pass the spec as a keyword, Celery canvases positionally.
-        if len(args) == 1 and not kwargs:
-            spec = args[0]
-        elif not args and set(kwargs) == {"spec"}:
-            spec = kwargs["spec"]
-        else:
-            return False
-        if not isinstance(spec, dict) or spec.get("chunk_index") is not None:
-            return False
+        job_id, spec, request = decoded
         headers = message.headers
-        job_id = headers["id"]
         deployment = spec.get("deployment")
-        request = SimpleNamespace(task=headers.get("shadow") or INFER_TASK, args=args, kwargs=kwargs,
-                                  hostname=self.hostname, retries=headers.get("retries", 0),
-                                  delivery_info=message.delivery_info, children=[], group=None,
-                                  parent_id=headers.get("parent_id"), stamps=None,
-                                  # Celery's mark_as_failure/mark_as_revoked read these off the request.
-                                  chord=None, chain=None, errbacks=None)
         job = HotJob(job_id, message, request, deployment if isinstance(deployment, str) else None)
         self._live[job_id] = job
         self._taken += 1
@@ -280,7 +221,7 @@ class HotPath:
                     kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                     parent_id=headers.get("parent_id"), retries=request.retries)
         if cancelled:
-            job.error = JobCancelled(f"job {job_id} was cancelled")
+            job.error = cancel_error(job_id)
             job.finished = True
             self._done.put(job)
             return
@@ -306,14 +247,7 @@ class HotPath:
         for future in job.futures:
             future.add_done_callback(lambda _f, j=job: self._item_done(j))
         if job.prepared.deadline_mono is not None:
-            with self._deadline_cv:
-                self._sequence += 1
-                heapq.heappush(self._deadlines, (job.prepared.deadline_mono, self._sequence, job_id))
-                if len(self._deadlines) > 2 * len(self._live) + 1024:
-                    # Finished jobs leave their entry behind; drop them before the heap outgrows the live jobs.
-                    self._deadlines = [entry for entry in self._deadlines if entry[2] in self._live]
-                    heapq.heapify(self._deadlines)
-                self._deadline_cv.notify()
+            self._deadlines.add(job.prepared.deadline_mono, job_id)
 
     def _event(self, kind: str, **fields: Any) -> None:
         """Send one Celery task event (as Celery's own request does); a failed send never touches the job.
@@ -347,23 +281,7 @@ class HotPath:
             job.finished = True
         self._done.put(job)
 
-    def _deadline_loop(self) -> None:
-        while not self._stopping:
-            self._supervisor.tick("deadlines")
-            try:
-                self._expire_next()
-            except Exception:  # one job's expiry must not end the watch over every other deadline
-                logger.exception("deadline watch failed one round")
-
-    def _expire_next(self) -> None:
-        with self._deadline_cv:
-            if not self._stopping and (not self._deadlines or self._deadlines[0][0] > time.monotonic()):
-                timeout = TICK_S if not self._deadlines else min(TICK_S, self._deadlines[0][0] - time.monotonic())
-                self._deadline_cv.wait(max(0.0, timeout))
-                return
-            if self._stopping:
-                return
-            _, _, job_id = heapq.heappop(self._deadlines)
+    def _expire(self, job_id: str) -> None:
         job = self._live.get(job_id)
         if job is None:
             return
@@ -407,18 +325,8 @@ class HotPath:
                                                   self.runtime.worker_name)
             except Exception as error:
                 job.error = error
-        error = job.error
-        if job.prepared is not None and isinstance(error, PipefleetError):
-            job.prepared.failed(error)  # the token stream ends with the job's error
-        if isinstance(error, JobCancelled):
-            return states.REVOKED, error
-        if not isinstance(error, PipefleetError):
-            logger.error("job %s on %s failed unexpectedly", job.job_id, job.deployment,
-                         exc_info=(type(error), error, error.__traceback__))
-            error = JobError(f"{type(error).__name__}: {error}")
-            if job.prepared is not None:
-                job.prepared.failed(error)
-        return states.FAILURE, error
+        return final_state(job.error), end_job(job.prepared, job.error,
+                                               describe=f"job {job.job_id} on {job.deployment}")
 
     def _settle(self, job: HotJob) -> tuple[str, Any, str] | None:
         """Outcome, metric and encoded result of one job; None (and dead-lettered) if it cannot be encoded."""
@@ -427,48 +335,36 @@ class HotPath:
             served = self.runtime.deployments.get(job.deployment or "")
             if served is not None:
                 # Counted before the result is visible, so a client that sees the result sees the count.
-                served.metrics.observe_job("CANCELLED" if state == states.REVOKED else state)
-            stored = TaskRevokedError("cancelled") if state == states.REVOKED else value
-            return state, value, encoded_meta(self.backend, job.job_id, state, stored, job.request)
+                served.metrics.observe_job(metric_state(state))
+            return state, value, encoded_meta(self.backend, job.job_id, state, stored_value(state, value),
+                                              job.request)
         except Exception as error:
             logger.exception("job %s: its outcome could not be encoded", job.job_id)
-            self._dead_letter(job, f"its outcome could not be encoded: {type(error).__name__}: {error}")
+            self._dead_letter(job, f"its outcome could not be encoded: {error_text(error)}")
             return None
 
     def _store(self, settled: list) -> list:
         """Write the results of ``settled`` jobs in one pipeline; returns those stored.
 
-        A job whose result cannot be encoded or stored is dead-lettered, except when Redis
-        refused the write past ``redis_write_retry_s`` (:class:`WriteFailed`): then nothing is
-        acked, the jobs stay held by this worker's lease, and they run again if it gives the lease up.
+        A job whose result cannot be encoded or stored is dead-lettered, except when Redis refused the write
+        past ``redis_write_retry_s`` (:class:`WriteFailed`): then nothing is acked, the jobs stay held by this
+        worker's lease, and they run again if it gives the lease up.
         """
         try:
-            written = pipeline_until_done(self.backend.client,
-                                          lambda pipe: [self._results.queue(pipe, job.job_id, state, encoded)
-                                                        for job, (state, _, encoded) in settled],
-                                          f"the results of {len(settled)} jobs", wait=self._replica_wait,
-                                          bound_s=self._write_retry_s)
-            for (job, _), stored in zip(settled, written):
-                job.duplicate = not stored
-            return settled
+            replies = self._results.store([(job.job_id, state, encoded) for job, (state, _, encoded) in settled],
+                                          wait=self._replica_wait, bound_s=self._write_retry_s)
         except WriteFailed as error:
             self._left_unacked([job for job, _ in settled], error)
             return []
-        except Exception:
-            logger.exception("could not store the results of %d jobs together; storing them one by one", len(settled))
         stored = []
-        for job, outcome in settled:
-            try:
-                [written] = pipeline_until_done(
-                    self.backend.client, lambda pipe: self._results.queue(pipe, job.job_id, outcome[0], outcome[2]),
-                    f"the result of job {job.job_id}", wait=self._replica_wait, bound_s=self._write_retry_s)
-                job.duplicate = not written
+        for (job, outcome), reply in zip(settled, replies):
+            if isinstance(reply, WriteFailed):
+                self._left_unacked([job], reply)
+            elif isinstance(reply, BaseException):
+                self._dead_letter(job, f"its result could not be stored: {error_text(reply)}")
+            else:
+                job.duplicate = not reply
                 stored.append((job, outcome))
-            except WriteFailed as error:
-                self._left_unacked([job], error)
-            except Exception as error:
-                logger.exception("job %s: its result could not be stored", job.job_id)
-                self._dead_letter(job, f"its result could not be stored: {type(error).__name__}: {error}")
         return stored
 
     def _left_unacked(self, jobs: list[HotJob], error: WriteFailed) -> None:
@@ -508,22 +404,8 @@ class HotPath:
 
     def _finished(self, job: HotJob, state: str, value: Any) -> None:
         duration_s = round(time.perf_counter() - job.received_at, 6)
-        if state == states.SUCCESS:
-            self._event("task-succeeded", uuid=job.job_id, result=f"{value.get('n_items')} item(s)",
-                        runtime=duration_s)
-        elif state == states.FAILURE:
-            self._event("task-failed", uuid=job.job_id, exception=f"{type(value).__name__}: {value}",
-                        traceback=None)
-        elif state == states.REVOKED:
-            self._event("task-revoked", uuid=job.job_id, terminated=False, signum=None, expired=False)
-        if job.duplicate:
-            logger.warning("job %s on %s ran again after another run stored its result (this worker lost its "
-                           "lease or died before its ack); this run's %s is dropped", job.job_id, job.deployment,
-                           state)
-            state = f"DUPLICATE-{state}"
-        if job_logger.isEnabledFor(logging.INFO):
-            n_items = value.get("n_items") if state == states.SUCCESS else None
-            job_logger.info("job %s on %s: %s in %ss", job.job_id, job.deployment, state, duration_s,
-                            extra={"job_id": job.job_id, "deployment": job.deployment, "state": state,
-                                   "n_items": n_items, "duration_s": duration_s})
+        event = task_event(job.job_id, state, value, duration_s)
+        if event is not None:
+            self._event(event[0], **event[1])
+        log_job(job.job_id, job.deployment, state, duration_s, result=value, duplicate=job.duplicate)
 

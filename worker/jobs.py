@@ -16,12 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from producers.codec import encode_output
-from producers.errors import (InvalidInput, InvalidParams, JobCancelled, JobError, JobTimeout, PayloadTooLarge,
-                              PipefleetError, UnknownDeployment)
+from producers.errors import (InvalidInput, InvalidParams, JobCancelled, JobTimeout, PayloadTooLarge, PipefleetError,
+                              UnknownDeployment)
 from producers.payloads import load_payload
 from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
 from worker.chunks import chunk_failed
 from worker.inputs import prepare_inputs
+from worker.outcome import job_error
 from worker.params import pipeline_call_params, validate_params
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment
@@ -146,9 +147,7 @@ def collect_outputs(prepared: PreparedJob, futures: list[Future]) -> list[Any]:
         if not job.partial:
             if job.chunk_index is not None:
                 raise chunk_failed(job, error, item=index)
-            if isinstance(error, PipefleetError):
-                raise error
-            raise JobError(f"{type(error).__name__}: {error}") from error
+            raise job_error(error)
         outputs.append(ItemError(error=str(error), type=type(error).__name__,
                                  index=job.offset + index).model_dump())
     return outputs

@@ -48,8 +48,9 @@ def log_job_outcomes(deployment_of: Callable[[Any], str | None]) -> None:
     """
     from celery import signals
 
+    from worker.outcome import job_logger, log_job
+
     started: dict[str, float] = {}
-    job_logger = logging.getLogger("pipefleet.jobs")
 
     @signals.task_prerun.connect(weak=False)
     def _prerun(task_id=None, **_):
@@ -61,8 +62,4 @@ def log_job_outcomes(deployment_of: Callable[[Any], str | None]) -> None:
         if not job_logger.isEnabledFor(logging.INFO):
             return
         duration_s = round(time.perf_counter() - began, 6) if began is not None else None
-        n_items = retval.get("n_items") if isinstance(retval, dict) else None
-        deployment = deployment_of(getattr(task, "request", None))
-        job_logger.info("job %s on %s: %s in %ss", task_id, deployment, state, duration_s,
-                        extra={"job_id": task_id, "deployment": deployment, "state": state,
-                               "n_items": n_items, "duration_s": duration_s})
+        log_job(task_id, deployment_of(getattr(task, "request", None)), state, duration_s, result=retval)

@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any, Callable
 
 import redis as redis_lib
 from celery import signals
@@ -24,6 +25,8 @@ from producers.webhook_delivery import WebhookCollector, start_dispatcher
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
+from worker.batcher import PendingItem
+from worker.forward import BatchHooks
 from worker.kombu_layout import priority_queue_keys
 from worker.logs import configure_logging, log_job_outcomes
 from worker.runtime import Runtime, set_runtime
@@ -66,8 +69,7 @@ def _wire_signals(runtime: Runtime, advertiser: Advertiser, supervisor: Supervis
     def _gone(request=None, **_):
         deployment = _deployment_of(request)
         if deployment is not None and request is not None:
-            runtime.tracker.handed_over(deployment, request.id)
-            runtime.wake(deployment)
+            runtime.handed_over(deployment, request.id)
 
     for signal in (signals.task_revoked, signals.task_rejected, signals.task_unknown):
         signal.connect(_gone, weak=False)
@@ -181,6 +183,43 @@ def warm_up_deployments(runtime: Runtime) -> None:
         served.metrics.model_load_s += time.perf_counter() - started
 
 
+def broker_hooks(redis: Callable[[], Any], queue_keys: dict[str, list[str]]) -> BatchHooks:
+    """The batchers' hooks of a worker: its deployments' queues and cancel flags in Redis, Celery's revoked ids.
+
+    ``redis()`` gives the worker's Redis client (set once the deployments are loaded); ``queue_keys`` maps each
+    deployment to its priority sub-queue lists.
+    """
+
+    def queue_has_ready(name: str) -> bool:
+        try:
+            pipe = redis().pipeline(transaction=False)
+            for key in queue_keys[name]:
+                pipe.llen(key)
+            return any(pipe.execute())
+        except redis_lib.RedisError:
+            return False
+
+    def find_cancelled(items: list[PendingItem]) -> set[str]:
+        # Revoked ids are in memory. Cancel flags in Redis are read once per batch, and only for items that
+        # have waited here a while: a job's flag was already read when it was claimed (worker.consumer), and
+        # a round trip on the inference thread delays every forward pass of an idle worker.
+        gone = {item.job_id for item in items if item.job_id in worker_state.revoked}
+        now = time.monotonic()
+        parents = list(dict.fromkeys(item.cancel_id or item.job_id for item in items
+                                     if now - item.enqueued_at >= CANCEL_RECHECK_AGE_S))
+        if not parents:
+            return gone
+        try:
+            flags = redis().mget([f"{CANCEL_KEY_PREFIX}{parent}" for parent in parents])
+        except redis_lib.RedisError as error:
+            logger.warning("cannot read cancel flags (%s); running the batch", error)
+            return gone
+        flagged = {parent for parent, flag in zip(parents, flags) if flag}
+        return gone | {item.job_id for item in items if (item.cancel_id or item.job_id) in flagged}
+
+    return BatchHooks(queue_has_ready=queue_has_ready, find_cancelled=find_cancelled)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Load the deployments, then run a Celery worker (threads pool) on their queues."""
     configure_logging(args.loglevel, json_lines=args.log_json)
@@ -205,44 +244,14 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.register_only:
         return register_only(config, names)
     worker_name = args.name or f"pipefleet-{socket.gethostname()}-{os.getpid()}"
-    runtime = Runtime(config, worker_name)
+    queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
+    runtime = Runtime(config, worker_name, hooks=broker_hooks(lambda: runtime.redis, queue_keys))
     try:
         load_deployments(config, names, runtime)
     except ConfigError as error:
         print(f"pipefleet worker: {error}", file=sys.stderr)
         return 3
     runtime.redis = redis_client(config.broker_url, config.redis_options())
-    queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
-
-    def queue_has_ready(name: str) -> bool:
-        try:
-            pipe = runtime.redis.pipeline(transaction=False)
-            for key in queue_keys[name]:
-                pipe.llen(key)
-            return any(pipe.execute())
-        except redis_lib.RedisError:
-            return False
-
-    runtime.queue_has_ready = queue_has_ready
-    def find_cancelled(items) -> set[str]:
-        # Revoked ids are in memory. Cancel flags in Redis are read once per batch, and only for items that
-        # have waited here a while: a job's flag was already read when it was claimed (worker.consumer), and
-        # a round trip on the inference thread delays every forward pass of an idle worker.
-        gone = {item.job_id for item in items if item.job_id in worker_state.revoked}
-        now = time.monotonic()
-        parents = list(dict.fromkeys(item.cancel_id or item.job_id for item in items
-                                     if now - item.enqueued_at >= CANCEL_RECHECK_AGE_S))
-        if not parents:
-            return gone
-        try:
-            flags = runtime.redis.mget([f"{CANCEL_KEY_PREFIX}{parent}" for parent in parents])
-        except redis_lib.RedisError as error:
-            logger.warning("cannot read cancel flags (%s); running the batch", error)
-            return gone
-        flagged = {parent for parent, flag in zip(parents, flags) if flag}
-        return gone | {item.job_id for item in items if (item.cancel_id or item.job_id) in flagged}
-
-    runtime.find_cancelled = find_cancelled
     set_runtime(runtime)
     runtime.start()
     supervisor = Supervisor()

@@ -10,11 +10,9 @@ from typing import Any
 
 from config.models import Deployment, FleetConfig
 from producers.errors import UnknownDeployment
-from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
+from worker.batcher import Batcher, DeviceRunner
+from worker.forward import BatchHooks, ForwardPass
 from worker.metrics import DeploymentMetrics
-from worker.stages import is_stage_batch, run_stage
-from worker.shapes import batch_outputs, padding_free_groups, trim_padding
-from worker.transformers_internals import step_params
 
 logger = logging.getLogger(__name__)
 
@@ -55,32 +53,6 @@ class JobTracker:
         return bool(self.waiting.get(deployment))
 
 
-def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int) -> list[Any]:
-    """Run each payload as ``set_seed(seed); pipe(payload, **params)`` does in-process.
-
-    Sampling consumes the global RNG, so a batched call cannot reproduce the
-    unbatched one; seeded items run one at a time and their output does not
-    depend on which other jobs shared the batch.
-    """
-    from transformers import set_seed
-    from transformers.pipelines.base import ChunkPipeline
-
-    from transformers.pipelines.text_generation import Chat, TextGenerationPipeline
-
-    outputs = []
-    for payload in payloads:
-        set_seed(seed)
-        if isinstance(pipe, TextGenerationPipeline) and isinstance(payload, list) and payload \
-                and isinstance(payload[0], dict):
-            payload = Chat(payload)  # what pipe(messages) does before run_single
-        if isinstance(pipe, ChunkPipeline):
-            outputs.extend(pipe([payload], batch_size=1, **params))
-            continue
-        # pipe(payload) minus the per-task reshaping of __call__, which worker.shapes redoes per job.
-        outputs.append(pipe.run_single(payload, *step_params(pipe, params)))
-    return outputs
-
-
 GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "summarization", "translation"})
 """Tasks whose batches are never regrouped by length (decoding is sensitive to the padding it sees)."""
 
@@ -115,14 +87,14 @@ def device_label(pipe: Any, deployment: Deployment) -> str:
 class Runtime:
     """Everything a job thread needs: deployments by name, limits, media policy."""
 
-    def __init__(self, config: FleetConfig, worker_name: str) -> None:
+    def __init__(self, config: FleetConfig, worker_name: str, *, hooks: BatchHooks | None = None) -> None:
         self.config = config
         self.worker_name = worker_name
+        self.hooks = hooks or BatchHooks()
+        """What the batchers ask the worker: is more queued, which items were cancelled."""
         self.deployments: dict[str, ServedDeployment] = {}
         self.runners: dict[str, DeviceRunner] = {}
         self.tracker = JobTracker()
-        self.queue_has_ready: Any = lambda deployment: False
-        self.find_cancelled: Any = lambda items: set()
         from worker.events import EventWriter
 
         self.events = EventWriter(None, ttl_s=config.result_ttl_s)
@@ -158,16 +130,14 @@ class Runtime:
         return policy
 
     def add(self, deployment: Deployment, pipe: Any, load_s: float) -> ServedDeployment:
-        """Serve a loaded pipeline: create its batcher on its device's runner."""
-        import torch
-
+        """Serve a loaded pipeline: create its batcher (calling its :class:`ForwardPass`) on its device's runner."""
         device = device_label(pipe, deployment)
         metrics = DeploymentMetrics(deployment.name)
         metrics.model_load_s = load_s
         name, task = deployment.name, deployment.task
         streams = None
         if task == "text-generation" and getattr(pipe, "tokenizer", None) is not None:
-            from worker.streaming import TextStreams, eos_token_ids, with_streamer
+            from worker.streaming import TextStreams, eos_token_ids
 
             # Its own copy: the Rust tokenizer refuses a decode while another thread encodes ("Already borrowed").
             streams = TextStreams(copy.deepcopy(pipe.tokenizer), self.events, eos_token_ids=eos_token_ids(pipe))
@@ -175,51 +145,17 @@ class Runtime:
             from worker.continuous import ContinuousBatcher
 
             batcher = ContinuousBatcher(deployment, pipe, streams, metrics=metrics, limits=self.config.limits,
-                                        find_cancelled=lambda items: self.find_cancelled(items))
+                                        find_cancelled=self.hooks.find_cancelled)
             return self._serve(deployment, pipe, batcher, device, metrics, streams)
 
-        def run_batch(payloads: list[Any], params: dict[str, Any]) -> list[Any]:
-            if streams is not None and not is_stage_batch(params):
-                params = with_streamer(streams, pipe, batcher.running, payloads, params)
-            if is_stage_batch(params):
-                with torch.inference_mode():
-                    return run_stage(pipe, payloads, params)
-            params = dict(params)
-            seed = params.pop("seed", None)
-            if seed is not None:
-                with torch.inference_mode():
-                    return run_seeded(pipe, payloads, params, seed)
-            groups = padding_free_groups(task, pipe, payloads)
-            if len(groups) > 1:
-                outputs: list[Any] = [None] * len(payloads)
-                for group in groups:
-                    for index, output in zip(group, run_batch([payloads[i] for i in group], params)):
-                        outputs[index] = output
-                return outputs
-
-            def fresh() -> list[Any]:
-                # Some pipelines pop keys from dict inputs (ASR), and a failed batch runs again.
-                return [dict(p) if isinstance(p, dict) else p for p in payloads]
-
-            with torch.inference_mode():
-                try:
-                    raw = pipe(fresh(), batch_size=len(payloads), **params)
-                except RuntimeError as error:
-                    if len(payloads) < 2 or is_out_of_memory(error):
-                        raise
-                    # Items whose tensors differ in shape (images a processor does not resize to one size)
-                    # cannot share a forward pass; run them one by one, as in-process batch_size=1 does.
-                    logger.debug("deployment %s: batch of %d failed (%s); running items singly",
-                                 name, len(payloads), error)
-                    raw = pipe(fresh(), batch_size=1, **params)
-            return trim_padding(task, pipe, payloads, batch_outputs(task, payloads, raw), params)
+        forward = ForwardPass(name, task, pipe, streams=streams, running=lambda: batcher.running)
 
         def more_coming() -> bool:
-            return self.tracker.any_waiting(name) or self.queue_has_ready(name)
+            return self.tracker.any_waiting(name) or self.hooks.queue_has_ready(name)
 
-        batcher = Batcher(name, run_batch, max_batch_size=deployment.max_batch_size,
+        batcher = Batcher(name, forward, max_batch_size=deployment.max_batch_size,
                           max_batch_wait_ms=deployment.max_batch_wait_ms, more_coming=more_coming,
-                          find_cancelled=lambda items: self.find_cancelled(items), metrics=metrics,
+                          find_cancelled=self.hooks.find_cancelled, metrics=metrics,
                           length_of=(text_lengths(pipe, task, tokens=deployment.max_batch_tokens is not None)
                                      if deployment.length_aware else None),
                           max_batch_tokens=deployment.max_batch_tokens)
@@ -264,6 +200,11 @@ class Runtime:
                 f"worker {self.worker_name} does not serve deployment {name!r}; "
                 f"it serves: {', '.join(sorted(self.deployments)) or 'nothing'}"
             ) from None
+
+    def handed_over(self, deployment: str, job_id: str) -> None:
+        """The job's items are in the batcher, or it ended without reaching it: its batcher may flush now."""
+        self.tracker.handed_over(deployment, job_id)
+        self.wake(deployment)
 
     def wake(self, deployment: str) -> None:
         """Let the deployment's runner re-check its flush rule."""

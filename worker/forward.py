@@ -1,0 +1,132 @@
+"""The batch call: one forward pass over the items the batcher flushed.
+
+This is the heart of a worker, and the only code that touches the device for a static batch. It runs what
+``pipe(inputs, batch_size=n)`` runs in-process (``preprocess → _forward → postprocess``) and returns one
+output per input, as the unbatched call would:
+
+- a stage item of a distributed chunk pipeline runs its one step (:mod:`worker.stages`);
+- seeded items run one at a time after ``set_seed`` (:func:`run_seeded`);
+- items that must not share padding run in padding-free groups (:func:`worker.shapes.padding_free_groups`);
+- a batch that raises a non-memory ``RuntimeError`` (tensors of different shapes) runs again item by item.
+
+Out-of-memory errors propagate: the batcher halves the batch and calls again (:mod:`worker.batcher`).
+:class:`BatchHooks` is what a batcher asks the worker around it (is more coming, which items were cancelled).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from worker.batcher import PendingItem, is_out_of_memory
+from worker.shapes import batch_outputs, padding_free_groups, trim_padding
+from worker.stages import is_stage_batch, run_stage
+from worker.streaming import with_streamer
+from worker.transformers_internals import step_params
+
+logger = logging.getLogger(__name__)
+
+
+def _no_queue(deployment: str) -> bool:
+    return False
+
+
+def _none_cancelled(items: list[PendingItem]) -> set[str]:
+    return set()
+
+
+@dataclass(frozen=True)
+class BatchHooks:
+    """The worker's answers to the two questions a batcher asks before each forward pass.
+
+    ``queue_has_ready(deployment)`` is true while the deployment's broker queue holds a ready job (flush rule 2
+    waits for it); ``find_cancelled(items)`` gives the job ids among ``items`` that were revoked or cancelled
+    (their items are dropped). The defaults, no queue and nothing cancelled, suit a runtime without a broker.
+    """
+
+    queue_has_ready: Callable[[str], bool] = _no_queue
+    find_cancelled: Callable[[list[PendingItem]], set[str]] = _none_cancelled
+
+
+def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int) -> list[Any]:
+    """Run each payload as ``set_seed(seed); pipe(payload, **params)`` does in-process.
+
+    Sampling consumes the global RNG, so a batched call cannot reproduce the
+    unbatched one; seeded items run one at a time and their output does not
+    depend on which other jobs shared the batch.
+    """
+    from transformers import set_seed
+    from transformers.pipelines.base import ChunkPipeline
+
+    from transformers.pipelines.text_generation import Chat, TextGenerationPipeline
+
+    outputs = []
+    for payload in payloads:
+        set_seed(seed)
+        if isinstance(pipe, TextGenerationPipeline) and isinstance(payload, list) and payload \
+                and isinstance(payload[0], dict):
+            payload = Chat(payload)  # what pipe(messages) does before run_single
+        if isinstance(pipe, ChunkPipeline):
+            outputs.extend(pipe([payload], batch_size=1, **params))
+            continue
+        # pipe(payload) minus the per-task reshaping of __call__, which worker.shapes redoes per job.
+        outputs.append(pipe.run_single(payload, *step_params(pipe, params)))
+    return outputs
+
+
+class ForwardPass:
+    """The batch call of one deployment: ``forward(payloads, params)`` gives one output per payload.
+
+    ``streams`` (text-generation only) and ``running`` (the items of the batch in progress, which map batch rows
+    to jobs) let generated tokens stream to the jobs that asked for them. See the module docstring for the steps.
+    """
+
+    def __init__(self, name: str, task: str, pipe: Any, *, streams: Any = None,
+                 running: Callable[[], list[PendingItem]] = lambda: []) -> None:
+        import torch
+
+        self.name = name
+        self.task = task
+        self.pipe = pipe
+        self.streams = streams
+        self.running = running
+        self.inference_mode = torch.inference_mode
+
+    def __call__(self, payloads: list[Any], params: dict[str, Any]) -> list[Any]:
+        """Run ``payloads`` with the call ``params``; returns their outputs in order."""
+        pipe = self.pipe
+        if self.streams is not None and not is_stage_batch(params):
+            params = with_streamer(self.streams, pipe, self.running(), payloads, params)
+        if is_stage_batch(params):
+            with self.inference_mode():
+                return run_stage(pipe, payloads, params)
+        params = dict(params)
+        seed = params.pop("seed", None)
+        if seed is not None:
+            with self.inference_mode():
+                return run_seeded(pipe, payloads, params, seed)
+        groups = padding_free_groups(self.task, pipe, payloads)
+        if len(groups) > 1:
+            outputs: list[Any] = [None] * len(payloads)
+            for group in groups:
+                for index, output in zip(group, self([payloads[i] for i in group], params)):
+                    outputs[index] = output
+            return outputs
+
+        def fresh() -> list[Any]:
+            # Some pipelines pop keys from dict inputs (ASR), and a failed batch runs again.
+            return [dict(p) if isinstance(p, dict) else p for p in payloads]
+
+        with self.inference_mode():
+            try:
+                raw = pipe(fresh(), batch_size=len(payloads), **params)
+            except RuntimeError as error:
+                if len(payloads) < 2 or is_out_of_memory(error):
+                    raise
+                # Items whose tensors differ in shape (images a processor does not resize to one size)
+                # cannot share a forward pass; run them one by one, as in-process batch_size=1 does.
+                logger.debug("deployment %s: batch of %d failed (%s); running items singly",
+                             self.name, len(payloads), error)
+                raw = pipe(fresh(), batch_size=1, **params)
+        return trim_padding(self.task, pipe, payloads, batch_outputs(self.task, payloads, raw), params)
