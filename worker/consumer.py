@@ -102,6 +102,8 @@ class BulkConsumer:
         supervisor.watch("claim", self._thread)
         signals.task_postrun.connect(self._on_task_done, weak=False)
         signals.task_revoked.connect(self._on_task_done, weak=False)
+        self._shutting_down = threading.Event()
+        signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         self.hot_path = (hot_path(celery_consumer, self._on_task_done, self._dead_letter_job, self.acker.ack_now)
                          if hot_path is not None else None)
 
@@ -153,6 +155,10 @@ class BulkConsumer:
     def _on_task_done(self, *_: Any, **__: Any) -> None:
         self._wake.set()
 
+    def _on_shutting_down(self, *_: Any, **__: Any) -> None:
+        # Celery's warm shutdown starts (SIGTERM): its pool takes no new task from here on, so claim nothing more.
+        self._shutting_down.set()
+
     def _free(self) -> int:
         in_hand = self.hot_path.in_hand if self.hot_path is not None else 0
         return self._concurrency - len(worker_state.reserved_requests) - in_hand
@@ -174,7 +180,7 @@ class BulkConsumer:
 
     def _round(self) -> None:
         free = self._free()
-        if free <= 0 or self._paused.is_set():
+        if free <= 0 or self._paused.is_set() or self._shutting_down.is_set():
             self._wake.wait(0.05)
             self._wake.clear()
             return
@@ -279,6 +285,10 @@ class BulkConsumer:
         try:
             self._deliver(payload, cancelled)
         except Exception as error:
+            if self._shutting_down.is_set():  # Celery's pool may be closed already: the job is not at fault
+                logger.info("worker shutting down: message %s goes back to its queue (%s)", tag, error)
+                self._requeue(tag)
+                return
             logger.exception("could not hand message %s to a job path", tag)
             self._dead_letter(tag, f"could not be handed to a job path: {type(error).__name__}: {error}", raw,
                               job_id_of(payload))

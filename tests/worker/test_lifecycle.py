@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from producers.constants import DEAD_LETTER_KEY
 from producers.fleet import fleet_snapshot
 from tests.fault_pipelines import SLOW_MARKER, SLOW_S_ENV
 from tests.fleet import REPO_ROOT, wait_for_worker, worker_env
@@ -78,12 +79,14 @@ def _lone_worker(module_fleet, two_workers):
 
 
 def _terminate_then_count(module_fleet, lone) -> int:
-    """SIGTERM ``lone``; returns how many messages are back in the queue (and checks none stays unacked)."""
+    """SIGTERM ``lone``; returns how many messages are back in the queue (and checks none stays unacked, and none
+    was dead-lettered: a job claimed while Celery's pool shuts down goes back to its queue)."""
     redis = module_fleet.server.client(0)
     assert lone.terminate(timeout_s=60) == 0, lone.log()[-3000:]
     keys = (b"pipefleet.lc-slow", *redis.keys(b"pipefleet.lc-slow\x06\x16*"))
     queued = sum(redis.llen(key) for key in keys)
     assert redis.hlen("unacked") == 0
+    assert redis.llen(DEAD_LETTER_KEY) == 0, redis.lrange(DEAD_LETTER_KEY, 0, -1)
     redis.delete(*keys)
     return queued
 
