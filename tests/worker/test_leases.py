@@ -42,6 +42,24 @@ def _received(workers, job_id: str) -> int:
     return sum(len(re.findall(rf"\[{job_id}\] received", worker.log())) for worker in workers)
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it is stopped (``kill`` returns before they are)."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = f"/proc/{pid}/task"
+
+    def stopped() -> bool:
+        states = []
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as stat:
+                    states.append(stat.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                continue
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    _wait_for(stopped, 10, f"process {pid} to stop")
+
+
 def _hold_one_slow_job(fleet: Fleet, client, holder, other, text: str) -> str:
     """Submit one slow job while ``other`` is paused, so ``holder`` claims it; returns its id once held."""
     os.kill(other.proc.pid, signal.SIGSTOP)
@@ -183,11 +201,11 @@ def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet:
         first = job.result(timeout=60)
         stored_meta = _results(fleet).get(f"celery-task-meta-{job.id}")
         _wait_for(lambda: not broker.hlen(kombu_layout.UNACKED_KEY), 30, "the worker to ack the job")
-        # The dead holder: claims the same message under a one-second lease that it never renews.
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        # The dead holder: claims the same message under a three-second lease that it never renews.
+        _stop(worker.proc.pid)
         try:
             broker.rpush(key, raw)
-            broker.set(kombu_layout.lease_key("ghost"), "alive", px=1000)
+            broker.set(kombu_layout.lease_key("ghost"), "alive", px=3000)
             claim = broker.register_script(kombu_layout.CLAIM_SCRIPT)
             taken = kombu_layout.parse_claim_reply(claim(
                 keys=kombu_layout.claim_keys(queue_keys, "ghost"),

@@ -84,19 +84,34 @@ def test_vilt_matches_model_logits(vilt, vilt_dir, image, top_k):
     assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
 
 
+def _same_answers(got, expected):
+    """Same answers in the same order, scores equal to float32 rounding.
+
+    ViLT shuffles its image patches with ``torch.multinomial`` on every call (``ViltEmbeddings.visual_embed``),
+    so two calls on the same input sum in different orders and can differ in the last bits.
+    """
+    if isinstance(expected, list) and expected and isinstance(expected[0], list):
+        assert len(got) == len(expected)
+        for one, other in zip(got, expected):
+            _same_answers(one, other)
+        return
+    _assert_matches(got, [(answer["answer"], answer["score"]) for answer in expected])
+
+
 def test_vilt_input_forms_agree(vilt, image):
     single = vilt(image, QUESTION, top_k=2)
-    assert vilt({"image": image, "question": QUESTION}, top_k=2) == single
+    _same_answers(vilt({"image": image, "question": QUESTION}, top_k=2), single)
     as_list = vilt([{"image": image, "question": QUESTION}, {"image": image, "question": "is it red?"}], top_k=2)
-    assert len(as_list) == 2 and as_list[0] == single
-    assert vilt([image, image], QUESTION, top_k=2) == [single, single]
-    assert vilt(image, [QUESTION, "is it red?"], top_k=2) == as_list
+    assert len(as_list) == 2
+    _same_answers(as_list[0], single)
+    _same_answers(vilt([image, image], QUESTION, top_k=2), [single, single])
+    _same_answers(vilt(image, [QUESTION, "is it red?"], top_k=2), as_list)
 
 
 def test_image_from_path(vilt, image, tmp_path):
     path = tmp_path / "picture.png"
     image.save(path)
-    assert vilt(image=str(path), question=QUESTION, top_k=2) == vilt(image=image, question=QUESTION, top_k=2)
+    _same_answers(vilt(image=str(path), question=QUESTION, top_k=2), vilt(image=image, question=QUESTION, top_k=2))
 
 
 def test_top_k_must_be_positive(vilt, image):
