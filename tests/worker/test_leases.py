@@ -42,6 +42,12 @@ def _received(workers, job_id: str) -> int:
     return sum(len(re.findall(rf"\[{job_id}\] received", worker.log())) for worker in workers)
 
 
+def _logged(workers, job_id: str) -> None:
+    """Wait for the job's per-job log line: a worker writes it after the result (and the ack), so a client can
+    read the result a moment before the line is in the log."""
+    _wait_for(lambda: job_log_counts(workers)[0].get(job_id), 30, f"the log line of job {job_id}")
+
+
 def _stop(pid: int) -> None:
     """SIGSTOP ``pid`` and wait until every thread of it is stopped (``kill`` returns before they are)."""
     os.kill(pid, signal.SIGSTOP)
@@ -89,6 +95,7 @@ def _long_job_runs_once(fleet: Fleet, model: str, job_s: float) -> None:
         output = client.job(job_id).result(timeout=job_s + 60)
         took_s = time.monotonic() - started
     assert_same(output, local_pipeline("text-classification", model)(text))
+    _logged([holder, idle], job_id)
     stored, again = job_log_counts([holder, idle])
     assert _received([holder, idle], job_id) == 1, "the job was delivered twice"
     assert stored == {job_id: 1} and not again
@@ -119,6 +126,7 @@ def _recovery_after_kill(fleet: Fleet, model: str, job_s: float) -> float:
         output = client.job(job_id).result(timeout=120)
         recovered_s = time.monotonic() - killed_at
     assert_same(output, local_pipeline("text-classification", model)(text))
+    _logged([victim, survivor], job_id)
     stored, again = job_log_counts([victim, survivor])
     assert stored == {job_id: 1} and not again, (stored, again)
     assert "lease of" in survivor.log() and "lapsed" in survivor.log()
