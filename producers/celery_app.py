@@ -22,6 +22,13 @@ WAIT_TIMEOUT_SETTING = "pipefleet_wait_timeout_ms"
 MAX_RESTORE_INTERVAL_S = 10
 """Longest pause between two sweeps that give a dead worker's unacked jobs back to the queue."""
 
+SWEEP_MUTEX_EXPIRE_S = 15
+"""How long kombu's sweep lock outlives a worker killed while sweeping (kombu's default: 300 s).
+
+A sweep holds the lock for milliseconds; one left by a SIGKILLed worker stopped every worker's sweep for five
+minutes. Two sweeps that overlap once it expires are harmless: kombu restores each entry in a WATCH transaction.
+"""
+
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
     """Seconds between unacked-message sweeps: a quarter of the visibility timeout, 1 to 10 s."""
@@ -71,6 +78,7 @@ def celery_settings(*, broker_url: str, result_backend: str, result_ttl_s: int =
         # happens about visibility_timeout_s after a worker dies, not minutes later.
         "unacked_restore_interval": restore_interval_s(visibility_timeout_s),
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": SWEEP_MUTEX_EXPIRE_S,
         "priority_steps": list(PRIORITY_STEPS),
         "queue_order_strategy": "priority",
     }

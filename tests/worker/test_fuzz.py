@@ -334,27 +334,17 @@ def test_poison_in_the_queues_and_the_unacked_hash_is_dead_lettered(client, serv
 
 def test_every_poison_entry_ended_in_the_dead_letter_list_and_good_entries_were_restored(client, served,
                                                                                           module_fleet):
-    import time
-    import uuid
-
-    from producers.constants import INFER_TASK
-    from producers.publishing import build_message
     from worker import kombu_layout
 
     broker = module_fleet.server.client(int(module_fleet.broker_url.rsplit("/", 1)[1]))
     # Good entries behind poison in the unacked hash: kombu's sweep restores them and they complete.
-    good_ids = []
-    for i in range(3):
-        job_id = str(uuid.uuid4())
-        message = json.loads(build_message(client.celery, INFER_TASK, task_id=job_id, queue="pipefleet.fz-tc",
-                                           priority=6, kwargs={"spec": {"deployment": "fz-tc",
-                                                                        "inputs": [f"restored {i}"]}}).raw)
-        tag = message["properties"]["delivery_tag"]
-        broker.hset(kombu_layout.UNACKED_KEY, tag, json.dumps([message, "", "pipefleet.fz-tc"]))
-        broker.zadd(kombu_layout.UNACKED_INDEX_KEY, {tag: time.time() - 3600 - i})
-        good_ids.append(job_id)
+    good_ids = [_park_in_unacked(client, broker, f"restored {i}", age_s=3600 + i)[0] for i in range(3)]
     for job_id in good_ids:
-        client.job(job_id).result(timeout=60)
+        try:
+            client.job(job_id).result(timeout=60)
+        except PipefleetError as error:  # a timeout, above all
+            raise AssertionError(f"{error}; {_sweep_state(broker)}; worker log tail:\n"
+                                 f"{served['worker'].log()[-3000:]}") from None
     deadline = time.monotonic() + 20
     while True:
         records = _dead_letter_records(broker)
@@ -370,6 +360,61 @@ def test_every_poison_entry_ended_in_the_dead_letter_list_and_good_entries_were_
     _assert_serving(client, served)
     print(f"FIGURES poison: {len(POISONED)} poison entries dead-lettered, {len(good_ids)} good unacked entries "
           f"restored behind them")
+
+
+def _park_in_unacked(client, broker, text: str, *, age_s: float) -> tuple[str, str]:
+    """A good ``fz-tc`` job left in the unacked hash, ``age_s`` old, as a plain kombu consumer that died leaves it.
+
+    Returns ``(job id, delivery tag)``; no lease holds it, so only kombu's sweep gives it back to the queue.
+    """
+    from producers.publishing import build_message
+    from worker import kombu_layout
+
+    job_id = str(uuid.uuid4())
+    message = json.loads(build_message(client.celery, INFER_TASK, task_id=job_id, queue="pipefleet.fz-tc",
+                                       priority=6, kwargs={"spec": {"deployment": "fz-tc", "inputs": [text]}}).raw)
+    tag = message["properties"]["delivery_tag"]
+    broker.hset(kombu_layout.UNACKED_KEY, tag, json.dumps([message, "", "pipefleet.fz-tc"]))
+    broker.zadd(kombu_layout.UNACKED_INDEX_KEY, {tag: time.time() - age_s})
+    return job_id, tag
+
+
+def _sweep_state(broker) -> str:
+    """What holds kombu's sweep back, for a failure message."""
+    from worker import kombu_layout
+
+    return (f"sweep lock ttl {broker.ttl('unacked_mutex')} s, {broker.hlen(kombu_layout.UNACKED_KEY)} unacked "
+            f"entries, {broker.zcount(kombu_layout.UNACKED_INDEX_KEY, '-inf', time.time() - VISIBILITY_TIMEOUT_S)} "
+            "past the visibility timeout")
+
+
+def test_a_sweep_lock_left_by_a_killed_worker_holds_the_sweep_back_for_seconds_not_minutes(client, served,
+                                                                                          module_fleet):
+    """kombu's sweep runs under a Redis lock; a worker SIGKILLed while sweeping leaves it behind until it expires."""
+    from producers.celery_app import SWEEP_MUTEX_EXPIRE_S
+    from worker import kombu_layout
+
+    broker = module_fleet.server.client(int(module_fleet.broker_url.rsplit("/", 1)[1]))
+    with client.celery.connection_for_write() as connection:
+        channel = connection.default_channel
+        key, expire_s = channel.unacked_mutex_key, channel.unacked_mutex_expire
+    assert expire_s == SWEEP_MUTEX_EXPIRE_S
+    # Take the lock exactly as kombu's sweep does (kombu.transport.redis.Mutex), and never release it.
+    lock = broker.lock(key, timeout=expire_s)
+    deadline = time.monotonic() + 10
+    while not lock.acquire(blocking=False):  # a live sweep holds it for milliseconds
+        assert time.monotonic() < deadline, "the sweep lock was never free"
+        time.sleep(0.01)
+    job_id, tag = _park_in_unacked(client, broker, "behind a stale sweep lock", age_s=3600)
+    time.sleep(3)  # three sweep rounds of the worker (visibility 6 s: one a second)
+    assert broker.ttl(key) > 0 and broker.hexists(kombu_layout.UNACKED_KEY, tag), \
+        "the job was restored while the lock lived: the lock did not hold the sweep back"
+    try:
+        client.job(job_id).result(timeout=expire_s + 20)
+    except PipefleetError as error:
+        raise AssertionError(f"{error}; {_sweep_state(broker)}") from None
+    print(f"FIGURES stale sweep lock: expires after {expire_s} s (kombu's default 300 s); the job behind it "
+          "completed once it did")
 
 
 def test_the_ownership_pages_python_blocks_run_on_this_fleet(client, served, capsys):
