@@ -43,15 +43,20 @@ DOCS_DEPLOYMENTS = {d["name"]: d for d in tomllib.loads(docs_blocks("toml")[0])[
 TEXTS = ["the cat sat on the mat", "a stormy night over the sea in winter", "i love this film",
          "alice lives in paris and works as a baker.", "nobody liked the boring train near oslo."]
 GENERATION = {"max_new_tokens": 4, "do_sample": False}
+
+
+#: The page's deployments share one model, so that construction matching tells them apart; 4-bit CPU kernels need
+#: the wide tiny models (``tests.tiny_models.text.BNB_4BIT_WIDTH``).
+DOCS_KIND = "text-classification-wide"
 #: deployment -> (task, tiny model kind, quantization_config as the fleet TOML writes it).
 QUANTIZED_DEPLOYMENTS = {
-    **{name: ("text-classification", "text-classification", d["model_kwargs"]["quantization_config"])
+    **{name: ("text-classification", DOCS_KIND, d["model_kwargs"]["quantization_config"])
        for name, d in DOCS_DEPLOYMENTS.items() if "quantization_config" in d.get("model_kwargs", {})},
     "llama-8bit": ("text-generation", "text-generation-llama", {"load_in_8bit": True}),
-    "llama-nf4": ("text-generation", "text-generation-llama", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                                               "bnb_4bit_compute_dtype": "float32"}),
-    "llama-fp4": ("text-generation", "text-generation-llama", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
-                                                               "bnb_4bit_compute_dtype": "float32"}),
+    "llama-nf4": ("text-generation", "text-generation-llama-wide", {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}),
+    "llama-fp4": ("text-generation", "text-generation-llama-wide", {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": "float32"}),
 }
 #: Measured: scores equal in-process to within 1e-7 (fp4, float32), exactly elsewhere, batched or not. A batch
 #: pads inputs to one shape, and bfloat16 compute (sst2-nf4) keeps 8 mantissa bits, so another shape may round
@@ -75,7 +80,7 @@ def served(module_fleet, model_dir, tmp_path_factory):
     """The worker serving every deployment of this module; returns deployment -> model path."""
     root = tmp_path_factory.mktemp("models-quantized")
     kinds = {name: kind for name, (_, kind, _) in QUANTIZED_DEPLOYMENTS.items()}
-    paths = private_models(model_dir, root, {**kinds, **{name: "text-classification" for name in DOCS_DEPLOYMENTS}})
+    paths = private_models(model_dir, root, {**kinds, **{name: DOCS_KIND for name in DOCS_DEPLOYMENTS}})
     stand_in = root / SEED_GUIDE_STAND_IN
     shutil.copytree(model_dir("text-generation"), stand_in)
     generation = stand_in / "generation_config.json"
@@ -160,7 +165,8 @@ def test_drop_in_as_users_write_it(client, served):
     eight = pipeline("text-classification", model=model, client=client,
                      model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_8bit=True)})
     four = pipeline("text-classification", model=model, client=client, model_kwargs={
-        "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)})
+        "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                                  llm_int8_skip_modules=["classifier"])})
     plain = pipeline("text-classification", model=model, client=client)
     as_dict = pipeline("text-classification", model=model, client=client,
                        model_kwargs={"quantization_config": {"load_in_8bit": True}})

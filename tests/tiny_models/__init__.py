@@ -20,6 +20,8 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "text-classification": ("tests.tiny_models.text", "build_text_classification"),
     "text-generation": ("tests.tiny_models.text", "build_text_generation"),
     "text-generation-llama": ("tests.tiny_models.text", "build_llama_generation"),
+    "text-classification-wide": ("tests.tiny_models.text", "build_text_classification_wide"),
+    "text-generation-llama-wide": ("tests.tiny_models.text", "build_llama_generation_wide"),
     "feature-extraction": ("tests.tiny_models.text", "build_feature_extraction"),
     "token-classification": ("tests.tiny_models.text", "build_token_classification"),
     "fill-mask": ("tests.tiny_models.text", "build_fill_mask"),

@@ -216,6 +216,23 @@ def build_text_classification(directory: Path) -> None:
     _save(BertForSequenceClassification, config, tokenizer, directory)
 
 
+#: Sizes that bitsandbytes' 4-bit CPU kernels take: on a CPU with AVX512-BF16, bitsandbytes repacks every 4-bit
+#: Linear into blocks of 32 output rows by 64 input columns (``_convert_weight_packed_for_cpu``) and fails on a
+#: layer narrower than that (``shape '[32, 0]' is invalid``). Elsewhere any size works, so the suite must use these.
+BNB_4BIT_WIDTH = {"hidden_size": 64, "intermediate_size": 128}
+
+
+def build_text_classification_wide(directory: Path) -> None:
+    """The BERT sentiment classifier of :func:`build_text_classification`, wide enough for 4-bit CPU kernels."""
+    from transformers import BertForSequenceClassification
+
+    tokenizer = bert_tokenizer()
+    # Half the narrow model's initializer range keeps activations under LLM.int8's outlier threshold (6.0), so
+    # 8-bit outputs do not depend on which inputs share a batch.
+    config = _bert_config(tokenizer, **BNB_4BIT_WIDTH, initializer_range=0.1, **_labels(SENTIMENT_LABELS))
+    _save(BertForSequenceClassification, config, tokenizer, directory)
+
+
 def build_text_generation(directory: Path) -> None:
     """GPT-2 causal LM whose tokenizer pads on the left."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
@@ -239,15 +256,15 @@ def build_text_generation(directory: Path) -> None:
     _save(GPT2LMHeadModel, config, tokenizer, directory, generation_config)
 
 
-def build_llama_generation(directory: Path) -> None:
+def build_llama_generation(directory: Path, **sizes: int) -> None:
     """Llama causal LM (the architecture transformers' continuous batching engine serves), left-padded."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = gpt2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=sizes.get("hidden_size", 32),
+        intermediate_size=sizes.get("intermediate_size", 64),
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -264,6 +281,11 @@ def build_llama_generation(directory: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     _save(LlamaForCausalLM, config, tokenizer, directory, generation_config)
+
+
+def build_llama_generation_wide(directory: Path) -> None:
+    """The Llama of :func:`build_llama_generation`, wide enough for 4-bit CPU kernels (:data:`BNB_4BIT_WIDTH`)."""
+    build_llama_generation(directory, **BNB_4BIT_WIDTH)
 
 
 def build_feature_extraction(directory: Path) -> None:
