@@ -29,6 +29,7 @@ Params the engine cannot honour per request raise
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -99,6 +100,9 @@ class ContinuousBatcher:
         self.sampler: Any = None
         # Seeds of the requests that send none; reproducible from the deployment's seed when it sets one.
         self._seeds = random.Random(self.options.seed) if self.options.seed is not None else None
+        # Engine request ids must be unique while they run: a job id can be in hand twice at once (a client that
+        # submits one job id twice), and the engine mixes up two requests of one id.
+        self._submissions = itertools.count()
         self._defaults = {name: getattr(self.options, name) for name in ("do_sample", "temperature", "top_k", "top_p")
                           if getattr(self.options, name) is not None}
         self._requests: dict[str, tuple[_Prompt, int]] = {}
@@ -181,13 +185,14 @@ class ContinuousBatcher:
         active = self.streams is not None and self.streams.streaming(job_id)
         streamed = active and self.streams.pieces(job_id)
         prompts = []
+        submission = next(self._submissions)
         for index, payload in enumerate(payloads):
             is_chat = isinstance(payload, list) and payload and isinstance(payload[0], dict)
             with self._tokenizer_lock:
                 model_inputs = self.pipe.preprocess(Chat(payload) if is_chat else payload,
                                                     **{**preprocess_defaults(self.pipe), **plan.preprocess})
             item = PendingItem(job_id, index, payload, deadline=deadline, partial=partial, cancel_id=cancel_id)
-            ids = [f"{job_id}/{index}/{j}" for j in range(plan.num_return_sequences)]
+            ids = [f"{job_id}/{index}/{j}/{submission}" for j in range(plan.num_return_sequences)]
             prompts.append(_Prompt(item, plan, model_inputs, ids, active=active, streamed=streamed))
         with self._lock:
             for prompt in prompts:

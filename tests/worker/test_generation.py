@@ -263,6 +263,26 @@ def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(clien
         assert result == seeded_local(model, prompt, params), params
 
 
+def test_one_job_id_submitted_twice_at_once_runs_both_in_the_engine_and_keeps_the_first_result(client, model,
+                                                                                                 module_fleet):
+    """A client that retries a submit with its own job id: two engine requests of one job in one running batch."""
+    import uuid
+
+    job_id = str(uuid.uuid4())
+    params = {"do_sample": True, "max_new_tokens": 24, "seed": 5}
+    first = client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params, job_id=job_id)
+    client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params, job_id=job_id)
+    assert first.result(timeout=120) == seeded_local(model, PROMPTS[0], params)
+    worker = module_fleet.workers[0]
+    deadline = time.monotonic() + 60
+    while len([line for line in worker.log().splitlines() if f"job {job_id} on gen-cb:" in line]) < 2:
+        assert time.monotonic() < deadline, f"the second run never ended:\n{worker.log()[-3000:]}"
+        time.sleep(0.2)
+    lines = [line for line in worker.log().splitlines() if f"job {job_id} on gen-cb:" in line]
+    assert any("SUCCESS" in line and "DUPLICATE" not in line for line in lines), lines
+    assert any("DUPLICATE-SUCCESS" in line for line in lines), lines
+
+
 def _cut(result, stop: str) -> str:
     text = result[0]["generated_text"]
     return text[:text.find(stop)] if stop in text else text
