@@ -252,14 +252,17 @@ class HotPath:
     def _event(self, kind: str, **fields: Any) -> None:
         """Send one Celery task event (as Celery's own request does); a failed send never touches the job.
 
-        Sent on this worker's own dispatcher, from the calling thread, while Celery's dispatcher is enabled
-        (``task_events`` or Flower's enable_events). Celery's dispatcher buffers task events and publishes
+        Sent on this worker's own dispatcher, from the calling thread, while Celery's dispatcher sends the
+        ``task`` group (``task_events``, or Flower's ``enable_events``). Celery enables its dispatcher for worker
+        heartbeats too, with only the ``worker`` group: a job's events must follow the group, or every job pays
+        three publishes nobody asked for. Celery's dispatcher buffers task events and publishes
         them one by one from its event loop: under load that kept the loop from answering remote control
         (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``).
         """
         try:
             celery_dispatcher = self._events()
-            if celery_dispatcher is not None and celery_dispatcher.enabled:
+            if celery_dispatcher is not None and celery_dispatcher.enabled and (
+                    not celery_dispatcher.groups or "task" in celery_dispatcher.groups):
                 self._dispatcher().send(kind, **fields)
         except Exception:
             logger.warning("could not send the %s event of a job", kind, exc_info=True)
