@@ -1,6 +1,6 @@
 """Per-job cost of the fleet: single-job throughput on a near-free model, and CPU ms per job, in one run.
 
-    python -m benchmarks.ceiling [--n 2000] [--producers 8] [--in-flight 16] [--profile]
+    python -m benchmarks.ceiling [--n 2000] [--producers 8] [--in-flight 16] [--profile] [--task-events]
     python -m benchmarks.ceiling --model bert-base --gpu 0        (benchmarks/gpu.sh runs this on a GPU)
 
 Model: a tiny random DistilBERT text classifier (tests.tiny_models), whose forward pass costs almost nothing,
@@ -167,7 +167,8 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                               result_backend=f"{server.url}/1",
                               deployments=[{"name": "tiny", "task": "text-classification", "model": str(model),
                                             "max_batch_size": 64, "max_batch_wait_ms": 5,
-                                            **({"device": 0} if args.gpu is not None else {})}])
+                                            **({"device": 0} if args.gpu is not None else {})}],
+                              task_events=args.task_events)
         worker = start_worker(config, STATE_DIR, deployments=["tiny"], name="ceiling-worker",
                               gpu="none" if args.gpu is None else str(args.gpu),
                               env={"OMP_NUM_THREADS": "1"}, redis_client=server.client(0))
@@ -222,6 +223,8 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--task-events", action="store_true", help="the worker sends Celery task events (as with "
+                        "Flower watching)")
     parser.add_argument("--model", choices=["tiny", "bert-base"], default="tiny")
     parser.add_argument("--gpu", type=int, default=None, help="pin the worker (and the in-process run) to this GPU")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "ceiling-results.json")

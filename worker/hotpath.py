@@ -38,7 +38,7 @@ from producers.constants import WRITE_RETRY_S
 from producers.errors import JobTimeout, WriteFailed
 from producers.redis_clients import NO_WAIT
 
-from worker.deadlines import TICK_S, DeadlineWatch
+from worker.deadlines import DeadlineWatch
 from worker.decode import plain_job
 from worker.first_result import FirstResultStore, encoded_meta
 from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
@@ -54,6 +54,10 @@ MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
 """Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
 
 PREPARE_THREADS_PER_DEPLOYMENT = 4
+EVENT_BUFFER_LIMIT = 64
+"""Task events buffered before a send publishes them at once (else the commit thread does, see below)."""
+EVENT_FLUSH_S = 0.2
+"""Longest a buffered task event (a long job's task-started) waits for the commit thread to publish it."""
 """Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
 
 
@@ -123,6 +127,7 @@ class HotPath:
         for pool in self._preparers.values():
             pool.shutdown(wait=False, cancel_futures=True)
         if self._own_dispatcher is not None:
+            self._flush_events()
             try:
                 self._own_dispatcher.close()
                 self._own_dispatcher.connection.release()
@@ -257,7 +262,9 @@ class HotPath:
         heartbeats too, with only the ``worker`` group: a job's events must follow the group, or every job pays
         three publishes nobody asked for. Celery's dispatcher buffers task events and publishes
         them one by one from its event loop: under load that kept the loop from answering remote control
-        (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``).
+        (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``). This one buffers them too and
+        the commit thread publishes each buffer as one ``task.multi`` message (what Celery's event receivers,
+        Flower's among them, read as a list) after every commit round and at least once a tick.
         """
         try:
             celery_dispatcher = self._events()
@@ -272,9 +279,19 @@ class HotPath:
             with self._dispatcher_lock:
                 if self._own_dispatcher is None:
                     app = self.backend.app
-                    self._own_dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=self.hostname,
-                                                                 enabled=True)
+                    self._own_dispatcher = app.events.Dispatcher(
+                        app.connection_for_write(), hostname=self.hostname, enabled=True,
+                        buffer_group=["task"], buffer_limit=EVENT_BUFFER_LIMIT)
         return self._own_dispatcher
+
+    def _flush_events(self) -> None:
+        """Publish the buffered task events (commit thread, and once at stop)."""
+        if self._own_dispatcher is None:
+            return
+        try:
+            self._own_dispatcher.flush()
+        except Exception:
+            logger.warning("could not publish buffered task events", exc_info=True)
 
     def _item_done(self, job: HotJob) -> None:
         with job.lock:
@@ -299,8 +316,9 @@ class HotPath:
         while True:
             self._supervisor.tick("commit")
             try:
-                first = self._done.get(timeout=TICK_S)
+                first = self._done.get(timeout=EVENT_FLUSH_S)
             except queue.Empty:
+                self._flush_events()
                 if self._stopping:
                     return
                 continue
@@ -317,6 +335,7 @@ class HotPath:
                     self._commit(jobs)
                 except Exception:  # _commit settles every job itself; this keeps the loop whatever happens
                     logger.exception("could not commit %d jobs", len(jobs))
+            self._flush_events()
             if first is None or (self._stopping and self._done.empty()):
                 return
 
