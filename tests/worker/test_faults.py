@@ -163,9 +163,13 @@ def slow_worker(module_fleet, model_dir):
 def test_a_slow_job_past_its_deadline_times_out_and_its_batch_mates_succeed(module_fleet, slow_worker):
     model = slow_worker["model"]
     with module_fleet.client() as client:
-        slow = client.submit(deployment="flt-slow", inputs="SLOW and late", timeout_s=1.0)
-        mates = {client.submit(deployment="flt-slow", inputs=f"batch mate {i}").id: f"batch mate {i}"
-                 for i in range(5)}
+        # One LPUSH for all six, so one claim takes them together and they share a batch; separate submits
+        # raced the worker, which may claim the slow job alone and run it at once (nothing else was queued).
+        texts = [f"batch mate {i}" for i in range(5)]
+        slow, *mate_jobs = client.submit_many(
+            [{"deployment": "flt-slow", "inputs": "SLOW and late", "timeout_s": 1.0}]
+            + [{"deployment": "flt-slow", "inputs": text} for text in texts])
+        mates = {job.id: text for job, text in zip(mate_jobs, texts)}
         with pytest.raises(JobTimeout, match="deadline"):
             slow.result(timeout=30)
         assert slow.status().error_type == "JobTimeout"
