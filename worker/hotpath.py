@@ -54,11 +54,13 @@ MEDIA_TASKS = IMAGE_TASKS | AUDIO_TASKS | frozenset(IMAGE_DICT_TASKS)
 """Tasks whose inputs may be fetched and decoded: prepared on a pool, off the claim thread."""
 
 PREPARE_THREADS_PER_DEPLOYMENT = 4
+"""Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
+
 EVENT_BUFFER_LIMIT = 64
-"""Task events buffered before a send publishes them at once (else the commit thread does, see below)."""
+"""Task events buffered before a send publishes them at once (else the commit thread does)."""
+
 EVENT_FLUSH_S = 0.2
 """Longest a buffered task event (a long job's task-started) waits for the commit thread to publish it."""
-"""Media jobs of one deployment prepared at once; more wait their turn without holding the claim thread."""
 
 
 @dataclass(eq=False)
@@ -264,7 +266,7 @@ class HotPath:
         them one by one from its event loop: under load that kept the loop from answering remote control
         (py-spy --gil: 2/3 of the loop's GIL time in ``EventDispatcher.flush``). This one buffers them too and
         the commit thread publishes each buffer as one ``task.multi`` message (what Celery's event receivers,
-        Flower's among them, read as a list) after every commit round and at least once a tick.
+        Flower's among them, read as a list) after every commit round and at least every ``EVENT_FLUSH_S``.
         """
         try:
             celery_dispatcher = self._events()
