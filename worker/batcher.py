@@ -23,9 +23,9 @@ output still reaches its own job's future, in its job's order.
 
 At least one item is always flushed. Items of cancelled or expired jobs are
 dropped before the forward pass. When a batched call raises, the batch is
-rerun one job at a time so only the guilty job fails; on out-of-memory the
-batch is halved, down to one item, before the job fails with
-:class:`~producers.errors.OutOfMemory`. The runner loop survives any error.
+rerun one job at a time so only the guilty job fails (out-of-memory halving
+happens inside the batch call, :mod:`worker.forward`). The runner loop survives
+any error.
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from producers.errors import JobCancelled, JobTimeout, OutOfMemory
+from producers.errors import JobCancelled, JobTimeout
 from worker.metrics import DeploymentMetrics
 from worker.outcome import cancel_error
 
 logger = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[Any], dict[str, Any]], list[Any]]
+RunBatch = Callable[[list["PendingItem"], dict[str, Any]], list[Any]]
+"""The batch call: one output per item, in order; an exception in place of the output of an item that failed
+alone (as ``asyncio.gather(..., return_exceptions=True)`` gives). It raises when the batch as a whole failed."""
 LengthOf = Callable[[list[Any]], list[int]]
 
 
@@ -69,16 +71,6 @@ def _params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA/CPU out-of-memory errors, whatever wraps them."""
-    if isinstance(error, MemoryError):
-        return True
-    if type(error).__name__ == "OutOfMemoryError":
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
 class Batcher:
     """Pending items of one deployment, grouped by call params; see the module docstring."""
 
@@ -99,8 +91,6 @@ class Batcher:
         self._groups: "collections.OrderedDict[str, tuple[dict, collections.deque[PendingItem]]]" = (
             collections.OrderedDict())
         self._runner: DeviceRunner | None = None
-        self.running: list[PendingItem] = []
-        """The items of the forward pass in progress (token streaming maps batch rows to jobs with it)."""
 
     def attach(self, runner: "DeviceRunner") -> None:
         """Bind this batcher to the runner of its device."""
@@ -209,7 +199,7 @@ class Batcher:
         self._groups.clear()
 
     def execute(self, params: dict[str, Any], batch: list[PendingItem]) -> None:
-        """Run one batch with cancellation, isolation and OOM back-off; never raises."""
+        """Run one batch, dropping cancelled and expired items first and isolating a failure; never raises."""
         now = time.monotonic()
         waiting = [item for item in batch if not item.future.done()]
         cancelled = self.find_cancelled(waiting) if waiting else set()
@@ -224,53 +214,29 @@ class Batcher:
         if not live:
             return
         self.metrics.observe_queue_wait([now - item.enqueued_at for item in live])
-        self._run_isolated(params, live, first_size=len(live))
+        self._run_isolated(params, live)
 
-    def _run_isolated(self, params: dict[str, Any], batch: list[PendingItem], *, first_size: int) -> None:
+    def _run_isolated(self, params: dict[str, Any], batch: list[PendingItem]) -> None:
         try:
-            self._run_with_backoff(params, batch, first_size=first_size)
+            self._forward(params, batch)
         except Exception as error:
+            batch = [item for item in batch if not item.future.done()]
             jobs = list(dict.fromkeys(item.job_id for item in batch))
             if len(jobs) > 1:
                 logger.info("deployment %s: batch of %d items from %d jobs failed (%s); rerunning job by job",
                             self.name, len(batch), len(jobs), error)
                 for job_id in jobs:
-                    self._run_isolated(params, [i for i in batch if i.job_id == job_id], first_size=first_size)
+                    self._run_isolated(params, [i for i in batch if i.job_id == job_id])
             elif len(batch) > 1 and batch[0].partial:
                 for item in batch:
-                    self._run_isolated(params, [item], first_size=first_size)
+                    self._run_isolated(params, [item])
             else:
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                    item.future.set_exception(error)
 
-    def _run_with_backoff(self, params: dict[str, Any], batch: list[PendingItem], *, first_size: int) -> None:
-        try:
-            outputs = self._forward(params, batch)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            self.metrics.oom_splits += 1
-            _release_cached_memory()
-            if len(batch) == 1:
-                raise OutOfMemory(
-                    f"out of memory on deployment {self.name} even at batch size 1 "
-                    f"(back-off started at batch size {first_size}): {error}"
-                ) from error
-            half = len(batch) // 2
-            logger.warning("deployment %s: out of memory at batch size %d; retrying as %d + %d",
-                           self.name, len(batch), half, len(batch) - half)
-            self._run_with_backoff(params, batch[:half], first_size=first_size)
-            self._run_with_backoff(params, batch[half:], first_size=first_size)
-            return
-        for item, output in zip(batch, outputs):
-            if not item.future.done():
-                item.future.set_result(output)
-
-    def _forward(self, params: dict[str, Any], batch: list[PendingItem]) -> list[Any]:
+    def _forward(self, params: dict[str, Any], batch: list[PendingItem]) -> None:
         started = time.perf_counter()
-        self.running = batch
-        outputs = self.run_batch([item.payload for item in batch], params)
+        outputs = self.run_batch(batch, params)
         elapsed = time.perf_counter() - started
         if len(outputs) != len(batch):
             raise RuntimeError(f"deployment {self.name}: the pipeline returned {len(outputs)} outputs "
@@ -281,16 +247,13 @@ class Batcher:
             logger.info("deployment %s: ran a batch of %d items from %d jobs in %.3fs", self.name, len(batch),
                         len(job_ids), elapsed, extra={"deployment": self.name, "batch_size": len(batch),
                                                       "duration_s": round(elapsed, 6), "job_ids": job_ids})
-        return outputs
-
-
-def _release_cached_memory() -> None:
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        for item, output in zip(batch, outputs):
+            if item.future.done():
+                continue
+            if isinstance(output, BaseException):
+                item.future.set_exception(output)
+            else:
+                item.future.set_result(output)
 
 
 class DeviceRunner:

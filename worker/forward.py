@@ -7,9 +7,10 @@ output per input, as the unbatched call would:
 - a stage item of a distributed chunk pipeline runs its one step (:mod:`worker.stages`);
 - seeded items run one at a time after ``set_seed`` (:func:`run_seeded`);
 - items that must not share padding run in padding-free groups (:func:`worker.shapes.padding_free_groups`);
-- a batch that raises a non-memory ``RuntimeError`` (tensors of different shapes) runs again item by item.
+- a batch that raises a non-memory ``RuntimeError`` (tensors of different shapes) runs again item by item;
+- a batch that runs out of memory is halved and each half runs again, down to one item, whose output is then
+  an :class:`~producers.errors.OutOfMemory` error (the rest of the batch still succeeds).
 
-Out-of-memory errors propagate: the batcher halves the batch and calls again (:mod:`worker.batcher`).
 :class:`BatchHooks` is what a batcher asks the worker around it (is more coming, which items were cancelled).
 """
 
@@ -19,13 +20,33 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from worker.batcher import PendingItem, is_out_of_memory
+from producers.errors import OutOfMemory
+from worker.batcher import PendingItem
+from worker.metrics import DeploymentMetrics
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 from worker.stages import is_stage_batch, run_stage
 from worker.streaming import with_streamer
 from worker.transformers_internals import step_params
 
 logger = logging.getLogger(__name__)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors, whatever wraps them."""
+    if isinstance(error, MemoryError):
+        return True
+    if type(error).__name__ == "OutOfMemoryError":
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def release_cached_memory() -> None:
+    """Hand the CUDA caching allocator's free blocks back before a smaller batch tries again."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _no_queue(deployment: str) -> bool:
@@ -76,28 +97,49 @@ def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int
 
 
 class ForwardPass:
-    """The batch call of one deployment: ``forward(payloads, params)`` gives one output per payload.
+    """The batch call of one deployment: ``forward(items, params)`` gives one output per item, in order.
 
-    ``streams`` (text-generation only) and ``running`` (the items of the batch in progress, which map batch rows
-    to jobs) let generated tokens stream to the jobs that asked for them. See the module docstring for the steps.
+    ``streams`` (text-generation only) lets generated tokens stream to the jobs that asked for them;
+    ``metrics`` counts out-of-memory halvings. See the module docstring for the steps.
     """
 
     def __init__(self, name: str, task: str, pipe: Any, *, streams: Any = None,
-                 running: Callable[[], list[PendingItem]] = lambda: []) -> None:
+                 metrics: DeploymentMetrics | None = None) -> None:
         import torch
 
         self.name = name
         self.task = task
         self.pipe = pipe
         self.streams = streams
-        self.running = running
+        self.metrics = metrics or DeploymentMetrics(name)
         self.inference_mode = torch.inference_mode
 
-    def __call__(self, payloads: list[Any], params: dict[str, Any]) -> list[Any]:
-        """Run ``payloads`` with the call ``params``; returns their outputs in order."""
+    def __call__(self, items: list[PendingItem], params: dict[str, Any]) -> list[Any]:
+        """Run ``items`` with the call ``params``; returns their outputs in order (an error for one that
+        does not fit in memory even alone); raises when the batch failed otherwise."""
+        return self._halving(items, params, first_size=len(items))
+
+    def _halving(self, items: list[PendingItem], params: dict[str, Any], *, first_size: int) -> list[Any]:
+        try:
+            return self._run(items, [item.payload for item in items], params)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self.metrics.oom_splits += 1
+            release_cached_memory()
+            if len(items) == 1:
+                return [OutOfMemory(f"out of memory on deployment {self.name} even at batch size 1 "
+                                    f"(back-off started at batch size {first_size}): {error}")]
+            half = len(items) // 2
+            logger.warning("deployment %s: out of memory at batch size %d; retrying as %d + %d",
+                           self.name, len(items), half, len(items) - half)
+            return (self._halving(items[:half], params, first_size=first_size)
+                    + self._halving(items[half:], params, first_size=first_size))
+
+    def _run(self, items: list[PendingItem], payloads: list[Any], params: dict[str, Any]) -> list[Any]:
         pipe = self.pipe
         if self.streams is not None and not is_stage_batch(params):
-            params = with_streamer(self.streams, pipe, self.running(), payloads, params)
+            params = with_streamer(self.streams, pipe, items, payloads, params)
         if is_stage_batch(params):
             with self.inference_mode():
                 return run_stage(pipe, payloads, params)
@@ -110,7 +152,8 @@ class ForwardPass:
         if len(groups) > 1:
             outputs: list[Any] = [None] * len(payloads)
             for group in groups:
-                for index, output in zip(group, self([payloads[i] for i in group], params)):
+                for index, output in zip(group, self._run([items[i] for i in group],
+                                                          [payloads[i] for i in group], params)):
                     outputs[index] = output
             return outputs
 

@@ -148,7 +148,7 @@ class Runtime:
                                         find_cancelled=self.hooks.find_cancelled)
             return self._serve(deployment, pipe, batcher, device, metrics, streams)
 
-        forward = ForwardPass(name, task, pipe, streams=streams, running=lambda: batcher.running)
+        forward = ForwardPass(name, task, pipe, streams=streams, metrics=metrics)
 
         def more_coming() -> bool:
             return self.tracker.any_waiting(name) or self.hooks.queue_has_ready(name)

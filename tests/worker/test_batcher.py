@@ -1,4 +1,4 @@
-"""The batcher's flush rule, isolation, OOM back-off and resilience, in-process."""
+"""The batcher's flush rule, isolation and resilience, in-process."""
 
 from __future__ import annotations
 
@@ -7,24 +7,22 @@ import time
 
 import pytest
 
-from producers.errors import JobCancelled, JobTimeout, OutOfMemory
-from worker.batcher import Batcher, DeviceRunner, is_out_of_memory
+from producers.errors import JobCancelled, JobTimeout
+from worker.batcher import Batcher, DeviceRunner
 
 
 class Recorder:
     """A run_batch function that records batch sizes and echoes inputs doubled."""
 
-    def __init__(self, *, fail_on=None, oom_above=None, delay_s=0.0):
+    def __init__(self, *, fail_on=None, delay_s=0.0):
         self.sizes: list[int] = []
         self.fail_on = fail_on
-        self.oom_above = oom_above
         self.delay_s = delay_s
 
-    def __call__(self, payloads, params):
+    def __call__(self, items, params):
+        payloads = [item.payload for item in items]
         self.sizes.append(len(payloads))
         time.sleep(self.delay_s)
-        if self.oom_above is not None and len(payloads) > self.oom_above:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
         if self.fail_on is not None and self.fail_on in payloads:
             raise ValueError(f"bad input {self.fail_on!r}")
         return [p * 2 for p in payloads]
@@ -76,9 +74,9 @@ def test_window_bounds_the_wait_while_more_is_said_to_come():
 def test_different_params_never_share_a_batch():
     seen = []
 
-    def run(payloads, params):
-        seen.append((params["k"], len(payloads)))
-        return payloads
+    def run(items, params):
+        seen.append((params["k"], len(items)))
+        return [item.payload for item in items]
 
     coming = threading.Event()
     coming.set()
@@ -117,29 +115,6 @@ def test_partial_jobs_get_per_item_errors():
     runner.stop()
 
 
-def test_out_of_memory_halves_the_batch_down_to_what_fits():
-    run = Recorder(oom_above=2)
-    coming = threading.Event()
-    coming.set()
-    batcher, runner = make(run, max_batch_size=8, max_batch_wait_ms=5000, more_coming=coming.is_set)
-    futures = [batcher.submit(f"j{i}", [i], {}) for i in range(8)]
-    coming.clear()
-    runner.wake()
-    assert [results(f) for f in futures] == [[2 * i] for i in range(8)]
-    assert run.sizes == [8, 4, 2, 2, 4, 2, 2]
-    assert batcher.metrics.oom_splits == 3
-    runner.stop()
-
-
-def test_out_of_memory_at_batch_size_one_fails_that_job_with_a_clear_error():
-    run = Recorder(oom_above=0)
-    batcher, runner = make(run)
-    future = batcher.submit("huge", [1, 2], {})[0]
-    with pytest.raises(OutOfMemory, match="out of memory .* batch size 1 .*started at batch size 2"):
-        future.result(timeout=60)
-    runner.stop()
-
-
 def test_cancelled_and_expired_items_are_dropped_before_the_forward_pass():
     run = Recorder()
     cancelled = {"gone"}
@@ -157,7 +132,8 @@ def test_cancelled_and_expired_items_are_dropped_before_the_forward_pass():
 def test_wrong_output_count_fails_the_batch_and_the_loop_survives():
     calls = []
 
-    def run(payloads, params):
+    def run(items, params):
+        payloads = [item.payload for item in items]
         calls.append(len(payloads))
         return payloads[:-1] if payloads[0] == "short" else payloads
 
@@ -172,14 +148,14 @@ def test_deployments_on_one_device_never_overlap():
     active, overlaps = [0], [0]
     lock = threading.Lock()
 
-    def run(payloads, params):
+    def run(items, params):
         with lock:
             active[0] += 1
             overlaps[0] = max(overlaps[0], active[0])
         time.sleep(0.02)
         with lock:
             active[0] -= 1
-        return payloads
+        return [item.payload for item in items]
 
     runner = DeviceRunner("cuda:0")
     batchers = [Batcher(f"d{i}", run, max_batch_size=2, max_batch_wait_ms=1) for i in range(3)]
@@ -192,13 +168,6 @@ def test_deployments_on_one_device_never_overlap():
     runner.stop()
 
 
-def test_out_of_memory_detection():
-    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
-    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
-    assert is_out_of_memory(MemoryError())
-    assert not is_out_of_memory(ValueError("out of memory"))
-
-
 class BatchRecorder(Recorder):
     """A Recorder that also keeps each batch's payloads."""
 
@@ -206,9 +175,9 @@ class BatchRecorder(Recorder):
         super().__init__(**kwargs)
         self.batches: list[list] = []
 
-    def __call__(self, payloads, params):
-        self.batches.append(list(payloads))
-        return super().__call__(payloads, params)
+    def __call__(self, items, params):
+        self.batches.append([item.payload for item in items])
+        return super().__call__(items, params)
 
 
 def _lengths(payloads):
