@@ -19,7 +19,7 @@ from celery import states
 from producers.constants import INFER_TASK
 from producers.errors import JobTimeout
 from worker.celery_app import app
-from worker.chunks import chunk_failed, record_progress
+from worker.chunks import chunk_failed
 from worker.jobs import collect_outputs, finish_job, prepare_job
 from worker.outcome import end_job, final_state, metric_state, revoked
 from worker.runtime import get_runtime
@@ -62,6 +62,5 @@ def infer(self, spec: dict) -> dict:
     served.metrics.observe_job(metric_state(states.SUCCESS))
     job = prepared.job
     if job.chunk_index is not None:
-        record_progress(runtime.redis, job.job_id or job_id, job.chunk_index, envelope["n_items"],
-                        ttl_s=runtime.config.result_ttl_s)
+        runtime.events.progress(job.job_id or job_id, job.chunk_index, envelope["n_items"])
     return envelope

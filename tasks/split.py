@@ -27,7 +27,6 @@ from producers.errors import InvalidInput, JobCancelled, JobTimeout
 from producers.payloads import load_payload, store_payload
 from producers.schemas import PayloadRef, ResultEnvelope
 from worker.celery_app import app
-from worker.chunks import record_progress
 from worker.jobs import check_model, parse_spec, resolve_inputs, sanitize
 from worker.model_io import decode_model_io, encode_model_io
 from worker.inputs import prepare_inputs
@@ -129,6 +128,6 @@ def forward(self, *, deployment: str, job_id: str, index: int, window: dict, par
         raise revoked(self.backend, task_id, self.request)
     except Exception as error:
         raise job_error(error, describe=f"window {task_id}") from None
-    record_progress(runtime.redis, job_id, index, 1, ttl_s=runtime.config.result_ttl_s)
+    runtime.events.progress(job_id, index, 1)
     return ResultEnvelope(outputs=outputs, deployment=deployment, worker=runtime.worker_name, n_items=1,
                           chunk_index=index).model_dump()

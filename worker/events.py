@@ -8,16 +8,21 @@ one ``EXPIRE`` per stream touched, so streams expire with the results.
 A job's first event on this worker is preceded by a check of its stream: if it
 already holds entries, an earlier run (a worker that died, a redelivery)
 wrote them, and a ``restart`` event goes first so readers know text starts over.
+
+Chunk progress goes the same way (:meth:`EventWriter.progress`): a finished chunk's
+items are added to its job's counter once per chunk, and the new count becomes a
+``progress`` event, in the writer's round trips rather than the chunk's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 from typing import Any, Callable
 
-from producers.constants import EVENTS_MAXLEN
+from producers.constants import EVENTS_MAXLEN, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.events import event_fields, events_key
 from producers.schemas import EventKind
 
@@ -26,14 +31,18 @@ logger = logging.getLogger(__name__)
 MAX_EVENTS_PER_FLUSH = 2048
 """Events sent in one pipeline at most."""
 
+DONE_CHUNKS_SUFFIX = ":chunks"
+"""``pipefleet:progress:<job_id>:chunks``: the set of chunk indexes already counted."""
+
 
 class EventWriter:
     """Appends job events to Redis Streams from one background thread; see the module docstring.
 
     Work is queued as operations and runs in order on the writer thread:
-    ``begin`` (restart check), ``emit`` (one event) and ``call`` (a function run
-    on the writer thread that returns ``(job_id, kind, data)`` events to add;
-    decoding tokens happens there, off the generation loop).
+    ``begin`` (restart check), ``emit`` (one event), ``progress`` (a finished
+    chunk) and ``call`` (a function run on the writer thread that returns
+    ``(job_id, kind, data)`` events to add; decoding tokens happens there, off
+    the generation loop).
     """
 
     def __init__(self, redis: Any, *, ttl_s: int, maxlen: int = EVENTS_MAXLEN) -> None:
@@ -52,6 +61,15 @@ class EventWriter:
     def emit(self, job_id: str, kind: EventKind, data: dict[str, Any]) -> None:
         """Queue one event; returns at once."""
         self._queue.put(("emit", (job_id, kind, data)))
+
+    def progress(self, job_id: str, chunk_index: int, n_items: int) -> None:
+        """Count a finished chunk's items towards its job's progress, once per chunk; returns at once.
+
+        A redelivered chunk (its worker died after the forward pass) must not count twice, or ``done``
+        would pass ``total``: the set of counted chunks guards that. Progress is advisory (a finished
+        job reports ``done == total`` from its result), so a count lost with its worker is harmless.
+        """
+        self._queue.put(("progress", (job_id, chunk_index, n_items)))
 
     def call(self, function: Callable[[], list]) -> None:
         """Run ``function`` on the writer thread, in order; it returns events to add."""
@@ -105,7 +123,8 @@ class EventWriter:
             for job_id in beginning:
                 pipe.exists(events_key(job_id))
             restarted = {job_id for job_id, exists in zip(beginning, pipe.execute()) if exists}
-        events: list[tuple[str, EventKind, dict]] = []
+        events: list[tuple[str, EventKind, dict]] = self._count_progress(
+            [value for op, value in batch if op == "progress"])
         for op, value in batch:
             if op == "begin" and value in restarted:
                 events.append((value, EventKind.RESTART,
@@ -126,3 +145,27 @@ class EventWriter:
             pipe.expire(events_key(job_id), self.ttl_s)
         pipe.execute()
         self.events_written += len(events)
+
+    def _count_progress(self, chunks: list[tuple[str, int, int]]) -> list[tuple[str, EventKind, dict]]:
+        """Add each newly finished chunk to its job's counter; returns the ``progress`` events to write."""
+        if not chunks:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, chunk_index, _ in chunks:
+            pipe.sadd(f"{PROGRESS_KEY_PREFIX}{job_id}{DONE_CHUNKS_SUFFIX}", chunk_index)
+            pipe.expire(f"{PROGRESS_KEY_PREFIX}{job_id}{DONE_CHUNKS_SUFFIX}", self.ttl_s)
+        added = pipe.execute()[::2]
+        counted = [chunk for chunk, new in zip(chunks, added) if new]
+        if not counted:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, _, n_items in counted:
+            pipe.incrby(f"{PROGRESS_KEY_PREFIX}{job_id}", n_items)
+            pipe.expire(f"{PROGRESS_KEY_PREFIX}{job_id}", self.ttl_s)
+            pipe.get(f"{JOB_KEY_PREFIX}{job_id}")
+        replies = pipe.execute()
+        events = []
+        for (job_id, _, _), done, record in zip(counted, replies[::3], replies[2::3]):
+            total = json.loads(record).get("total", 0) if record else 0
+            events.append((job_id, EventKind.PROGRESS, {"done": done, "total": total}))
+        return events

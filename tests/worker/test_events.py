@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
 
 from producers import JobError, JobTimeout
-from producers.constants import EVENTS_KEY_PREFIX
+from producers.constants import EVENTS_KEY_PREFIX, JOB_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from producers.events import TextFollower, iter_text
 from producers.schemas import EventKind, JobEvent
 from worker.events import EventWriter
@@ -82,3 +83,19 @@ def test_stream_raises_when_a_rerun_diverges_and_on_error_events():
 def test_events_of_a_job_nobody_runs_time_out(client):
     with pytest.raises(JobTimeout):
         list(client.job(str(uuid.uuid4())).events(timeout_s=1.5))
+
+
+def test_chunk_progress_counts_each_chunk_once_and_streams_the_new_count(writer, client):
+    job_id = str(uuid.uuid4())
+    writer.redis.set(f"{JOB_KEY_PREFIX}{job_id}", json.dumps({"total": 30}))
+    writer.progress(job_id, 0, 10)
+    writer.progress(job_id, 1, 10)
+    writer.progress(job_id, 1, 10)  # chunk 1 redelivered after its forward pass: counted once
+    assert writer.flush()
+    writer.progress(job_id, 2, 10)
+    writer.emit(job_id, EventKind.DONE, {"state": "SUCCESS"})
+    assert writer.flush()
+    assert int(writer.redis.get(f"{PROGRESS_KEY_PREFIX}{job_id}")) == 30
+    assert 0 < writer.redis.ttl(f"{PROGRESS_KEY_PREFIX}{job_id}") <= 60
+    progress = [e.data for e in client.job(job_id).events(timeout_s=10) if e.kind is EventKind.PROGRESS]
+    assert progress == [{"done": 10, "total": 30}, {"done": 20, "total": 30}, {"done": 30, "total": 30}]
