@@ -26,7 +26,7 @@ from producers.errors import InvalidParams
 from producers.job import Job, gather, gather_async
 from producers.payloads import store_payload
 from producers.publishing import Publisher, TaskMessage
-from producers.redis_access import RedisAccess, safe_url
+from producers.redis_access import RedisAccess
 from producers.redis_clients import RedisOptions, ReplicaWait, async_redis_pool, redis_client
 from producers.requests import JobRequest, PreparedJob, prepare
 from producers.result_waiter import ResultWaiter

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producers.errors import UnknownDeployment
-from producers.schemas import Construction, DeploymentInfo
+from producers.schemas import DeploymentInfo
 
 logger = logging.getLogger(__name__)
 

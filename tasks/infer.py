@@ -11,15 +11,13 @@ ack, result, revoke and Flower entry.
 from __future__ import annotations
 
 import logging
-import time
-from concurrent.futures import wait
 
 from celery import states
 
 from producers.constants import INFER_TASK
-from producers.errors import JobTimeout
 from worker.celery_app import app
 from worker.chunks import chunk_failed
+from worker.deadlines import wait_for_items
 from worker.jobs import collect_outputs, finish_job, prepare_job
 from worker.outcome import end_job, final_state, metric_state, revoked
 from worker.runtime import get_runtime
@@ -42,12 +40,7 @@ def infer(self, spec: dict) -> dict:
         finally:
             if isinstance(deployment_name, str):
                 runtime.handed_over(deployment_name, job_id)
-        deadline = prepared.deadline_mono
-        _, not_done = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if not_done:
-            for future in not_done:
-                future.cancel()
-            raise JobTimeout(f"job passed its deadline with {len(not_done)} of {len(futures)} items unfinished")
+        wait_for_items(futures, prepared.deadline_mono)
         envelope = finish_job(prepared, collect_outputs(prepared, futures), runtime.worker_name)
     except Exception as error:
         state = final_state(error)

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from concurrent.futures import Future
 from typing import Any
 
 from celery import chord
 
 from producers.constants import (ASSEMBLE_TASK, CANCEL_KEY_PREFIX, FORWARD_TASK, JOB_KEY_PREFIX, SPLIT_TASK,
                                  queue_name)
-from producers.errors import InvalidInput, JobCancelled, JobTimeout
+from producers.errors import InvalidInput, JobCancelled
 from producers.payloads import load_payload, store_payload
 from producers.schemas import PayloadRef, ResultEnvelope
 from worker.celery_app import app
+from worker.deadlines import monotonic_deadline, wait_for_items
 from worker.jobs import check_model, parse_spec, resolve_inputs, sanitize
 from worker.model_io import decode_model_io, encode_model_io
 from worker.inputs import prepare_inputs
@@ -38,13 +39,9 @@ from worker.stages import stage_params
 logger = logging.getLogger(__name__)
 
 
-def _wait(future: Any, deadline_ts: float | None) -> Any:
-    timeout = None if deadline_ts is None else max(0.0, deadline_ts - time.time())
-    try:
-        return future.result(timeout=timeout)
-    except TimeoutError:
-        future.cancel()
-        raise JobTimeout("the job passed its deadline") from None
+def _wait(future: Future, deadline_mono: float | None) -> Any:
+    wait_for_items([future], deadline_mono)
+    return future.result()
 
 
 @app.task(name=SPLIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -68,11 +65,13 @@ def split(self, spec: dict) -> dict:
             prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
                                       sampling_rate=served.sampling_rate,
                                       max_chars=runtime.config.limits.max_input_chars)
-            [future] = served.batcher.submit(job_id, prepared, stage_params("preprocess", call_params))
+            deadline_mono = monotonic_deadline(job.deadline_ts)
+            [future] = served.batcher.submit(job_id, prepared, stage_params("preprocess", call_params),
+                                             deadline=deadline_mono)
         finally:
             if isinstance(deployment_name, str):
                 runtime.handed_over(deployment_name, job_id)
-        windows = _wait(future, job.deadline_ts)
+        windows = _wait(future, deadline_mono)
         if not windows:
             raise InvalidInput("the input is too short to cut into windows")
         encoded = [encode_model_io(window) for window in windows]
@@ -119,11 +118,12 @@ def forward(self, *, deployment: str, job_id: str, index: int, window: dict, par
             served = runtime.served(deployment)
             [encoded] = load_payload(runtime.redis, PayloadRef.model_validate(window))
             model_inputs = decode_model_io(encoded)
+            deadline_mono = monotonic_deadline(deadline_ts)
             [future] = served.batcher.submit(task_id, [model_inputs], stage_params("forward", params),
-                                             cancel_id=job_id)
+                                             deadline=deadline_mono, cancel_id=job_id)
         finally:
             runtime.handed_over(deployment, task_id)
-        outputs = encode_model_io(_wait(future, deadline_ts))
+        outputs = encode_model_io(_wait(future, deadline_mono))
     except JobCancelled:
         raise revoked(self.backend, task_id, self.request)
     except Exception as error:

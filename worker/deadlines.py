@@ -1,8 +1,16 @@
-"""The hot path's deadline watch: one thread that ends each job whose deadline passes before it finishes.
+"""Job deadlines, one mechanism: a wall-clock ``deadline_ts`` from the client, one monotonic instant here.
 
-Deadlines sit in a heap, earliest first; the thread sleeps until the earliest one (at most :data:`TICK_S`, so
-its supervisor sees it go round) and hands each passed job id to ``on_expired``. A job that finished first
-leaves its entry behind; the heap drops such entries before it outgrows the live jobs.
+:func:`monotonic_deadline` turns the client's deadline into this process's clock once, when a job is prepared;
+that instant travels with each of the job's items, so the batcher drops an item whose deadline passed before
+its forward pass and the continuous engine stops one that passes while it generates. What waits for a job's
+items ends the wait at the same instant, with the same error (:func:`passed_deadline`):
+
+- the hot path's many jobs share one :class:`DeadlineWatch` thread;
+- a job in Celery's own task (a chunk, a split window) waits in :func:`wait_for_items`.
+
+:class:`DeadlineWatch` keeps deadlines in a heap, earliest first; its thread sleeps until the earliest one (at
+most :data:`TICK_S`, so its supervisor sees it go round) and hands each passed job id to ``on_expired``. A job
+that finished first leaves its entry behind; the heap drops such entries before it outgrows the live jobs.
 """
 
 from __future__ import annotations
@@ -11,14 +19,38 @@ import heapq
 import logging
 import threading
 import time
+from concurrent.futures import Future, wait
 from typing import Any, Callable, Mapping
 
+from producers.errors import JobTimeout
 from worker.supervision import Supervisor, guarded
 
 logger = logging.getLogger(__name__)
 
 TICK_S = 1.0
 """Longest wait of the hot path's deadline and commit loops, so their supervisor sees them go round."""
+
+
+def monotonic_deadline(deadline_ts: float | None) -> float | None:
+    """The client's deadline (epoch seconds) on this process's ``time.monotonic()`` clock; None for none."""
+    if deadline_ts is None:
+        return None
+    return time.monotonic() + (deadline_ts - time.time())
+
+
+def passed_deadline(unfinished: int, total: int) -> JobTimeout:
+    """The error of a job whose deadline passed with ``unfinished`` of its ``total`` items not done."""
+    return JobTimeout(f"job passed its deadline with {unfinished} of {total} items unfinished")
+
+
+def wait_for_items(futures: list[Future], deadline_mono: float | None) -> None:
+    """Block until every future is done, or raise :func:`passed_deadline` (cancelling the rest) at the deadline."""
+    timeout = None if deadline_mono is None else max(0.0, deadline_mono - time.monotonic())
+    _, not_done = wait(futures, timeout=timeout)
+    if not_done:
+        for future in not_done:
+            future.cancel()
+        raise passed_deadline(len(not_done), len(futures))
 
 
 class DeadlineWatch:

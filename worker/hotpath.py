@@ -35,10 +35,10 @@ from typing import Any, Callable
 from celery import states
 
 from producers.constants import WRITE_RETRY_S
-from producers.errors import JobTimeout, WriteFailed
+from producers.errors import WriteFailed
 from producers.redis_clients import NO_WAIT
 
-from worker.deadlines import DeadlineWatch
+from worker.deadlines import DeadlineWatch, passed_deadline
 from worker.decode import plain_job
 from worker.first_result import FirstResultStore, encoded_meta
 from worker.inputs import AUDIO_TASKS, IMAGE_DICT_TASKS, IMAGE_TASKS
@@ -310,8 +310,7 @@ class HotPath:
         unfinished = sum(1 for f in job.futures if not f.done())
         if not self._end(job):
             return
-        job.error = JobTimeout(f"job passed its deadline with {unfinished} of {len(job.futures)} items "
-                               "unfinished")
+        job.error = passed_deadline(unfinished, len(job.futures))
         self._done.put(job)
 
     def _commit_loop(self) -> None:

@@ -8,7 +8,6 @@ chords and anything else that needs Celery's full request machinery.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from producers.errors import (InvalidInput, InvalidParams, JobCancelled, JobTime
 from producers.payloads import load_payload
 from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
 from worker.chunks import chunk_failed
+from worker.deadlines import monotonic_deadline
 from worker.inputs import prepare_inputs
 from worker.outcome import job_error
 from worker.params import pipeline_call_params, validate_params
@@ -125,10 +125,8 @@ def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
     sanitize(served, call_params)
     prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
                               sampling_rate=served.sampling_rate, max_chars=runtime.config.limits.max_input_chars)
-    deadline_mono = None
-    if job.deadline_ts is not None:
-        deadline_mono = time.monotonic() + (job.deadline_ts - time.time())
-    return PreparedJob(job_id, job, served, inputs, params, call_params, prepared, deadline_mono)
+    return PreparedJob(job_id, job, served, inputs, params, call_params, prepared,
+                       monotonic_deadline(job.deadline_ts))
 
 
 def collect_outputs(prepared: PreparedJob, futures: list[Future]) -> list[Any]:

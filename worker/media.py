@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producers.errors import MediaError
-from producers.urlguard import (REDIRECT_STATUSES, URL_SCHEMES, check_url, host_allowed, normalise_hosts,
+from producers.urlguard import (REDIRECT_STATUSES, URL_SCHEMES, check_url, normalise_hosts,
                                  pinned_connection, redact)
 
 logger = logging.getLogger(__name__)
