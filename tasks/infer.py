@@ -1,7 +1,8 @@
 """The ``infer`` task: one job (or one chunk of a job) on one deployment, through Celery's own machinery.
 
-Standalone jobs normally take the worker's hot path (:mod:`worker.hotpath`), which
-runs the same steps (:mod:`worker.jobs`) for many jobs at once. This task runs a
+Standalone jobs normally take the worker's hot path (:mod:`worker.hotpath`), which the task's Celery
+strategy (:mod:`worker.strategy`) offers them to, and which runs the same steps (:mod:`worker.jobs`) for
+many jobs at once. This task runs a
 job that needs Celery's full request handling, such as a chunk of a chord, or a
 message a stock Celery consumer hands over. It validates the job, hands its inputs
 to the deployment's batcher and waits for its own outputs, so the job keeps its own
@@ -25,7 +26,8 @@ from worker.runtime import get_runtime
 logger = logging.getLogger(__name__)
 
 
-@app.task(name=INFER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=INFER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+          Strategy="worker.strategy:infer_strategy")
 def infer(self, spec: dict) -> dict:
     """Run one job's inputs through its deployment and return a :class:`ResultEnvelope`."""
     runtime = get_runtime()

@@ -12,8 +12,9 @@ consumer instead:
    when the worker dies its jobs go back within seconds); deployments of one
    priority step are served round robin, a batch each per turn;
 2. dead-letters poison messages (:mod:`worker.dead_letters`) and hands each
-   other message to the hot path or to Celery's own task strategy, so every job
-   keeps its Celery request, id, result, revoke, events and chord membership;
+   other message to its task's Celery strategy, as Celery's consumer does
+   (``infer``'s strategy offers plain jobs to the hot path, :mod:`worker.strategy`),
+   so every job keeps its Celery id, result, revoke, events and chord membership;
 3. acks in bulk: a background thread removes many finished tags per round trip.
 
 Every loop here survives an exception in one message and ticks its
@@ -294,16 +295,16 @@ class BulkConsumer:
                               job_id_of(payload))
 
     def _deliver(self, payload: dict, cancelled: set[str]) -> None:
-        """One claimed message into the hot path or Celery, as ``Consumer.create_task_handler`` does."""
+        """One claimed message to its task's Celery strategy, as ``Consumer.create_task_handler`` does.
+
+        ``infer``'s strategy offers plain jobs to the hot path (:mod:`worker.strategy`); ``cancelled`` holds the
+        job ids whose cancel flag was set when this round was claimed, and the hot path ends those unrun.
+        """
         celery = self._celery
         message = Message(payload, channel=self.channel)
         message.accept = ACCEPT
-        try:
-            if self.hot_path is not None and self.hot_path.offer(message, cancelled=message.headers["id"]
-                                                                  in cancelled):
-                return
-        except Exception:  # raised before the hot path took the job: Celery runs it
-            logger.exception("hot path refused message %s; handing it to Celery", message.delivery_tag)
+        if self.hot_path is not None:
+            self.hot_path.cancelled_at_claim = cancelled
         strategy = celery.strategies[message.headers["task"]]
         try:
             strategy(message, None, promise(message.ack_log_error), promise(message.reject_log_error),

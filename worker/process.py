@@ -25,6 +25,7 @@ from producers.webhook_delivery import WebhookCollector, start_dispatcher
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
 from worker.hotpath import HotPath
+from worker.strategy import serve_hot_path
 from worker.batcher import PendingItem
 from worker.forward import BatchHooks
 from worker.kombu_layout import priority_queue_keys
@@ -281,10 +282,12 @@ def run_worker(args: argparse.Namespace) -> int:
     hostname = f"{worker_name}@{socket.gethostname()}"
 
     def hot_path(celery_consumer, on_finished, dead_letter, ack):
-        return HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
+        path = HotPath(runtime, backend=celery_consumer.app.backend, hostname=hostname,
                        events=lambda: celery_consumer.event_dispatcher, on_finished=on_finished,
                        supervisor=supervisor, dead_letter=dead_letter, ack=ack,
                        write_retry_s=config.redis_write_retry_s)
+        serve_hot_path(celery_consumer, path)  # the infer task's Celery strategy offers it plain jobs
+        return path
 
     def created(consumer: BulkConsumer) -> None:
         consumers.append(consumer)
