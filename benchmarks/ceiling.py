@@ -8,12 +8,14 @@ so what is measured is the path that feeds the model: publish, consume, batch, s
 ``max_batch_size = 64``. Rows:
 
 - in-process ``pipeline(texts, batch_size=32)``: the model's own limit here;
-- one producer process submitting N single-input jobs, then collecting every result;
+- one producer process submitting N single-input jobs (in one ``submit_many``, then with one ``submit()``
+  each), then collecting every result;
 - P producer processes, each keeping K jobs in flight (the web-backend pattern);
 - producer CPU per job of a plain ``submit()`` then ``result()`` loop.
 
 CPU per job is read from the processes themselves (``/proc/<pid>/stat`` of the worker, ``getrusage`` of each
-producer). With ``--profile``, a py-spy profile of the worker during the single-producer row is written to
+producer). Under each fleet row, the worker's CPU per job by thread (``/proc/<pid>/task/<tid>/stat``, each
+thread named by the function py-spy finds it running). With ``--profile``, a py-spy profile of the worker during the single-producer row is written to
 ``.pipefleet/ceiling-worker.txt`` (collapsed stacks) (needs py-spy).
 """
 
@@ -66,6 +68,49 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each live thread of a process, by thread id."""
+    seconds = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return seconds
+
+
+#: Worker thread -> a frame of its stack that names it (first match wins).
+THREAD_ROLES = {
+    "inference (batcher, forward pass)": "DeviceRunner._loop",
+    "claim (claim, decode, prepare, submit)": "BulkConsumer._run",
+    "commit (outcome, encode, store, ack)": "HotPath._commit_loop",
+    "queue watchers": "QueueWatcher._watch",
+    "acks": "BulkAcker._run",
+    "job events": "EventWriter._loop",
+    "lease": "LeaseKeeper._loop",
+    "deadlines": "DeadlineWatch._loop",
+    "Celery's event loop (main thread)": "_run_module_as_main",
+}
+
+
+def thread_roles(pid: int) -> dict[int, str]:
+    """Thread id -> role, from one ``py-spy dump`` of the process (empty without py-spy)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return {}
+    dump = subprocess.run([str(spy), "dump", "-p", str(pid)], capture_output=True, text=True).stdout
+    roles = {}
+    for block in dump.split("\nThread ")[1:]:
+        head, _, stack = block.partition("\n")
+        try:
+            tid = int(head.split()[0], 0)
+        except ValueError:
+            continue
+        roles[tid] = next((role for role, frame in THREAD_ROLES.items() if frame in stack), "other")
+    return roles
+
+
 def texts(n: int) -> list[str]:
     """Short, distinct sentences."""
     words = ["the", "fleet", "runs", "a", "small", "model", "on", "every", "job", "fast", "queue", "worker"]
@@ -81,7 +126,7 @@ def producer_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--broker")
     parser.add_argument("--backend")
-    parser.add_argument("--mode", choices=["burst", "in-flight", "loop"])
+    parser.add_argument("--mode", choices=["burst", "burst-submit", "in-flight", "loop"])
     parser.add_argument("--n", type=int)
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--in-flight", type=int, default=16)
@@ -100,6 +145,9 @@ def producer_main(argv: list[str]) -> int:
         if args.mode == "burst":
             jobs = client.submit_many([{"deployment": "tiny", "inputs": text} for text in inputs]) \
                 if hasattr(client, "submit_many") else [client.submit(deployment="tiny", inputs=t) for t in inputs]
+            outputs = [job.result(timeout=600) for job in jobs]
+        elif args.mode == "burst-submit":
+            jobs = [client.submit(deployment="tiny", inputs=text) for text in inputs]
             outputs = [job.result(timeout=600) for job in jobs]
         elif args.mode == "loop":
             for text in inputs:
@@ -173,6 +221,7 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                               gpu="none" if args.gpu is None else str(args.gpu),
                               env={"OMP_NUM_THREADS": "1"}, redis_client=server.client(0))
         pid = worker.proc.pid
+        roles = thread_roles(pid)
         try:
             def measure(label: str, procs: list[subprocess.Popen], jobs: int, profile: bool = False) -> None:
                 spy = None
@@ -180,9 +229,13 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "-p", str(pid), "-o",
                                             str(STATE_DIR / "ceiling-worker.txt"), "--format", "raw", "-d", "15"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                cpu0 = process_cpu_s(pid)
+                cpu0, threads0 = process_cpu_s(pid), thread_cpu_s(pid)
                 results = [_finish(p) for p in procs]
                 worker_cpu = process_cpu_s(pid) - cpu0
+                by_role: dict[str, float] = {}
+                for tid, seconds in thread_cpu_s(pid).items():
+                    role = roles.get(tid, "other")
+                    by_role[role] = by_role.get(role, 0.0) + 1000 * (seconds - threads0.get(tid, 0.0)) / jobs
                 if spy is not None:
                     spy.wait()
                 seconds = max(r["seconds"] for r in results)
@@ -191,12 +244,18 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                 latencies = sorted(x for r in results for x in r["latencies"])
                 if latencies:
                     rows[label]["p50_ms"] = 1000 * latencies[len(latencies) // 2]
+                rows[label]["worker_threads_cpu_ms_per_job"] = by_role
                 print(f"  {label:<58} {jobs / seconds:8.0f} jobs/s  worker {rows[label]['worker_cpu_ms_per_job']:.2f}"
                       f" ms/job  producer {rows[label]['producer_cpu_ms_per_job']:.2f} ms/job", flush=True)
+                for role, ms in sorted(by_role.items(), key=lambda item: -item[1]):
+                    if ms >= 0.005:
+                        print(f"      {role:<54} {ms:6.3f} ms/job", flush=True)
 
             n = args.n
-            measure(f"1 producer, {n} single jobs at once",
+            measure(f"1 producer, {n} single jobs at once (submit_many)",
                     [_producer(server, "--mode", "burst", "--n", str(n))], n, profile=args.profile)
+            measure(f"1 producer, {n} single jobs, submit() each",
+                    [_producer(server, "--mode", "burst-submit", "--n", str(n))], n)
             per = n // args.producers
             start_at = time.time() + 15
             procs = [_producer(server, "--mode", "in-flight", "--n", str(per), "--offset", str(i * per),
