@@ -15,7 +15,6 @@ import logging
 from typing import Any
 
 from celery import states
-from redis.exceptions import NoScriptError
 
 from producers.celery_internals import finished_task_meta
 from producers.constants import WRITE_RETRY_S
@@ -53,12 +52,7 @@ def encoded_meta(backend: Any, job_id: str, state: str, value: Any, request: Any
 
 
 class FirstResultStore:
-    """Writes final results through :data:`STORE_FIRST_SCRIPT`, many per pipeline.
-
-    The pipeline calls the script by its SHA (``EVALSHA``) and loads it only when Redis answers ``NOSCRIPT``
-    (a restarted or failed-over server): a redis-py ``Script`` queued on a pipeline sends ``SCRIPT EXISTS``
-    first on every execute, one more round trip per commit round.
-    """
+    """Writes final results through :data:`STORE_FIRST_SCRIPT`, many per pipeline."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
@@ -71,7 +65,8 @@ class FirstResultStore:
 
     def queue(self, pipe: Any, job_id: str, state: str, encoded: str) -> None:
         """Queue one conditional write on ``pipe`` (a pipeline of the backend's client)."""
-        pipe.evalsha(self._script.sha, 1, self.backend.get_key_for_task(job_id), encoded, self.expiry_s(state))
+        self._script(keys=[self.backend.get_key_for_task(job_id)], args=[encoded, self.expiry_s(state)],
+                     client=pipe)
 
     def store(self, results: list[tuple[str, str, str]], *, wait: ReplicaWait = NO_WAIT,
               bound_s: float = WRITE_RETRY_S) -> list[Any]:
@@ -82,18 +77,11 @@ class FirstResultStore:
         pipeline cannot be sent whole for another reason, each result is written alone, and a result that
         still cannot be stored gets the error that kept it out as its reply (:class:`WriteFailed` included).
         """
-        def write_all() -> list[Any]:
+        try:
             return pipeline_until_done(self.backend.client,
                                        lambda pipe: [self.queue(pipe, job_id, state, encoded)
                                                      for job_id, state, encoded in results],
                                        f"the results of {len(results)} jobs", wait=wait, bound_s=bound_s)
-
-        try:
-            try:
-                return write_all()
-            except NoScriptError:  # the server lost its scripts: load ours, then write again (it wrote nothing)
-                self.backend.client.script_load(STORE_FIRST_SCRIPT)
-                return write_all()
         except WriteFailed:
             raise
         except Exception:

@@ -37,15 +37,10 @@ BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 2.0
 """The longest pause between two tries of a write."""
 
-NOT_RETRIED = (redis_lib.exceptions.NoScriptError,)
-"""Redis errors a write raises as they are: an answer that trying the same write again cannot change."""
-
 
 def write_until_done(do: Callable[[], T], what: str, *, bound_s: float = WRITE_RETRY_S,
                      on_retry: Callable[[], None] = lambda: None) -> T:
     """``do()``, tried again after each Redis error for up to ``bound_s``; raises :class:`WriteFailed` past it.
-
-    :data:`NOT_RETRIED` errors are raised at once, unwrapped, for the caller to act on.
 
     ``what`` names the write in the log lines and in the error; ``on_retry`` runs
     after each failed try (a supervised thread reports that it is alive).
@@ -59,10 +54,7 @@ def write_until_done(do: Callable[[], T], what: str, *, bound_s: float = WRITE_R
     retry = Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries=-1,
                   supported_errors=(redis_lib.RedisError,))
     try:
-        return retry.call_with_retry(do, failed, is_retryable=lambda error: not isinstance(error, NOT_RETRIED)
-                                     and time.monotonic() < deadline)
-    except NOT_RETRIED:
-        raise
+        return retry.call_with_retry(do, failed, is_retryable=lambda _: time.monotonic() < deadline)
     except redis_lib.RedisError as error:
         raise WriteFailed(f"could not write {what}: Redis refused it for {bound_s:g} s "
                           f"(redis_write_retry_s); last error: {error}") from error

@@ -90,21 +90,3 @@ def test_the_ack_thread_keeps_serving_and_the_tags_stay_held_when_acks_fail(serv
 
 def test_write_until_done_returns_at_once_when_redis_takes_the_write(server):
     assert write_until_done(lambda: server.client().incr("n"), "a counter", bound_s=0.1) == 1
-
-
-def test_results_are_stored_after_the_server_lost_its_scripts(server):
-    from celery import Celery, states
-
-    from worker.first_result import FirstResultStore
-
-    app = Celery(broker=f"{server.url}/0", backend=f"{server.url}/1")
-    store = FirstResultStore(app.backend)
-    client = redis.Redis.from_url(f"{server.url}/1")
-    assert store.store([("a", states.SUCCESS, '{"status": "SUCCESS"}')]) == [1]
-    client.script_flush()  # as a restarted or failed-over server has none of our scripts
-    started = time.monotonic()
-    assert store.store([("b", states.SUCCESS, '{"status": "SUCCESS"}'),
-                        ("a", states.SUCCESS, '{"status": "SUCCESS", "again": 1}')]) == [1, 0]
-    assert time.monotonic() - started < 1.0  # loaded at once, not retried until the write bound
-    assert client.get(app.backend.get_key_for_task("a")) == b'{"status": "SUCCESS"}'
-    assert client.exists(app.backend.get_key_for_task("b"))
