@@ -44,6 +44,12 @@ class ClaimedChannel:
             return base64.b64decode(body)
         return body
 
+    def encode_body(self, body: bytes | str, encoding: str | None = None) -> tuple[bytes | str, str | None]:
+        """Apply the transport's body encoding again (``Message.serializable``: a dead letter's raw message)."""
+        if encoding == "base64":
+            return base64.b64encode(body if isinstance(body, bytes) else body.encode()).decode(), encoding
+        return body, encoding
+
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         """The job is done: drop it from the unacked bookkeeping (batched)."""
         self._acker.ack(delivery_tag)

@@ -163,3 +163,19 @@ def test_claim_serves_deployments_of_one_step_round_robin_by_quantum(broker):
     routed = [json.loads(raw)["properties"]["delivery_info"]["routing_key"]
               for _, raw, _ in kombu_layout.parse_claim_reply(reply)]
     assert routed == ["busy"] * 4 + ["quiet"], "the quiet deployment waited more than one batch of the busy one"
+
+
+def test_a_claimed_message_serializes_back_to_what_kombu_stored(broker):
+    """A dead letter keeps the raw message: kombu's ``Message.serializable`` through the claimed channel."""
+    from kombu.transport.virtual.base import Message
+
+    from worker.consumer_threads import ClaimedChannel
+
+    client, connection = broker
+    _publish(connection, "layout", {"n": 1, "text": "héllo"})
+    [raw] = _claim(client, "layout")
+    stored = json.loads(raw)
+    message = Message(stored, channel=ClaimedChannel(None, lambda tag: None))
+    assert json.loads(message.body) == {"n": 1, "text": "héllo"}
+    assert message.serializable()["body"] == stored["body"]
+    assert message.serializable()["properties"] == stored["properties"]
