@@ -18,13 +18,13 @@ import soundfile
 from PIL import Image
 
 from producers.errors import MediaError
+from producers.urlguard import host_allowed
 from worker.media import (
     MAX_REDIRECTS,
     MediaPolicy,
     decode_audio,
     decode_image,
     fetch_bytes,
-    host_allowed,
     is_media_reference,
 )
 
