@@ -10,8 +10,9 @@ Flush rule, per group of items that share the same call params:
 1. flush ``max_batch_size`` items as soon as that many are pending;
 2. flush whatever is pending as soon as no further item is coming
    (``more_coming()`` is false: every job this worker reserved has handed its
-   items over and the broker queue has nothing ready), so an idle fleet adds
-   no batching delay;
+   items over and the broker queue has nothing ready; and the runner is not held
+   by the consumer, which is still handing over the jobs of one claim), so an
+   idle fleet adds no batching delay;
 3. otherwise flush when the oldest pending item has waited ``max_batch_wait_ms``.
 
 When more items are pending than fit in one batch and the deployment measures
@@ -110,7 +111,8 @@ class Batcher:
             if group is None:
                 group = self._groups[key] = (dict(params), collections.deque())
             group[1].extend(items)
-            self._runner.condition.notify()
+            if not self._runner.held or len(group[1]) >= self.max_batch_size:
+                self._runner.condition.notify()
         return [item.future for item in items]
 
     def _lengths(self, payloads: list[Any]) -> list[int]:
@@ -183,7 +185,7 @@ class Batcher:
         params, items = self._groups[key]
         full = len(items) >= self.max_batch_size
         waited_out = now - enqueued_at >= self.max_batch_wait_s
-        if not (full or waited_out or not self.more_coming()):
+        if not (full or waited_out or not (self._runner.held or self.more_coming())):
             return None, enqueued_at + self.max_batch_wait_s
         batch = self._select(items)
         if not items:
@@ -265,6 +267,8 @@ class DeviceRunner:
         self.batchers: list[Batcher] = []
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._stopping = False
+        self.held = 0
+        """How many callers hold this runner's flush decisions (:meth:`hold`); read under :attr:`condition`."""
         self._thread = threading.Thread(target=self._loop, name=f"pipefleet-device-{device}", daemon=True)
 
     @property
@@ -293,6 +297,24 @@ class DeviceRunner:
             self._calls.append((function, future))
             self.condition.notify()
         return future
+
+    def hold(self) -> None:
+        """Treat more items as coming, and do not wake for each one, until :meth:`release`.
+
+        The bulk consumer holds the runners while it hands over the jobs of one claim: woken at the first
+        item, the inference thread would flush a batch of one and then contend for the GIL with the hand-over
+        of the rest. A full batch still flushes at once; the rest wait for the release, which comes when the
+        claim's last job is handed over.
+        """
+        with self.condition:
+            self.held += 1
+
+    def release(self) -> None:
+        """End one :meth:`hold`; the last release re-evaluates the flush rules at once."""
+        with self.condition:
+            self.held -= 1
+            if not self.held:
+                self.condition.notify()
 
     def wake(self) -> None:
         """Re-evaluate flush rules now (a job handed over, or the queue changed)."""

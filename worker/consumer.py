@@ -33,7 +33,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import redis as redis_lib
 from celery import bootsteps, signals
@@ -44,7 +45,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport.virtual import Message
 from vine import promise
 
-from producers.constants import CANCEL_KEY_PREFIX, LEASE_TTL_S, WRITE_RETRY_S
+from producers.constants import LEASE_TTL_S, WRITE_RETRY_S
 from producers.redis_clients import RedisOptions, redis_client
 from worker import kombu_layout
 from worker.consumer_threads import WATCH_TIMEOUT_S, BulkAcker, ClaimedChannel, QueueWatcher
@@ -71,6 +72,7 @@ class BulkConsumer:
                  quanta: list[int] | None = None, lease_ttl_s: float = LEASE_TTL_S,
                  visibility_timeout_s: float = 3600,
                  hot_path: Callable[..., Any] | None = None,
+                 holding: Callable[[], ContextManager[None]] = nullcontext,
                  redis_options: RedisOptions | None = None, write_retry_s: float = WRITE_RETRY_S) -> None:
         self._celery = celery_consumer
         self._broker_url = broker_url
@@ -82,6 +84,9 @@ class BulkConsumer:
         self._queue_keys = kombu_layout.priority_queue_keys(queues, priority_steps)
         self._quanta = list(quanta or [MAX_CLAIM] * len(queues))
         self._first = 0
+        self._holding = holding
+        """Holds the device runners' flush decisions while a claim's jobs are handed over
+        (:meth:`worker.runtime.Runtime.holding_runners`)."""
         self._client = redis_client(broker_url, redis_options)
         self._claim = self._client.register_script(kombu_layout.CLAIM_SCRIPT)
         self._keys = kombu_layout.claim_keys(self._queue_keys, worker)
@@ -94,7 +99,9 @@ class BulkConsumer:
                                write_retry_s=write_retry_s)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
-        self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._wake, supervisor)
+        self._ready: frozenset[str] | set[str] = frozenset()
+        """Queue lists that held a message at the last claim (from its reply) or that a watcher found since."""
+        self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._on_found, supervisor)
         self._stopping = threading.Event()
         self._paused = threading.Event()
         self.redelivered_done = 0
@@ -153,6 +160,19 @@ class BulkConsumer:
         self.acker.close()
         self.lease.stop()
 
+    def has_ready(self, queue_keys: list[str]) -> bool:
+        """Whether any of these queue lists held a message at the last claim, or has got one since.
+
+        Read by the batchers' flush rule 2 on the inference thread, in place of a round trip to Redis.
+        """
+        ready = self._ready
+        return any(key in ready for key in queue_keys)
+
+    def _on_found(self, key: str) -> None:
+        """A watcher found ``key`` non-empty: note it and wake the claim loop."""
+        self._ready = self._ready | {key}
+        self._wake.set()
+
     def _on_task_done(self, *_: Any, **__: Any) -> None:
         self._wake.set()
 
@@ -186,44 +206,54 @@ class BulkConsumer:
             self._wake.clear()
             return
         self._first = (self._first + 1) % len(self._quanta)
-        reply = self._claim(keys=self._keys, args=kombu_layout.claim_args(
-            min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first))
-        if reply:
-            claimed, redelivered = self._decode(reply)
-            stored = self._already_stored(redelivered)
-            cancelled = self._cancelled([payload for _, _, payload in claimed])
-            for tag, raw, payload in claimed:
-                if tag in stored:
-                    self._ack_stored(tag, payload, stored[tag])
-                else:
-                    self._deliver_or_dead_letter(tag, raw, payload, cancelled)
-            return
-        self._wake.clear()
-        self._watcher.armed.set()
+        claim = kombu_layout.parse_claim_reply(self._claim(keys=self._keys, args=kombu_layout.claim_args(
+            min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first)), self._queue_keys)
+        if claim.lengths is not None:
+            self._ready = {key for key, length in claim.lengths.items() if length}
+        with self._holding():
+            if claim.messages:
+                self._hand_over(claim.messages)
+                if self._ready:
+                    return
+            # Every list was empty when this claim ran: wait for the watchers instead of claiming again.
+            self._wake.clear()
+            self._watcher.armed.set()
         self._wake.wait(WATCH_TIMEOUT_S)
         self._watcher.armed.clear()
 
-    def _decode(self, reply: list[bytes]) -> tuple[list[tuple[str, bytes, dict]], dict[str, str]]:
-        """``(tag, raw, payload)`` of each runnable message, and ``{tag: job id}`` of those put back from a dead
+    def _hand_over(self, messages: list[kombu_layout.ClaimedMessage]) -> None:
+        """Deliver a claim's runnable messages; ack those whose result a dead holder stored already."""
+        claimed, redelivered = self._decode(messages)
+        stored = self._already_stored(redelivered)
+        cancelled = {payload["headers"]["id"] for message, payload in claimed if message.cancelled}
+        for message, payload in claimed:
+            if message.tag in stored:
+                self._ack_stored(message.tag, payload, stored[message.tag])
+            else:
+                self._deliver_or_dead_letter(message.tag, message.raw, payload, cancelled)
+
+    def _decode(self, messages: list[kombu_layout.ClaimedMessage]
+                ) -> tuple[list[tuple[kombu_layout.ClaimedMessage, dict]], dict[str, str]]:
+        """``(message, payload)`` of each runnable message, and ``{tag: job id}`` of those put back from a dead
         worker; poison goes to the dead-letter list."""
         known = self._celery.strategies
         claimed = []
         redelivered = {}
-        for tag, raw, again in kombu_layout.parse_claim_reply(reply):
-            if not tag:  # the claim script already moved it to the dead-letter list
-                self.dead_letters.record(raw, "not a kombu message (no delivery tag)")
+        for message in messages:
+            if not message.tag:  # the claim script already moved it to the dead-letter list
+                self.dead_letters.record(message.raw, "not a kombu message (no delivery tag)")
                 continue
             try:
-                payload = decode_strict(raw)
+                payload = decode_strict(message.raw)
                 problem = envelope_problem(payload, known)
             except PoisonMessage as error:
                 payload, problem = None, str(error)
             if problem is None:
-                claimed.append((tag, raw, payload))
-                if again:
-                    redelivered[tag] = payload["headers"]["id"]
+                claimed.append((message, payload))
+                if message.redelivered:
+                    redelivered[message.tag] = payload["headers"]["id"]
             else:
-                self._dead_letter(tag, problem, raw, job_id_of(payload))
+                self._dead_letter(message.tag, problem, message.raw, job_id_of(payload))
         return claimed, redelivered
 
     def _already_stored(self, redelivered: dict[str, str]) -> dict[str, str]:
@@ -269,18 +299,6 @@ class BulkConsumer:
     def _dead_letter_job(self, job: Any, reason: str) -> None:
         message = job.message
         self._dead_letter(message.delivery_tag, reason, json.dumps(message.serializable(), default=str), job.job_id)
-
-    def _cancelled(self, payloads: list[dict]) -> set[str]:
-        """Ids among these messages whose cancel flag is set: one MGET for the whole claim."""
-        ids = [p["headers"]["id"] for p in payloads]
-        if not ids:
-            return set()
-        try:
-            flags = self._client.mget([f"{CANCEL_KEY_PREFIX}{job_id}" for job_id in ids])
-        except redis_lib.RedisError as error:
-            logger.warning("cannot read cancel flags (%s); the batcher reads them later", error)
-            return set()
-        return {job_id for job_id, flag in zip(ids, flags) if flag}
 
     def _deliver_or_dead_letter(self, tag: str, raw: bytes, payload: dict, cancelled: set[str]) -> None:
         try:

@@ -136,13 +136,13 @@ class BulkAcker:
 
 
 class QueueWatcher:
-    """One thread per queue list; sets ``wake`` when an armed wait finds the list non-empty."""
+    """One thread per queue list; calls ``on_found(key)`` when an armed wait finds the list non-empty."""
 
     def __init__(self, client_factory: Callable[[], redis_lib.Redis], keys: list[str],
-                 wake: threading.Event, supervisor: Supervisor) -> None:
+                 on_found: Callable[[str], None], supervisor: Supervisor) -> None:
         self._client_factory = client_factory
         self._keys = keys
-        self._wake = wake
+        self._on_found = on_found
         self._supervisor = supervisor
         self.armed = threading.Event()
         self._stopping = threading.Event()
@@ -180,4 +180,4 @@ class QueueWatcher:
                 continue
             if found is not None:
                 self.armed.clear()
-                self._wake.set()
+                self._on_found(key)

@@ -21,6 +21,8 @@ every worker) redelivers them when a worker dies. That layout, as of kombu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from producers import constants
 
 UNACKED_KEY = "unacked"
@@ -57,7 +59,8 @@ CLAIM_SCRIPT = """
 -- KEYS[5] lease holders set, KEYS[6] this worker's lease key, KEYS[7] the set of tags put back from dead workers,
 -- KEYS[8..] queue lists: one group of ARGV[4] lists per priority step, urgent first
 -- ARGV[1] most messages to take, ARGV[2] now (unix seconds), ARGV[3] worker name, ARGV[4] lists per step,
--- ARGV[5] which list of a step goes first (round robin), ARGV[6..] quantum of each list of a step
+-- ARGV[5] which list of a step goes first (round robin), ARGV[6] the cancel flags' key prefix,
+-- ARGV[7..] quantum of each list of a step
 -- A worker whose lease lapsed takes nothing until it renews it: the fleet may be putting its jobs back.
 if redis.call('EXISTS', KEYS[6]) == 0 then return {} end
 local limit = tonumber(ARGV[1])
@@ -75,6 +78,7 @@ local function take(key, raw)
     taken[#taken + 1] = ''  -- reported to the worker (log line, metric) with an empty tag
     taken[#taken + 1] = raw
     taken[#taken + 1] = 0
+    taken[#taken + 1] = 0
     return
   end
   local info = type(properties.delivery_info) == 'table' and properties.delivery_info or {}
@@ -89,6 +93,10 @@ local function take(key, raw)
   taken[#taken + 1] = tag
   taken[#taken + 1] = raw
   taken[#taken + 1] = redis.call('SREM', KEYS[7], tag)  -- 1: put back from a dead worker, which may have stored it
+  -- The cancel flag (a key outside KEYS: pipefleet runs on one Redis or a Sentinel group, never a cluster)
+  local headers = message.headers
+  local id = type(headers) == 'table' and headers.id
+  taken[#taken + 1] = type(id) == 'string' and redis.call('EXISTS', ARGV[6] .. id) or 0
 end
 local steps = (#KEYS - 7) / per_step
 for step = 0, steps - 1 do
@@ -97,7 +105,7 @@ for step = 0, steps - 1 do
     for j = 0, per_step - 1 do
       if count >= limit then break end
       local q = (first + j) % per_step
-      local quantum = math.min(tonumber(ARGV[6 + q]), limit - count)
+      local quantum = math.min(tonumber(ARGV[7 + q]), limit - count)
       local key = KEYS[8 + step * per_step + q]
       local raws = redis.call('RPOP', key, quantum)
       if raws then
@@ -109,12 +117,16 @@ for step = 0, steps - 1 do
   end
 end
 if count > 0 then redis.call('SADD', KEYS[5], ARGV[3]) end
-return taken
+local lengths = {}
+for i = 8, #KEYS do lengths[#lengths + 1] = redis.call('LLEN', KEYS[i]) end
+return {taken, lengths}
 """
 """Atomically pop up to ARGV[1] messages, record each as unacked (as kombu's ``QoS.append`` does) and as held
-by this worker; returns ``[tag, raw, redelivered, tag, raw, redelivered, ...]`` (read it with
-:func:`parse_claim_reply`), where an empty tag marks a message that had none and went straight to the dead-letter
-list, and ``redelivered`` is 1 for a message the reap put back from a dead worker (:mod:`worker.lease`).
+by this worker; returns ``{messages, lengths}`` (read it with :func:`parse_claim_reply`): ``messages`` is
+``[tag, raw, redelivered, cancelled, ...]``, where an empty tag marks a message that had none and went straight
+to the dead-letter list, ``redelivered`` is 1 for a message the reap put back from a dead worker
+(:mod:`worker.lease`) and ``cancelled`` is 1 when the job's cancel flag is set; ``lengths`` is the length of each
+queue list after the claim, so the worker knows without another round trip whether more jobs are ready.
 
 A message is never only in a worker's memory: it is either in a queue list or in
 the unacked hash, whatever moment the worker dies at. Within a priority step the
@@ -123,21 +135,44 @@ turn (deficit round robin by batch), starting at ARGV[5].
 """
 
 
+class ClaimedMessage(NamedTuple):
+    """One message of a claim: its delivery tag ("" when it had none and was dead-lettered), raw text, whether
+    the reap put it back from a dead worker, and whether its job's cancel flag was set when it was claimed."""
+
+    tag: str
+    raw: bytes
+    redelivered: bool
+    cancelled: bool
+
+
+class Claim(NamedTuple):
+    """A :data:`CLAIM_SCRIPT` reply: the messages taken, and each queue list's length after the claim (None when
+    the worker's lease had lapsed and nothing was read)."""
+
+    messages: list[ClaimedMessage]
+    lengths: dict[str, int] | None
+
+
 def claim_keys(queue_keys: list[str], worker: str) -> list[str]:
     """KEYS of :data:`CLAIM_SCRIPT` for these queue lists (as :func:`priority_queue_keys` orders them)."""
     return [UNACKED_KEY, UNACKED_INDEX_KEY, DEAD_LETTER_KEY, claims_key(worker), constants.LEASE_HOLDERS_KEY,
             lease_key(worker), constants.REDELIVERED_KEY, *queue_keys]
 
 
-def parse_claim_reply(reply: list) -> list[tuple[str, bytes, bool]]:
-    """``(tag, raw message, redelivered)`` for each message of a :data:`CLAIM_SCRIPT` reply ("" tag: dead-lettered)."""
-    return [(tag.decode(errors="replace") if isinstance(tag, bytes) else str(tag), raw, bool(again))
-            for tag, raw, again in zip(reply[0::3], reply[1::3], reply[2::3])]
+def parse_claim_reply(reply: list, queue_keys: list[str]) -> Claim:
+    """Read a :data:`CLAIM_SCRIPT` reply for the ``queue_keys`` it was called with."""
+    if not reply:
+        return Claim([], None)
+    entries, lengths = reply
+    messages = [ClaimedMessage(tag.decode(errors="replace") if isinstance(tag, bytes) else str(tag), raw,
+                               bool(again), bool(cancelled))
+                for tag, raw, again, cancelled in zip(entries[0::4], entries[1::4], entries[2::4], entries[3::4])]
+    return Claim(messages, dict(zip(queue_keys, lengths)))
 
 
 def claim_args(limit: int, now: float, worker: str, quanta: list[int], first: int) -> list:
     """ARGV of :data:`CLAIM_SCRIPT`: ``quanta`` has one entry per queue of a priority step."""
-    return [limit, repr(now), worker, len(quanta), first % len(quanta), *quanta]
+    return [limit, repr(now), worker, len(quanta), first % len(quanta), constants.CANCEL_KEY_PREFIX, *quanta]
 
 
 ACK_SCRIPT = """

@@ -184,21 +184,18 @@ def warm_up_deployments(runtime: Runtime) -> None:
         served.metrics.model_load_s += time.perf_counter() - started
 
 
-def broker_hooks(redis: Callable[[], Any], queue_keys: dict[str, list[str]]) -> BatchHooks:
+def broker_hooks(redis: Callable[[], Any], consumer: Callable[[], Any],
+                 queue_keys: dict[str, list[str]]) -> BatchHooks:
     """The batchers' hooks of a worker: its deployments' queues and cancel flags in Redis, Celery's revoked ids.
 
-    ``redis()`` gives the worker's Redis client (set once the deployments are loaded); ``queue_keys`` maps each
-    deployment to its priority sub-queue lists.
+    ``redis()`` gives the worker's Redis client (set once the deployments are loaded); ``consumer()`` its bulk
+    consumer (None until Celery starts it), which knows from its last claim which queue lists hold jobs;
+    ``queue_keys`` maps each deployment to its priority sub-queue lists.
     """
 
     def queue_has_ready(name: str) -> bool:
-        try:
-            pipe = redis().pipeline(transaction=False)
-            for key in queue_keys[name]:
-                pipe.llen(key)
-            return any(pipe.execute())
-        except redis_lib.RedisError:
-            return False
+        bulk = consumer()
+        return bulk is not None and bulk.has_ready(queue_keys[name])
 
     def find_cancelled(items: list[PendingItem]) -> set[str]:
         # Revoked ids are in memory. Cancel flags in Redis are read once per batch, and only for items that
@@ -246,7 +243,8 @@ def run_worker(args: argparse.Namespace) -> int:
         return register_only(config, names)
     worker_name = args.name or f"pipefleet-{socket.gethostname()}-{os.getpid()}"
     queue_keys = {name: priority_queue_keys([queue_name(name)], PRIORITY_STEPS) for name in names}
-    runtime = Runtime(config, worker_name, hooks=broker_hooks(lambda: runtime.redis, queue_keys))
+    runtime = Runtime(config, worker_name,
+                      hooks=broker_hooks(lambda: runtime.redis, lambda: runtime.consumer, queue_keys))
     try:
         load_deployments(config, names, runtime)
     except ConfigError as error:
@@ -295,7 +293,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
     app.steps["consumer"].add(bulk_consumer_step(
         broker_url=config.broker_url, queues=[queue_name(n) for n in names], priority_steps=PRIORITY_STEPS,
-        concurrency=concurrency, on_create=created, hot_path=hot_path, worker=worker_name,
+        concurrency=concurrency, on_create=created, hot_path=hot_path, holding=runtime.holding_runners,
+        worker=worker_name,
         supervisor=supervisor, quanta=[config.deployment(n).max_batch_size for n in names],
         lease_ttl_s=config.lease_ttl_s, visibility_timeout_s=config.visibility_timeout_s,
         redis_options=config.redis_options(), write_retry_s=config.redis_write_retry_s))

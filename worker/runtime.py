@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from config.models import Deployment, FleetConfig
 from producers.errors import UnknownDeployment
@@ -205,6 +206,19 @@ class Runtime:
         """The job's items are in the batcher, or it ended without reaching it: its batcher may flush now."""
         self.tracker.handed_over(deployment, job_id)
         self.wake(deployment)
+
+    @contextmanager
+    def holding_runners(self) -> Iterator[None]:
+        """Hold every device's flush decisions while the caller hands over a claim's jobs (see
+        :meth:`DeviceRunner.hold`), then let each decide once."""
+        runners = list(self.runners.values())
+        for runner in runners:
+            runner.hold()
+        try:
+            yield
+        finally:
+            for runner in runners:
+                runner.release()
 
     def wake(self, deployment: str) -> None:
         """Let the deployment's runner re-check its flush rule."""

@@ -71,6 +71,21 @@ def test_window_bounds_the_wait_while_more_is_said_to_come():
     runner.stop()
 
 
+def test_a_held_runner_batches_a_claims_jobs_together_and_flushes_full_batches_at_once():
+    """While the consumer hands over one claim's jobs, nothing flushes early; a full batch does not wait."""
+    run = Recorder()
+    batcher, runner = make(run, max_batch_size=4, max_batch_wait_ms=10_000)
+    runner.hold()
+    futures = [batcher.submit(f"job{i}", [i], {}) for i in range(6)]
+    assert [results(f) for f in futures[:4]] == [[0], [2], [4], [6]], "a full batch waited for the release"
+    time.sleep(0.2)
+    assert run.sizes == [4] and not futures[4][0].done(), "a partial batch flushed while the runner was held"
+    runner.release()
+    assert [results(f) for f in futures[4:]] == [[8], [10]]
+    assert run.sizes == [4, 2]
+    runner.stop()
+
+
 def test_different_params_never_share_a_batch():
     seen = []
 

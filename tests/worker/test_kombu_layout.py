@@ -14,7 +14,7 @@ import time
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
-from producers.constants import LEASE_HOLDERS_KEY, PRIORITY_STEPS
+from producers.constants import CANCEL_KEY_PREFIX, LEASE_HOLDERS_KEY, PRIORITY_STEPS
 from worker import kombu_layout
 from producers.backlog import claimed_counts
 from worker.lease import LeaseKeeper
@@ -33,21 +33,21 @@ def broker(redis_server):
     client.flushdb()
 
 
-def _publish(connection, queue_name: str, body: dict, priority: int = 6) -> None:
+def _publish(connection, queue_name: str, body: dict, priority: int = 6, headers: dict | None = None) -> None:
     queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
     producer = Producer(connection.default_channel)
     producer.publish(body, exchange=queue.exchange, routing_key=queue_name, declare=[queue], priority=priority,
-                     serializer="json")
+                     serializer="json", headers=headers)
 
 
 def _claim(client, queue_name: str, limit: int = 10, now: float | None = None, worker: str = WORKER) -> list[bytes]:
     """Claim as a worker with a live lease; returns the raw messages taken."""
     client.set(kombu_layout.lease_key(worker), "alive", ex=60)
-    keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys([queue_name], PRIORITY_STEPS), worker)
+    queue_keys = kombu_layout.priority_queue_keys([queue_name], PRIORITY_STEPS)
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
-    reply = script(keys=keys, args=kombu_layout.claim_args(limit, time.time() if now is None else now, worker,
-                                                           [limit], 0))
-    return [raw for tag, raw, _ in kombu_layout.parse_claim_reply(reply) if tag]
+    reply = script(keys=kombu_layout.claim_keys(queue_keys, worker),
+                   args=kombu_layout.claim_args(limit, time.time() if now is None else now, worker, [limit], 0))
+    return [message.raw for message in kombu_layout.parse_claim_reply(reply, queue_keys).messages if message.tag]
 
 
 def _tag(raw: bytes) -> str:
@@ -160,9 +160,30 @@ def test_claim_serves_deployments_of_one_step_round_robin_by_quantum(broker):
     keys = kombu_layout.claim_keys(kombu_layout.priority_queue_keys(["busy", "quiet"], PRIORITY_STEPS), WORKER)
     script = client.register_script(kombu_layout.CLAIM_SCRIPT)
     reply = script(keys=keys, args=kombu_layout.claim_args(5, time.time(), WORKER, [4, 4], 0))
-    routed = [json.loads(raw)["properties"]["delivery_info"]["routing_key"]
-              for _, raw, _ in kombu_layout.parse_claim_reply(reply)]
+    claim = kombu_layout.parse_claim_reply(reply, kombu_layout.priority_queue_keys(["busy", "quiet"], PRIORITY_STEPS))
+    routed = [json.loads(message.raw)["properties"]["delivery_info"]["routing_key"] for message in claim.messages]
     assert routed == ["busy"] * 4 + ["quiet"], "the quiet deployment waited more than one batch of the busy one"
+    busy_list = kombu_layout.priority_queue_keys(["busy"], PRIORITY_STEPS)[2]  # priority 6
+    assert claim.lengths == {key: 16 if key == busy_list else 0 for key in claim.lengths}, \
+        "the reply must say which lists still hold jobs (the batchers' flush rule reads it)"
+
+
+def test_claim_reports_each_jobs_cancel_flag(broker):
+    """The claim reads each job's cancel flag in the same step, so a cancelled job is never started."""
+    client, connection = broker
+    _publish(connection, "flags", {"n": 1}, headers={"id": "kept-job"})
+    _publish(connection, "flags", {"n": 2}, headers={"id": "cancelled-job"})
+    _publish(connection, "flags", {"n": 3})  # no job id: not a Celery message, never reported cancelled
+    client.set(f"{CANCEL_KEY_PREFIX}cancelled-job", "1")
+    client.set(kombu_layout.lease_key(WORKER), "alive", ex=60)
+    queue_keys = kombu_layout.priority_queue_keys(["flags"], PRIORITY_STEPS)
+    script = client.register_script(kombu_layout.CLAIM_SCRIPT)
+    claim = kombu_layout.parse_claim_reply(script(keys=kombu_layout.claim_keys(queue_keys, WORKER),
+                                                  args=kombu_layout.claim_args(10, time.time(), WORKER, [10], 0)),
+                                           queue_keys)
+    assert [(json.loads(m.raw)["headers"].get("id"), m.cancelled) for m in claim.messages] == [
+        ("kept-job", False), ("cancelled-job", True), (None, False)]
+    assert set(claim.lengths.values()) == {0}
 
 
 def test_a_claimed_message_serializes_back_to_what_kombu_stored(broker):

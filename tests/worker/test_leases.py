@@ -217,10 +217,10 @@ def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet:
             claim = broker.register_script(kombu_layout.CLAIM_SCRIPT)
             taken = kombu_layout.parse_claim_reply(claim(
                 keys=kombu_layout.claim_keys(queue_keys, "ghost"),
-                args=kombu_layout.claim_args(1, time.time(), "ghost", [1], 0)))
+                args=kombu_layout.claim_args(1, time.time(), "ghost", [1], 0)), queue_keys).messages
         finally:
             os.kill(worker.proc.pid, signal.SIGCONT)
-        assert [(tag, again) for tag, _, again in taken] == [(json.loads(raw)["properties"]["delivery_tag"], False)]
+        assert [(message.tag, message.redelivered) for message in taken] == [(json.loads(raw)["properties"]["delivery_tag"], False)]
         _wait_for(lambda: f"job {job.id} on " in worker.log() and "REDELIVERED-SUCCESS" in worker.log(), 30,
                   "the worker to reap the ghost's lease and claim the job")
         _wait_for(lambda: not broker.hlen(kombu_layout.UNACKED_KEY), 30, "the redelivered job to be acked")
