@@ -11,7 +11,9 @@ so what is measured is the path that feeds the model: publish, consume, batch, s
 - one producer process submitting N single-input jobs (in one ``submit_many``, then with one ``submit()``
   each), then collecting every result;
 - P producer processes, each keeping K jobs in flight (the web-backend pattern);
-- producer CPU per job of a plain ``submit()`` then ``result()`` loop.
+- producer CPU per job of a plain ``submit()`` then ``result()`` loop;
+- single-job latency p50 against the in-process ``pipe(text)``, both back to back and idle (each job after a
+  20 ms pause, on both sides: see :data:`IDLE_GAP_S`).
 
 CPU per job is read from the processes themselves (``/proc/<pid>/stat`` of the worker, ``getrusage`` of each
 producer). Under each fleet row, the worker's CPU per job by thread (``/proc/<pid>/task/<tid>/stat``, each
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.models import STATE_DIR
 from tests.fleet import REPO_ROOT, RedisServer, start_worker, worker_env, write_config
@@ -35,6 +38,14 @@ from tests.fleet import REPO_ROOT, RedisServer, start_worker, worker_env, write_
 TINY_DIR = STATE_DIR / "models" / "tiny-text-classification"
 BERT_BASE_DIR = STATE_DIR / "models" / "bert-base-random"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+IDLE_GAP_S = 0.02
+"""Pause before each job of the idle-latency rows, fleet and in-process alike: a job that finds the machine idle.
+
+Back-to-back calls keep the model's code and weights in the CPU's caches; after a pause the same forward pass
+costs about twice as much on the 2-core VM (docs/benchmarks.md), so the overhead is measured between two idle
+runs."""
+LOOP_LABEL = "1 producer, submit() then result() loop ({n})"
+IDLE_LABEL = "1 producer, one job every 20 ms ({n}), latency"
 
 
 def ensure_tiny_model() -> Path:
@@ -66,6 +77,13 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def command_calls(client: Any) -> dict[str, int]:
+    """Calls of each command Redis has run, from ``INFO commandstats`` (a script's own calls included), by
+    name; the ``info`` call itself and the benchmark's own reads left out."""
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()
+            if name not in ("cmdstat_info",)}
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
@@ -126,7 +144,7 @@ def producer_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--broker")
     parser.add_argument("--backend")
-    parser.add_argument("--mode", choices=["burst", "burst-submit", "in-flight", "loop"])
+    parser.add_argument("--mode", choices=["burst", "burst-submit", "in-flight", "loop", "idle"])
     parser.add_argument("--n", type=int)
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--in-flight", type=int, default=16)
@@ -149,8 +167,10 @@ def producer_main(argv: list[str]) -> int:
         elif args.mode == "burst-submit":
             jobs = [client.submit(deployment="tiny", inputs=text) for text in inputs]
             outputs = [job.result(timeout=600) for job in jobs]
-        elif args.mode == "loop":
+        elif args.mode in ("loop", "idle"):
             for text in inputs:
+                if args.mode == "idle":
+                    time.sleep(IDLE_GAP_S)
                 began = time.perf_counter()
                 outputs.append(client.submit(deployment="tiny", inputs=text).result(timeout=60))
                 latencies.append(time.perf_counter() - began)
@@ -183,11 +203,12 @@ def _finish(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
-def in_process_latency_ms(model: Path, n: int, device: int = -1) -> float:
-    """p50 of sequential single-input calls of the in-process pipeline (after a warm-up)."""
+def in_process_latency_ms(model: Path, n: int, device: int = -1, gap_s: float = 0.0) -> float:
+    """p50 of sequential single-input calls of the in-process pipeline (after a warm-up), ``gap_s`` apart."""
     code = ("import json,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
             f"p=pipeline('text-classification',model={str(model)!r},device={device});t=texts({n});"
-            "[p(x) for x in t[:10]];d=[];\nfor x in t:\n s=time.perf_counter();p(x);d.append(time.perf_counter()-s)"
+            "[p(x) for x in t[:10]];d=[];\nfor x in t:\n"
+            f" time.sleep({gap_s})\n s=time.perf_counter();p(x);d.append(time.perf_counter()-s)"
             "\nd.sort();print(json.dumps({'p50':d[len(d)//2]}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}),
                          capture_output=True, text=True, check=True)
@@ -229,6 +250,7 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "-p", str(pid), "-o",
                                             str(STATE_DIR / "ceiling-worker.txt"), "--format", "raw", "-d", "15"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                commands0 = command_calls(server.client(0))
                 cpu0, threads0 = process_cpu_s(pid), thread_cpu_s(pid)
                 results = [_finish(p) for p in procs]
                 worker_cpu = process_cpu_s(pid) - cpu0
@@ -245,8 +267,14 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                 if latencies:
                     rows[label]["p50_ms"] = 1000 * latencies[len(latencies) // 2]
                 rows[label]["worker_threads_cpu_ms_per_job"] = by_role
+                commands = {name: (calls - commands0.get(name, 0)) / jobs
+                            for name, calls in command_calls(server.client(0)).items()}
+                rows[label]["redis_commands_per_job"] = {k: v for k, v in commands.items() if v >= 0.01}
                 print(f"  {label:<58} {jobs / seconds:8.0f} jobs/s  worker {rows[label]['worker_cpu_ms_per_job']:.2f}"
                       f" ms/job  producer {rows[label]['producer_cpu_ms_per_job']:.2f} ms/job", flush=True)
+                top = sorted(rows[label]["redis_commands_per_job"].items(), key=lambda item: -item[1])
+                print(f"      Redis commands per job: {sum(commands.values()):.2f} ("
+                      + ", ".join(f"{name} {calls:.2f}" for name, calls in top[:8]) + ")", flush=True)
                 for role, ms in sorted(by_role.items(), key=lambda item: -item[1]):
                     if ms >= 0.005:
                         print(f"      {role:<54} {ms:6.3f} ms/job", flush=True)
@@ -263,8 +291,8 @@ def run_fleet(args: argparse.Namespace, model: Path) -> dict[str, dict]:
                      for i in range(args.producers)]
             measure(f"{args.producers} producers x {args.in_flight} in flight", procs, per * args.producers)
             loop_n = min(n, 300)
-            measure(f"1 producer, submit() then result() loop ({loop_n})",
-                    [_producer(server, "--mode", "loop", "--n", str(loop_n))], loop_n)
+            measure(LOOP_LABEL.format(n=loop_n), [_producer(server, "--mode", "loop", "--n", str(loop_n))], loop_n)
+            measure(IDLE_LABEL.format(n=loop_n), [_producer(server, "--mode", "idle", "--n", str(loop_n))], loop_n)
         finally:
             worker.terminate()
     finally:
@@ -299,12 +327,15 @@ def main() -> int:
         rows[f"in-process batch_size={batch_size}"] = {"jobs_per_s": local}
         print(f"  {f'in-process pipeline(texts, batch_size={batch_size})':<58} {local:8.0f} items/s", flush=True)
     rows.update(run_fleet(args, model))
-    local_p50 = in_process_latency_ms(model, min(args.n, 300), -1 if args.gpu is None else args.gpu)
-    fleet_p50 = next(row["p50_ms"] for row in rows.values() if "p50_ms" in row)
-    rows["idle single-job latency"] = {"in_process_p50_ms": local_p50, "fleet_p50_ms": fleet_p50,
-                                       "overhead_p50_ms": fleet_p50 - local_p50}
-    print(f"  idle single-job p50: in-process {local_p50:.2f} ms, fleet {fleet_p50:.2f} ms, "
-          f"overhead {fleet_p50 - local_p50:.2f} ms", flush=True)
+    loop_n = min(args.n, 300)
+    device = -1 if args.gpu is None else args.gpu
+    for key, label, gap_s in (("back-to-back single-job latency", LOOP_LABEL, 0.0),
+                              ("idle single-job latency", IDLE_LABEL, IDLE_GAP_S)):
+        local_p50 = in_process_latency_ms(model, loop_n, device, gap_s=gap_s)
+        fleet_p50 = rows[label.format(n=loop_n)]["p50_ms"]
+        rows[key] = {"in_process_p50_ms": local_p50, "fleet_p50_ms": fleet_p50, "overhead_p50_ms": fleet_p50 - local_p50}
+        print(f"  {key} p50: in-process {local_p50:.2f} ms, fleet {fleet_p50:.2f} ms, "
+              f"overhead {fleet_p50 - local_p50:.2f} ms", flush=True)
     args.json.write_text(json.dumps(rows, indent=2))
     return 0
 
