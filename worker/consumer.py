@@ -174,7 +174,10 @@ class BulkConsumer:
         self._wake.set()
 
     def _on_task_done(self, *_: Any, **__: Any) -> None:
-        self._wake.set()
+        # Freed capacity matters only to a loop that waits for it; one waiting on its watchers (every list was
+        # empty) is woken by them when a job comes.
+        if not self._watcher.armed.is_set():
+            self._wake.set()
 
     def _on_shutting_down(self, *_: Any, **__: Any) -> None:
         # Celery's warm shutdown starts (SIGTERM): its pool takes no new task from here on, so claim nothing more.
