@@ -99,7 +99,7 @@ class BulkConsumer:
                                write_retry_s=write_retry_s)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
-        self._ready: frozenset[str] | set[str] = frozenset()
+        self._ready: frozenset[str] = frozenset()
         """Queue lists that held a message at the last claim (from its reply) or that a watcher found since."""
         self._watcher = QueueWatcher(self._watch_client, self._queue_keys, self._on_found, supervisor)
         self._stopping = threading.Event()
@@ -212,7 +212,7 @@ class BulkConsumer:
         claim = kombu_layout.parse_claim_reply(self._claim(keys=self._keys, args=kombu_layout.claim_args(
             min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first)), self._queue_keys)
         if claim.lengths is not None:
-            self._ready = {key for key, length in claim.lengths.items() if length}
+            self._ready = frozenset(key for key, length in claim.lengths.items() if length)
         with self._holding():
             if claim.messages:
                 self._hand_over(claim.messages)
@@ -228,12 +228,11 @@ class BulkConsumer:
         """Deliver a claim's runnable messages; ack those whose result a dead holder stored already."""
         claimed, redelivered = self._decode(messages)
         stored = self._already_stored(redelivered)
-        cancelled = {payload["headers"]["id"] for message, payload in claimed if message.cancelled}
         for message, payload in claimed:
             if message.tag in stored:
                 self._ack_stored(message.tag, payload, stored[message.tag])
             else:
-                self._deliver_or_dead_letter(message.tag, message.raw, payload, cancelled)
+                self._deliver_or_dead_letter(message.tag, message.raw, payload, message.cancelled)
 
     def _decode(self, messages: list[kombu_layout.ClaimedMessage]
                 ) -> tuple[list[tuple[kombu_layout.ClaimedMessage, dict]], dict[str, str]]:
@@ -303,7 +302,7 @@ class BulkConsumer:
         message = job.message
         self._dead_letter(message.delivery_tag, reason, json.dumps(message.serializable(), default=str), job.job_id)
 
-    def _deliver_or_dead_letter(self, tag: str, raw: bytes, payload: dict, cancelled: set[str]) -> None:
+    def _deliver_or_dead_letter(self, tag: str, raw: bytes, payload: dict, cancelled: bool) -> None:
         try:
             self._deliver(payload, cancelled)
         except Exception as error:
@@ -315,11 +314,11 @@ class BulkConsumer:
             self._dead_letter(tag, f"could not be handed to a job path: {type(error).__name__}: {error}", raw,
                               job_id_of(payload))
 
-    def _deliver(self, payload: dict, cancelled: set[str]) -> None:
+    def _deliver(self, payload: dict, cancelled: bool) -> None:
         """One claimed message to its task's Celery strategy, as ``Consumer.create_task_handler`` does.
 
-        ``infer``'s strategy offers plain jobs to the hot path (:mod:`worker.strategy`); ``cancelled`` holds the
-        job ids whose cancel flag was set when this round was claimed, and the hot path ends those unrun.
+        ``infer``'s strategy offers plain jobs to the hot path (:mod:`worker.strategy`); ``cancelled`` says the
+        job's cancel flag was set when it was claimed (the claim script read it), and the hot path ends it unrun.
         """
         celery = self._celery
         message = Message(payload, channel=self.channel)

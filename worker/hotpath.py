@@ -104,8 +104,8 @@ class HotPath:
         self._done: queue.SimpleQueue[HotJob | None] = queue.SimpleQueue()
         self._live: dict[str, HotJob] = {}
         self._taken = 0  # written by the consumer thread only
-        self.cancelled_at_claim: set[str] = set()
-        """Job ids whose cancel flag was set when the consumer claimed the round being delivered."""
+        self.cancelled_at_claim = False
+        """Whether the message being delivered had its job's cancel flag set when the consumer claimed it."""
         self._committed = 0
         self._committed_lock = threading.Lock()
         self._stopping = False
@@ -173,8 +173,8 @@ class HotPath:
     def offer(self, message: Any) -> bool:
         """Take a claimed message if it is a plain job (True), else leave it to Celery (False).
 
-        Called by the ``infer`` task's Celery strategy (:mod:`worker.strategy`). A job in
-        :attr:`cancelled_at_claim` ends as cancelled, unrun.
+        Called by the ``infer`` task's Celery strategy (:mod:`worker.strategy`). A job whose
+        :attr:`cancelled_at_claim` is set ends as cancelled, unrun.
         """
         decoded = plain_job(message, hostname=self.hostname)
         if decoded is None:
@@ -187,7 +187,7 @@ class HotPath:
         self._taken += 1
         # From here on the job is this path's: whatever fails ends the job, never hands it to Celery too.
         try:
-            self._start(job, spec, headers, job_id in self.cancelled_at_claim)
+            self._start(job, spec, headers, self.cancelled_at_claim)
         except Exception as error:
             self._fail_unstarted(job, error)
         return True
