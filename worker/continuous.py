@@ -24,7 +24,8 @@ static :class:`~worker.batcher.Batcher`, so the ``infer`` task is unchanged:
   running batch).
 
 Params the engine cannot honour per request raise
-:class:`~producers.errors.InvalidParams` naming the param; see :func:`worker.cb_plan.plan_request`.
+:class:`~producers.errors.InvalidParams` naming the param; see :func:`worker.cb_plan.plan_request`
+(each params set is planned once per deployment: :class:`worker.cb_plan.RequestPlans`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from config.models import Deployment, Limits
 from producers.errors import JobCancelled, JobError, JobTimeout, OutOfMemory
 from worker import cb_sampling
 from worker.batcher import PendingItem
-from worker.cb_plan import RequestPlan, plan_request
+from worker.cb_plan import RequestPlan, RequestPlans
 from worker.metrics import DeploymentMetrics
 from worker.outcome import cancel_error
 from worker.transformers_internals import generation_defaults, postprocess_defaults, preprocess_defaults
@@ -114,6 +115,7 @@ class ContinuousBatcher:
         defaults = generation_defaults(pipe)
         configured = getattr(pipe.model.generation_config, "max_new_tokens", None)
         self.default_max_new_tokens = int(configured or defaults.get("max_new_tokens") or 256)
+        self.plans = RequestPlans(pipe, self.default_max_new_tokens)
 
     def start(self) -> None:
         """Create the engine on the pipeline's model, add the fleet's sampler, start it and the collector thread."""
@@ -181,7 +183,7 @@ class ContinuousBatcher:
 
         if self.manager is None:
             raise RuntimeError(f"deployment {self.name}: the continuous batching engine is not started")
-        plan = plan_request(self.pipe, {**self._defaults, **params}, self.default_max_new_tokens)
+        plan = self.plans.plan({**self._defaults, **params})
         active = self.streams is not None and self.streams.streaming(job_id)
         streamed = active and self.streams.pieces(job_id)
         prompts = []

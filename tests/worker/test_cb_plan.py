@@ -1,0 +1,57 @@
+"""A continuous deployment plans each params set once (:class:`worker.cb_plan.RequestPlans`), in-process."""
+
+from __future__ import annotations
+
+import pytest
+
+from producers.errors import InvalidParams
+from worker.cb_plan import RequestPlans, plan_request
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    import transformers
+
+    return transformers.pipeline("text-generation", model=str(model_dir("text-generation-llama")))
+
+
+def test_the_same_params_get_the_same_plan_and_it_equals_a_fresh_one(pipe):
+    plans = RequestPlans(pipe, 32)
+    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "stop_sequence": ["\n", "."], "seed": 3}
+    first = plans.plan(params)
+    assert plans.plan(dict(reversed(list(params.items())))) is first  # key order does not matter
+    fresh = plan_request(pipe, params, 32)
+    assert (first.max_new_tokens, first.do_sample, first.seed, first.stop_strings, first.num_return_sequences) == (
+        fresh.max_new_tokens, fresh.do_sample, fresh.seed, fresh.stop_strings, fresh.num_return_sequences)
+    assert first.generation_config.to_dict() == fresh.generation_config.to_dict()
+    other = plans.plan({**params, "seed": 4})
+    assert other is not first and other.seed == 4 and first.seed == 3
+
+
+def test_a_plan_cannot_be_changed_by_one_job(pipe):
+    plan = RequestPlans(pipe, 32).plan({"max_new_tokens": 5})
+    with pytest.raises(AttributeError):
+        plan.max_new_tokens = 6  # type: ignore[misc]
+
+
+def test_refused_params_raise_every_time_and_are_not_kept(pipe):
+    plans = RequestPlans(pipe, 32)
+    for _ in range(2):
+        with pytest.raises(InvalidParams, match="num_beams"):
+            plans.plan({"num_beams": 2})
+    assert plans.plan({"max_new_tokens": 3}).max_new_tokens == 3
+
+
+def test_the_cache_is_bounded_and_keeps_the_most_recently_used(pipe):
+    plans = RequestPlans(pipe, 32, size=2)
+    a, b = plans.plan({"max_new_tokens": 1}), plans.plan({"max_new_tokens": 2})
+    assert plans.plan({"max_new_tokens": 1}) is a  # a is now the most recent
+    plans.plan({"max_new_tokens": 3})  # evicts b
+    assert plans.plan({"max_new_tokens": 1}) is a
+    assert plans.plan({"max_new_tokens": 2}) is not b
+
+
+def test_params_that_are_not_json_are_planned_each_time(pipe):
+    plans = RequestPlans(pipe, 32)
+    params = {"max_new_tokens": 4, "stop_sequence": {"not", "json"}}
+    assert plans.plan(params) is not plans.plan(params)
