@@ -14,14 +14,19 @@ Same model, same worker code, one fresh worker per deployment kind:
   and p50/p95 job latency. Nobody streams these jobs.
 - **the engine alone** on the same 64 requests: ``init_continuous_batching`` +
   ``add_request`` in this process with each prompt's own ``max_new_tokens``,
-  ``streaming=False`` (and ``streaming=True``): the upper bound of what the
-  fleet can add to. It runs before and after the fleet's run; the
-  **fleet-to-engine ratio** divides the fleet's tokens/s by their mean, so a
-  machine that got busier halfway shows as a gap between the two.
+  ``streaming=False`` (and once ``streaming=True``): the upper bound of what the
+  fleet can add to. One engine stays open beside the idle worker, and its
+  passes alternate with the fleet's: engine, fleet, engine, … (``--rounds``
+  fleet passes, default 3). The **fleet-to-engine ratio** divides the median
+  fleet pass by the median engine pass, so a machine whose speed drifts during
+  the run (a shared VM's does, by 2x within minutes) weighs on both sides.
 - with ``--static``, the static worker and ``pipeline(...)`` with ``batch_size``.
-- with ``--passes 2`` the throughput run (fleet and engine alone) is repeated and the
-  last pass counts: on a GPU the first pass over new batch shapes runs several
-  times slower than the next (``benchmarks/gpu.sh`` uses 2).
+- ``--passes 2`` (the default): each side first runs one throughput pass that
+  does not count. The first pass over new batch shapes runs slower than the
+  next: by a third on the CPU, several times on a GPU.
+- each side's **CPU per thread** over its counted passes
+  (:mod:`benchmarks.thread_cpu`), as a share of their wall time: where the
+  fleet's cores go beside the engine's.
 
 The model has random weights and no end-of-sequence token, so every job
 generates exactly its ``max_new_tokens``; tokens that are not readable alone
@@ -40,7 +45,10 @@ import threading
 import time
 from pathlib import Path
 
+from collections import Counter
+
 from benchmarks.models import STATE_DIR
+from benchmarks.thread_cpu import cpu_seconds, python_thread_names, share_of_wall, subtract
 from tests.fleet import RedisServer, start_worker, write_config
 
 SIZES = {
@@ -186,46 +194,56 @@ def engine_config(device: str, **overrides) -> dict:
     return {**({"num_blocks": 128} if device == "cpu" else {"max_memory_percent": 0.5}), **overrides}
 
 
-def engine_alone(model: Path, device: str, *, streaming_too: bool = False, passes: int = 1) -> dict:
-    """The 64 throughput requests through transformers' engine in this process: tokens/s (streaming off, and on)."""
-    import torch
-    import transformers
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+class EngineAlone:
+    """The throughput requests through transformers' engine in this process, kept open between passes.
 
-    torch.set_num_threads(int(THREADS))
-    kwargs = {"device": 0, "dtype": torch.bfloat16} if device == "cuda" else {}
-    pipe = transformers.pipeline("text-generation", model=str(model), **kwargs)
-    budgets = token_budgets()
-    ids = [pipe.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(len(budgets))]
-    generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=-1,
-                                                      pad_token_id=pipe.tokenizer.pad_token_id)
-    manager = pipe.model.init_continuous_batching(
-        generation_config=generation_config,
-        continuous_batching_config=ContinuousBatchingConfig(**engine_config(device)))
-    manager.start()
-    resolved = manager.continuous_batching_config
-    results = {"cuda_graphs": str(resolved.use_cuda_graph), "async_batching": str(resolved.use_async_batching)}
-    try:
-        manager.add_request(ids[0], request_id="warm", max_new_tokens=4)
-        while not (out := manager.get_result(timeout=60)) or not out.is_finished():
+    ``init_continuous_batching`` + ``add_request`` with each prompt's own ``max_new_tokens``: the upper bound
+    of what the fleet adds to. One engine serves every pass, so its passes can sit between the fleet's.
+    """
+
+    def __init__(self, model: Path, device: str) -> None:
+        self.model, self.device = model, device
+        self.passes = 0
+
+    def __enter__(self) -> "EngineAlone":
+        import torch
+        import transformers
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        torch.set_num_threads(int(THREADS))
+        kwargs = {"device": 0, "dtype": torch.bfloat16} if self.device == "cuda" else {}
+        pipe = transformers.pipeline("text-generation", model=str(self.model), **kwargs)
+        self.ids = [pipe.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(MIX["jobs"])]
+        generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=-1,
+                                                          pad_token_id=pipe.tokenizer.pad_token_id)
+        self.manager = pipe.model.init_continuous_batching(
+            generation_config=generation_config,
+            continuous_batching_config=ContinuousBatchingConfig(**engine_config(self.device)))
+        self.manager.start()
+        resolved = self.manager.continuous_batching_config
+        self.settings = {"cuda_graphs": str(resolved.use_cuda_graph),
+                         "async_batching": str(resolved.use_async_batching)}
+        self.manager.add_request(self.ids[0], request_id="warm", max_new_tokens=4)
+        while not (out := self.manager.get_result(timeout=60)) or not out.is_finished():
             pass
-        runs = [False] * passes + ([True] if streaming_too else [])
-        for run, streaming in enumerate(runs):
-            started = time.perf_counter()
-            for index, (prompt_ids, n) in enumerate(zip(ids, budgets)):
-                manager.add_request(prompt_ids, request_id=f"r{index}-{run}", max_new_tokens=n,
-                                    streaming=streaming)
-            finished = 0
-            while finished < len(ids):
-                out = manager.get_result(timeout=600)
-                finished += bool(out is not None and out.is_finished())
-            key = "engine_streaming_tokens_per_s" if streaming else "engine_tokens_per_s"
-            if key in results:  # an earlier pass paid the first-time costs of these batch shapes
-                results.setdefault("engine_first_pass_tokens_per_s", results[key])
-            results[key] = round(sum(budgets) / (time.perf_counter() - started), 1)
-    finally:
-        manager.stop(block=True, timeout=10)
-    return results
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manager.stop(block=True, timeout=10)
+
+    def measure(self, streaming: bool = False) -> float:
+        """One pass over the throughput requests: generated tokens/s (``streaming``: every step reported)."""
+        budgets = token_budgets()
+        self.passes += 1
+        started = time.perf_counter()
+        for index, (prompt_ids, n) in enumerate(zip(self.ids, budgets)):
+            self.manager.add_request(prompt_ids, request_id=f"r{index}-{self.passes}", max_new_tokens=n,
+                                     streaming=streaming)
+        finished = 0
+        while finished < len(self.ids):
+            out = self.manager.get_result(timeout=600)
+            finished += bool(out is not None and out.is_finished())
+        return round(sum(budgets) / (time.perf_counter() - started), 1)
 
 
 def pipeline_batched(model: Path, device: str, batch_size: int) -> dict:
@@ -243,10 +261,8 @@ def pipeline_batched(model: Path, device: str, batch_size: int) -> dict:
     return {f"pipeline_batch_size_{batch_size}_tokens_per_s": round(sum(budgets) / (time.perf_counter() - started), 1)}
 
 
-def profiled(worker: "Worker", directory: Path | None, run):
+def profiled(worker: "Worker", directory: Path, run):
     """``run()`` while py-spy records the worker: wall time of every thread (--idle) and GIL holders (--gil)."""
-    if directory is None:
-        return run()
     import shutil
     import subprocess
     import sys
@@ -270,33 +286,69 @@ def profiled(worker: "Worker", directory: Path | None, run):
 
 
 def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
-    """Every measurement of one model size; the fleet's continuous run sits between two runs of the engine alone."""
+    """Every measurement of one model size: the fleet's continuous passes interleaved with the engine alone's.
+
+    ``--rounds`` fleet passes sit between ``rounds + 1`` passes of the engine alone (engine, fleet, engine,
+    …, engine), and the ratio divides the medians: on a shared machine whose speed drifts, each fleet pass
+    has engine passes on both sides. ``--passes`` beyond the first are first-time-cost passes on each side
+    before any of it counts. A ``--profile`` pass runs last and does not count (py-spy slows the worker).
+    """
     from producers import FleetClient
 
     model = build_model(size)
-    results: dict[str, dict] = {"engine_before": engine_alone(model, args.device, passes=args.passes)}
-    print(size, "engine_before", json.dumps(results["engine_before"]), flush=True)
-    kinds = (("continuous", True), ("static", False)) if args.static else (("continuous", True),)
-    for kind, continuous in kinds:
-        with Worker(server, model, args, continuous) as worker:
+    results: dict[str, dict] = {}
+    with EngineAlone(model, args.device) as engine:
+        first = [engine.measure() for _ in range(args.passes - 1)]
+        engine_runs = [engine.measure()]
+        results["engine"] = {**engine.settings, **({"first_pass_tokens_per_s": first[0]} if first else {})}
+        print(size, "engine", json.dumps({**results["engine"], "engine_tokens_per_s": engine_runs[0]}), flush=True)
+        with Worker(server, model, args, True) as worker:
             with FleetClient(f"{server.url}/0", f"{server.url}/1") as client:
-                results[kind] = head_of_line(client)
-                profile = args.profile / size if args.profile is not None and continuous else None
-                for run in range(args.passes):  # the last pass counts; earlier ones pay first-time costs
-                    measured = profiled(worker, profile if run == args.passes - 1 else None, lambda: throughput(client))
-                    if run < args.passes - 1:
-                        results[kind]["first_pass_tokens_per_s"] = measured["tokens_per_s"]
-                results[kind].update(measured)
-        print(size, kind, json.dumps(results[kind]), flush=True)
-        if continuous:
-            results["engine_after"] = engine_alone(model, args.device, streaming_too=True, passes=args.passes)
-            print(size, "engine_after", json.dumps(results["engine_after"]), flush=True)
+                results["continuous"] = head_of_line(client)
+                for run in range(args.passes - 1):  # earlier passes pay first-time costs
+                    measured = throughput(client)
+                    results["continuous"].setdefault("first_pass_tokens_per_s", measured["tokens_per_s"])
+                fleet_runs = []
+                pid, fleet_cpu, engine_cpu = worker.worker.proc.pid, Counter(), Counter()
+                names = python_thread_names(pid)
+                own = {str(thread.native_id): thread.name for thread in threading.enumerate()}
+                for _ in range(args.rounds):
+                    before = cpu_seconds(pid, names)
+                    fleet_runs.append(throughput(client))
+                    fleet_cpu.update(subtract(cpu_seconds(pid, names), before))
+                    before = cpu_seconds(os.getpid(), own)
+                    engine_runs.append(engine.measure())
+                    engine_cpu.update(subtract(cpu_seconds(os.getpid(), own), before))
+                    print(size, "round", json.dumps({"fleet_tokens_per_s": fleet_runs[-1]["tokens_per_s"],
+                                                     "engine_tokens_per_s": engine_runs[-1]}), flush=True)
+                if args.profile is not None:
+                    results["profiled"] = profiled(worker, args.profile / size, lambda: throughput(client))
+        results["engine"]["engine_streaming_tokens_per_s"] = engine.measure(streaming=True)
+    middle = sorted(fleet_runs, key=lambda run: run["tokens_per_s"])[(len(fleet_runs) - 1) // 2]
+    results["continuous"].update(middle)  # the median pass (the lower middle of an even count)
+    results["continuous"]["passes_tokens_per_s"] = [run["tokens_per_s"] for run in fleet_runs]
+    results["engine"]["passes_tokens_per_s"] = engine_runs
+    tokens = sum(token_budgets())
+    # Each thread's CPU over its side's counted passes, as a share of their wall time (1.0 = one core all along).
+    results["continuous"]["thread_cpu"] = share_of_wall(
+        Counter(), fleet_cpu, sum(run["wall_s"] for run in fleet_runs))
+    results["engine"]["thread_cpu"] = share_of_wall(
+        Counter(), engine_cpu, sum(tokens / rate for rate in engine_runs[1:]))
+    engine_median = statistics.median(engine_runs)
+    results["ratio"] = {"fleet_continuous_to_engine": round(statistics.median(r["tokens_per_s"] for r in fleet_runs)
+                                                            / engine_median, 3),
+                        "engine_tokens_per_s_median": round(engine_median, 1)}
+    print(size, "continuous", json.dumps(results["continuous"]), flush=True)
+    print(size, "engine", json.dumps(results["engine"]), flush=True)
     if args.static:
+        with Worker(server, model, args, False) as worker:
+            with FleetClient(f"{server.url}/0", f"{server.url}/1") as client:
+                results["static"] = head_of_line(client)
+                for run in range(args.passes):
+                    results["static"].update(throughput(client))
+        print(size, "static", json.dumps(results["static"]), flush=True)
         results["pipeline"] = pipeline_batched(model, args.device, args.batch_size)
         print(size, "pipeline", json.dumps(results["pipeline"]), flush=True)
-    engine = (results["engine_before"]["engine_tokens_per_s"] + results["engine_after"]["engine_tokens_per_s"]) / 2
-    results["ratio"] = {"fleet_continuous_to_engine": round(results["continuous"]["tokens_per_s"] / engine, 3),
-                        "engine_tokens_per_s_mean": round(engine, 1)}
     print(size, "ratio", json.dumps(results["ratio"]), flush=True)
     return results
 
@@ -308,10 +360,13 @@ def main() -> int:
                         " (default: small,tiny on the CPU, 1b on cuda)")
     parser.add_argument("--static", action="store_true", help="also the static worker and pipeline(batch_size)")
     parser.add_argument("--batch-size", type=int, default=16, help="in-process pipeline batch_size")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the continuous worker's throughput run")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the continuous worker in one more "
+                        "throughput pass, after the counted ones")
     parser.add_argument("--jobs", type=int, default=N_JOBS, help="throughput jobs")
-    parser.add_argument("--passes", type=int, default=1, help="throughput passes per run; the last one counts (a GPU "
-                        "pays first-time costs for each new batch shape on the first)")
+    parser.add_argument("--passes", type=int, default=2, help="throughput passes before the counted ones, "
+                        "plus one: first passes pay first-time costs for each new batch shape")
+    parser.add_argument("--rounds", type=int, default=3, help="fleet passes, each followed by one of the engine "
+                        "alone (one runs before the first); the ratio divides the medians")
     parser.add_argument("--max-tokens", type=int, default=256, help="the throughput jobs' largest max_new_tokens")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-generation.json")
     args = parser.parse_args()
@@ -321,6 +376,7 @@ def main() -> int:
     results: dict[str, dict] = {"setup": {"device": args.device, "threads": THREADS, "long_tokens": LONG_TOKENS,
                                           "short_tokens": SHORT_TOKENS, "jobs": args.jobs,
                                           "max_tokens": args.max_tokens,
+                                          "rounds": args.rounds, "passes": args.passes,
                                           "load_before": [round(x, 2) for x in os.getloadavg()]}}
     server = RedisServer().start()
     try:
@@ -333,7 +389,7 @@ def main() -> int:
     print(f"{'size':<6} {'fleet tok/s':>12} {'engine tok/s':>13} {'ratio':>6} {'short TTFT s':>13}")
     for size in sizes:
         r = results[size]
-        print(f"{size:<6} {r['continuous']['tokens_per_s']:>12} {r['ratio']['engine_tokens_per_s_mean']:>13} "
+        print(f"{size:<6} {r['continuous']['tokens_per_s']:>12} {r['ratio']['engine_tokens_per_s_median']:>13} "
               f"{r['ratio']['fleet_continuous_to_engine']:>6} {r['continuous']['short_ttft_s']:>13}")
     args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run of about 7 minutes on one H100/H200 (the device tool's machine), most important first:
 #   1. benchmarks.generation on a 1B random Llama in bf16: the continuous worker (short-job TTFT among long jobs,
-#      64-job tokens/s, py-spy profile) between two runs of the engine alone -> the fleet-to-engine ratio;
+#      64-job tokens/s, then a py-spy-profiled pass that does not count) between two passes of the engine alone,
+#      kept open beside it -> the fleet-to-engine ratio;
 #   2. benchmarks.prefix_sharing: 64 chats behind one 512-token system prompt, block sharing on and off;
 #   3. the gpu-marked tests (float16 on cuda, device_map, bitsandbytes 8-bit and 4-bit);
 #   4. benchmarks.ceiling with a BERT-base-shaped classifier: in-process bs=32/64 vs fleet jobs/s;
@@ -32,7 +33,7 @@ torch.__version__, 'transformers', transformers.__version__, 'celery', celery.__
 } 2>&1 | tee "$LOG"
 if [ "${GPU_SKIP_GENERATION:-0}" != 1 ]; then
   echo "== generation" | tee -a "$LOG"
-  timeout "${GPU_GENERATION_S:-200}" python3 -m benchmarks.generation --device cuda --sizes 1b --passes 2 \
+  timeout "${GPU_GENERATION_S:-260}" python3 -m benchmarks.generation --device cuda --sizes 1b --passes 2 --rounds 1 \
     --profile "$OUT/profile" --json "$OUT/generation.json" 2>&1 | quiet | tee -a "$LOG"
   [ -d "$OUT/profile/1b" ] && python3 -m benchmarks.profile_summary "$OUT"/profile/1b/*.txt 2>&1 | tee -a "$LOG"
   rm -rf "$OUT/profile"
