@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from producers.errors import InvalidParams
@@ -97,9 +97,11 @@ class RequestPlans:
     """:func:`plan_request` for one pipeline, remembered per params set.
 
     Building a plan resolves the job's generation config the way ``generate`` does, which deep-copies the
-    model's config several times: about 0.8 ms of Python per job on the submitting thread, while the engine
-    steps beside it. Jobs of one deployment mostly repeat a few params sets, and a plan depends only on the
-    params and the pipeline, so each set is planned once. Params that are not JSON are planned every time.
+    model's config several times: about 0.7 ms of Python per job on the claim thread, while the engine steps
+    beside it (``python -m benchmarks.cb_plan_cost``). Jobs of one deployment mostly repeat a few params sets,
+    and a plan depends only on the params and the pipeline, so each set is planned once. The seed is not part
+    of the set (clients often send a new one per request): it is set on the remembered plan's copy. Params
+    that are not JSON are planned every time.
     """
 
     def __init__(self, pipe: Any, default_max_new_tokens: int, *, size: int = PLAN_CACHE_SIZE) -> None:
@@ -109,20 +111,26 @@ class RequestPlans:
         self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """Params sets remembered."""
+        return len(self._plans)
+
     def plan(self, params: dict[str, Any]) -> RequestPlan:
         """The plan of ``params``; raises InvalidParams as :func:`plan_request` does (refusals are not kept)."""
+        unseeded = {name: value for name, value in params.items() if name != "seed"}
         try:
-            key = json.dumps(params, sort_keys=True, separators=(",", ":"))
+            key = json.dumps(unseeded, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError):
             return plan_request(self.pipe, params, self.default_max_new_tokens)
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
-                return plan
-        plan = plan_request(self.pipe, params, self.default_max_new_tokens)
-        with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > self.size:
-                self._plans.popitem(last=False)
-        return plan
+        if plan is None:
+            plan = plan_request(self.pipe, unseeded, self.default_max_new_tokens)
+            with self._lock:
+                self._plans[key] = plan
+                while len(self._plans) > self.size:
+                    self._plans.popitem(last=False)
+        seed = params.get("seed")
+        return plan if seed is None else replace(plan, seed=seed)

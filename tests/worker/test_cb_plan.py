@@ -19,13 +19,24 @@ def test_the_same_params_get_the_same_plan_and_it_equals_a_fresh_one(pipe):
     plans = RequestPlans(pipe, 32)
     params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "stop_sequence": ["\n", "."], "seed": 3}
     first = plans.plan(params)
-    assert plans.plan(dict(reversed(list(params.items())))) is first  # key order does not matter
+    again = plans.plan(dict(reversed(list(params.items()))))  # key order does not matter
+    assert again == first and again.generation_config is first.generation_config and len(plans) == 1
     fresh = plan_request(pipe, params, 32)
     assert (first.max_new_tokens, first.do_sample, first.seed, first.stop_strings, first.num_return_sequences) == (
         fresh.max_new_tokens, fresh.do_sample, fresh.seed, fresh.stop_strings, fresh.num_return_sequences)
     assert first.generation_config.to_dict() == fresh.generation_config.to_dict()
-    other = plans.plan({**params, "seed": 4})
-    assert other is not first and other.seed == 4 and first.seed == 3
+    other = plans.plan({**params, "do_sample": False})
+    assert other is not first and not other.do_sample and first.do_sample
+
+
+def test_a_new_seed_reuses_the_plan_of_its_params_with_its_own_seed(pipe):
+    plans = RequestPlans(pipe, 32)
+    params = {"max_new_tokens": 12, "do_sample": True, "top_k": 5}
+    seeded = [plans.plan({**params, "seed": seed}) for seed in (3, 4)]
+    unseeded = plans.plan(params)
+    assert [plan.seed for plan in seeded] == [3, 4] and unseeded.seed is None
+    assert seeded[0].generation_config is seeded[1].generation_config is unseeded.generation_config
+    assert len(plans) == 1
 
 
 def test_a_plan_cannot_be_changed_by_one_job(pipe):
