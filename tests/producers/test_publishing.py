@@ -186,4 +186,5 @@ def test_a_rejected_burst_sends_nothing_and_submit_many_messages_equal_submits(m
         assert a == b
     finally:
         os.kill(worker.proc.pid, signal.SIGCONT)
-    assert single.result(timeout=60) == many.result(timeout=60)
+    # Equal as the oracle compares: the two may share a forward pass or not, which moves a score's last bits.
+    assert_same(single.result(timeout=60), many.result(timeout=60))
