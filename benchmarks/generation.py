@@ -370,6 +370,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256, help="the throughput jobs' largest max_new_tokens")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-generation.json")
     args = parser.parse_args()
+    if args.rounds < 1 or args.passes < 1:
+        parser.error("--rounds and --passes take 1 or more")
     MIX.update(jobs=args.jobs, max_tokens=args.max_tokens)
     sizes = (args.sizes or ("1b" if args.device == "cuda" else "small,tiny")).split(",")
     STATE_DIR.mkdir(exist_ok=True)
