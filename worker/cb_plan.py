@@ -9,9 +9,8 @@ name what the engine cannot honour per request.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,43 +93,35 @@ PLAN_CACHE_SIZE = 256
 
 
 class RequestPlans:
-    """:func:`plan_request` for one pipeline, remembered per params set.
+    """:func:`plan_request` for one pipeline, remembered per params set (``functools.lru_cache``).
 
     Building a plan resolves the job's generation config the way ``generate`` does, which deep-copies the
     model's config several times: about 0.7 ms of Python per job on the claim thread, while the engine steps
     beside it (``python -m benchmarks.cb_plan_cost``). Jobs of one deployment mostly repeat a few params sets,
     and a plan depends only on the params and the pipeline, so each set is planned once. The seed is not part
     of the set (clients often send a new one per request): it is set on the remembered plan's copy. Params
-    that are not JSON are planned every time.
+    that are not JSON are planned every time; refusals are not remembered.
     """
 
     def __init__(self, pipe: Any, default_max_new_tokens: int, *, size: int = PLAN_CACHE_SIZE) -> None:
         self.pipe = pipe
         self.default_max_new_tokens = default_max_new_tokens
-        self.size = size
-        self._plans: OrderedDict[str, RequestPlan] = OrderedDict()
-        self._lock = threading.Lock()
+        self._planned = functools.lru_cache(maxsize=size)(self._plan_of_key)
 
     def __len__(self) -> int:
         """Params sets remembered."""
-        return len(self._plans)
+        return self._planned.cache_info().currsize
 
     def plan(self, params: dict[str, Any]) -> RequestPlan:
-        """The plan of ``params``; raises InvalidParams as :func:`plan_request` does (refusals are not kept)."""
+        """The plan of ``params``; raises InvalidParams as :func:`plan_request` does."""
         unseeded = {name: value for name, value in params.items() if name != "seed"}
         try:
             key = json.dumps(unseeded, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError):
             return plan_request(self.pipe, params, self.default_max_new_tokens)
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-        if plan is None:
-            plan = plan_request(self.pipe, unseeded, self.default_max_new_tokens)
-            with self._lock:
-                self._plans[key] = plan
-                while len(self._plans) > self.size:
-                    self._plans.popitem(last=False)
+        plan = self._planned(key)
         seed = params.get("seed")
         return plan if seed is None else replace(plan, seed=seed)
+
+    def _plan_of_key(self, key: str) -> RequestPlan:
+        return plan_request(self.pipe, json.loads(key), self.default_max_new_tokens)
