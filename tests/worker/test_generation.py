@@ -97,6 +97,23 @@ def test_stream_pieces_add_up_to_the_generated_text(client, module_fleet, model,
     assert [event.id for event in resumed] == ids[2:]
 
 
+@pytest.mark.parametrize("deployment", ["gen-static", "gen-cb"])
+def test_a_job_nobody_streams_sends_its_text_in_one_piece_with_the_same_usage(client, model, deployment):
+    """Without ``stream=True`` the worker decodes nothing per step; the text, usage and finish reasons match."""
+    params = {"max_new_tokens": 40, "return_full_text": False, **GREEDY}
+    jobs = {stream: client.submit(deployment=deployment, inputs=[PROMPTS[2], PROMPTS[1]], params=params,
+                                  stream=stream) for stream in (True, False)}
+    events = {stream: list(job.events(timeout_s=120)) for stream, job in jobs.items()}
+    texts = {stream: [event for event in events[stream] if event.kind is EventKind.TEXT] for stream in jobs}
+    for index in (0, 1):
+        quiet = [event.data["text"] for event in texts[False] if event.data["index"] == index]
+        loud = [event.data["text"] for event in texts[True] if event.data["index"] == index]
+        assert len(quiet) == 1 and len(loud) > 1
+        assert quiet == ["".join(loud)] == [_generated(jobs[False].result(timeout=60)[index])]
+    assert events[False][-1].kind is events[True][-1].kind is EventKind.DONE
+    assert events[False][-1].data == events[True][-1].data  # usage and finish reasons
+
+
 def other_events(module_fleet, job_id, *, after):
     with module_fleet.client() as other:
         yield from other.job(job_id).events(last_event_id=after, timeout_s=30)
