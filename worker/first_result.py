@@ -56,7 +56,6 @@ class FirstResultStore:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        self._script = backend.client.register_script(STORE_FIRST_SCRIPT)
 
     def expiry_s(self, state: str) -> int:
         """Seconds a result in ``state`` is kept, as Celery's backend keeps it (0: for ever)."""
@@ -64,9 +63,13 @@ class FirstResultStore:
         return int(expires or self.backend.expires or 0)
 
     def queue(self, pipe: Any, job_id: str, state: str, encoded: str) -> None:
-        """Queue one conditional write on ``pipe`` (a pipeline of the backend's client)."""
-        self._script(keys=[self.backend.get_key_for_task(job_id)], args=[encoded, self.expiry_s(state)],
-                     client=pipe)
+        """Queue one conditional write on ``pipe`` (a pipeline of the backend's client).
+
+        ``EVAL`` with the script's text, not a registered script's ``EVALSHA``: a pipeline holding a
+        registered script first sends ``SCRIPT EXISTS`` (one more round trip per commit round), and
+        ``EVALSHA`` met ``NOSCRIPT`` on a master that had just taken over in a Sentinel failover.
+        """
+        pipe.eval(STORE_FIRST_SCRIPT, 1, self.backend.get_key_for_task(job_id), encoded, self.expiry_s(state))
 
     def store(self, results: list[tuple[str, str, str]], *, wait: ReplicaWait = NO_WAIT,
               bound_s: float = WRITE_RETRY_S) -> list[Any]:
