@@ -2,7 +2,7 @@
 
     python -m benchmarks.generation                          # CPU: a 4-layer 256-wide and a 2-layer 64-wide Llama
     python -m benchmarks.generation --device cuda --sizes 1b --static   # a GPU, a ~1B-parameter random Llama
-    python -m benchmarks.generation --profile .pipefleet/profile        # py-spy the continuous worker under load
+    python -m benchmarks.generation --profile .pipefleet/profile        # py-spy the worker, then the engine alone
 
 Same model, same worker code, one fresh worker per deployment kind:
 
@@ -261,8 +261,11 @@ def pipeline_batched(model: Path, device: str, batch_size: int) -> dict:
     return {f"pipeline_batch_size_{batch_size}_tokens_per_s": round(sum(budgets) / (time.perf_counter() - started), 1)}
 
 
-def profiled(worker: "Worker", directory: Path, run):
-    """``run()`` while py-spy records the worker: wall time of every thread (--idle) and GIL holders (--gil)."""
+def profiled(pid: int, directory: Path, side: str, run):
+    """``run()`` while py-spy records process ``pid``: wall time of every thread (--idle) and GIL holders (--gil).
+
+    The profiles are ``<side>-idle.txt`` and ``<side>-gil.txt`` in ``directory``.
+    """
     import shutil
     import subprocess
     import sys
@@ -272,9 +275,8 @@ def profiled(worker: "Worker", directory: Path, run):
         print("py-spy is not installed: no profile", flush=True)
         return run()
     directory.mkdir(parents=True, exist_ok=True)
-    pid = str(worker.worker.proc.pid)
-    recorders = [subprocess.Popen([spy, "record", "--pid", pid, "--native", *flags, "--format", "raw", "--rate", "50",
-                                   "--output", str(directory / f"worker-{name}.txt")],
+    recorders = [subprocess.Popen([spy, "record", "--pid", str(pid), "--native", *flags, "--format", "raw",
+                                   "--rate", "50", "--output", str(directory / f"{side}-{name}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for name, flags in (("idle", ["--idle", "--threads"]), ("gil", ["--gil", "--threads"]))]
     try:
@@ -291,7 +293,7 @@ def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
     ``--rounds`` fleet passes sit between ``rounds + 1`` passes of the engine alone (engine, fleet, engine,
     …, engine), and the ratio divides the medians: on a shared machine whose speed drifts, each fleet pass
     has engine passes on both sides. ``--passes`` beyond the first are first-time-cost passes on each side
-    before any of it counts. A ``--profile`` pass runs last and does not count (py-spy slows the worker).
+    before any of it counts. A ``--profile`` pass of each side runs last and does not count (py-spy slows what it records).
     """
     from producers import FleetClient
 
@@ -322,7 +324,9 @@ def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
                     print(size, "round", json.dumps({"fleet_tokens_per_s": fleet_runs[-1]["tokens_per_s"],
                                                      "engine_tokens_per_s": engine_runs[-1]}), flush=True)
                 if args.profile is not None:
-                    results["profiled"] = profiled(worker, args.profile / size, lambda: throughput(client))
+                    results["profiled"] = profiled(pid, args.profile / size, "worker", lambda: throughput(client))
+                    results["profiled_engine_tokens_per_s"] = profiled(os.getpid(), args.profile / size, "engine",
+                                                                       engine.measure)
         results["engine"]["engine_streaming_tokens_per_s"] = engine.measure(streaming=True)
     middle = sorted(fleet_runs, key=lambda run: run["tokens_per_s"])[(len(fleet_runs) - 1) // 2]
     results["continuous"].update(middle)  # the median pass (the lower middle of an even count)
@@ -361,7 +365,7 @@ def main() -> int:
     parser.add_argument("--static", action="store_true", help="also the static worker and pipeline(batch_size)")
     parser.add_argument("--batch-size", type=int, default=16, help="in-process pipeline batch_size")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the continuous worker in one more "
-                        "throughput pass, after the counted ones")
+                        "throughput pass, then the engine alone in one more of its own, after the counted ones")
     parser.add_argument("--jobs", type=int, default=N_JOBS, help="throughput jobs")
     parser.add_argument("--passes", type=int, default=2, help="throughput passes before the counted ones, "
                         "plus one: first passes pay first-time costs for each new batch shape")

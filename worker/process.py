@@ -21,6 +21,7 @@ from producers.errors import ConfigError
 from producers.redis_clients import redis_client
 from producers.schemas import Construction, DeploymentAd, DeploymentTerms
 from worker.advertise import Advertiser, register, registration_of
+from worker.allocator import keep_large_allocations
 from producers.webhook_delivery import WebhookCollector, start_dispatcher
 from worker.construction import construction_facts
 from worker.consumer import BulkConsumer, bulk_consumer_step
@@ -235,6 +236,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     if config.log_json and not args.log_json:
         configure_logging(args.loglevel, json_lines=True)
+    keep_large_allocations()
     if args.check:
         from worker.health import check
 
