@@ -3,10 +3,11 @@
 glibc serves an allocation at or above its mmap threshold with a fresh ``mmap``
 and unmaps it on free; it trims the top of a heap past its trim threshold. Both
 hand memory back to the kernel, so the next tensor of that size page-faults in
-again, and in a threaded process the engine's thread allocates from a
-secondary arena where the dynamic threshold rarely settles. A continuous
-batching step allocates KV-sized tensors (``repeat_kv``, the paged cache's
-update) every step: in a worker its engine thread spent 2 to 3 times as long
+again. The threshold is dynamic: freeing a mapped block raises it to that
+block's size, so a tensor a little larger than the last one is mapped afresh
+again. A continuous batching step allocates such KV-sized tensors
+(``repeat_kv``, the paged cache's update) every step: a worker took 0.9 million
+page faults per benchmark pass, and its engine thread spent 2 to 3 times as long
 per token in them as the same engine alone in a quiet process
 (``benchmarks.generation --profile``, then ``benchmarks.profile_summary``).
 
