@@ -145,8 +145,8 @@ class TextStreams:
 
     def _apply(self, updates: list[tuple[Key, list[int]]], *, cumulative: bool, loud: frozenset[str]) -> list:
         # Every sequence's tokens are kept (usage, finish reason); only those of ``loud`` jobs are decoded here.
-        # A quiet job's text goes out whole in ``_finish``: decoding every sequence at every step of a static
-        # batch cost its writer thread 50 ms of GIL per job (benchmarks.generation --static, 64 jobs).
+        # A quiet job's text goes out whole in ``_finish``: decoding every sequence at every step would hold the
+        # GIL the generation loop needs, for text nobody reads until the end.
         events = []
         for key, tokens in updates:
             sequence = self._sequences.setdefault(key, _Sequence())
