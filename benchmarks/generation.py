@@ -11,7 +11,8 @@ Same model, same worker code, one fresh worker per deployment kind:
   first streamed piece) and its latency.
 - **throughput**: 64 concurrent jobs with ``max_new_tokens`` spread evenly from
   16 to 256, as generated tokens/s (submit of the first to result of the last)
-  and p50/p95 job latency. Nobody streams these jobs.
+  and p50/p95 job latency. Nobody streams these jobs; the client awaits their
+  results on one asyncio loop.
 - **the engine alone** on the same 64 requests: ``init_continuous_batching`` +
   ``add_request`` in this process with each prompt's own ``max_new_tokens``,
   ``streaming=False`` (and once ``streaming=True``): the upper bound of what the
