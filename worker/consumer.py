@@ -96,7 +96,7 @@ class BulkConsumer:
                                  chores=[self._sweep_poison])
         supervisor.watch("lease", self.lease.thread)
         self.acker = BulkAcker(redis_client(broker_url, redis_options), worker, supervisor,
-                               write_retry_s=write_retry_s)
+                               write_retry_s=write_retry_s, let_go=self.lease.let_go)
         self.channel = ClaimedChannel(self.acker, self._requeue)
         self._wake = threading.Event()
         self._ready: frozenset[str] = frozenset()
@@ -209,8 +209,10 @@ class BulkConsumer:
             self._wake.clear()
             return
         self._first = (self._first + 1) % len(self._quanta)
-        claim = kombu_layout.parse_claim_reply(self._claim(keys=self._keys, args=kombu_layout.claim_args(
-            min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first)), self._queue_keys)
+        with self.lease.claiming():
+            claim = kombu_layout.parse_claim_reply(self._claim(keys=self._keys, args=kombu_layout.claim_args(
+                min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first)), self._queue_keys)
+            self.lease.hold(message.tag for message in claim.messages if message.tag)
         if claim.lengths is not None:
             self._ready = frozenset(key for key, length in claim.lengths.items() if length)
         with self._holding():
@@ -295,8 +297,10 @@ class BulkConsumer:
     def _dead_letter(self, tag: str, reason: str, raw: bytes, job_id: str | None) -> None:
         try:
             self.dead_letters.send(tag, reason, raw, job_id)
-        except Exception:  # stays held by this worker's lease; it goes back to its queue if the worker dies
+        except Exception:  # let go of below: the next lease renewal puts it back, and the next claim tries again
             logger.exception("could not dead-letter message %s (%s)", tag, reason)
+        finally:
+            self.lease.let_go([tag])
 
     def _dead_letter_job(self, job: Any, reason: str) -> None:
         message = job.message

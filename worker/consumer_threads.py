@@ -70,8 +70,11 @@ class BulkAcker:
     """
 
     def __init__(self, client: redis_lib.Redis, worker: str, supervisor: Supervisor, *,
-                 write_retry_s: float = WRITE_RETRY_S) -> None:
+                 write_retry_s: float = WRITE_RETRY_S,
+                 let_go: Callable[[list[str]], None] = lambda tags: None) -> None:
         self._client = client
+        self._let_go = let_go
+        """Told of tags acked, or given up on (:meth:`worker.lease.LeaseKeeper.let_go`)."""
         self._write_retry_s = write_retry_s
         self._keys = kombu_layout.ack_keys(worker)
         self._script = client.register_script(kombu_layout.ACK_SCRIPT)
@@ -94,10 +97,11 @@ class BulkAcker:
 
         Done right after a job's result is stored, so the window in which a killed worker's finished job
         runs again is one round trip, not a wait in the ack queue. Past ``write_retry_s`` it raises
-        :class:`~producers.errors.WriteFailed`; the tags stay held by this worker's lease.
+        :class:`~producers.errors.WriteFailed` and the tags stay in hand (the ack thread tries again).
         """
         write_until_done(lambda: self._script(keys=self._keys, args=tags), f"the acks of {len(tags)} jobs",
                          bound_s=self._write_retry_s, on_retry=on_retry)
+        self._let_go(tags)
 
     def _drain(self, first: str) -> list[str]:
         tags = [first]
@@ -123,9 +127,11 @@ class BulkAcker:
             tags = self._drain(first)
             try:
                 self.ack_now(tags, on_retry=lambda: self._supervisor.tick("acker"))
-            except WriteFailed as error:  # the tags stay held and go back if this worker gives its lease up
-                logger.error("%s; they stay held by this worker's lease; acking on", error)
-            except Exception:  # never lose the loop: the tags stay held and go back if this worker dies
+            except WriteFailed as error:  # done with: put back, a claim acks unrun those whose result is stored
+                self._let_go(tags)
+                logger.error("%s; the next lease renewal puts them back on their queues; acking on", error)
+            except Exception:  # never lose the loop; let go of, the next lease renewal puts them back
+                self._let_go(tags)
                 logger.exception("could not ack %d jobs", len(tags))
 
     def close(self, timeout_s: float = 10.0) -> None:

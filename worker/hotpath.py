@@ -373,8 +373,8 @@ class HotPath:
         """Write the results of ``settled`` jobs in one pipeline; returns those stored.
 
         A job whose result cannot be encoded or stored is dead-lettered, except when Redis refused the write
-        past ``redis_write_retry_s`` (:class:`WriteFailed`): then nothing is acked, the jobs stay held by this
-        worker's lease, and they run again if it gives the lease up.
+        past ``redis_write_retry_s`` (:class:`WriteFailed`): then nothing is acked and the jobs go back to
+        their queues, to run again.
         """
         try:
             replies = self._results.store([(job.job_id, state, encoded) for job, (state, _, encoded) in settled],
@@ -394,10 +394,15 @@ class HotPath:
         return stored
 
     def _left_unacked(self, jobs: list[HotJob], error: WriteFailed) -> None:
-        """Log jobs whose results Redis refused: unacked, they stay held by the lease and run again."""
-        logger.error("%s; jobs %s stay unacked, held by this worker's lease (they go back to their queues "
-                     "if it gives the lease up); serving on", error, ", ".join(job.job_id for job in jobs),
-                     extra={"job_ids": [job.job_id for job in jobs]})
+        """Hand back jobs whose results Redis refused, to run again (by the lease's next renewal if Redis
+        refuses the hand-back too)."""
+        logger.error("%s; jobs %s go back to their queues unacked, to run again; serving on", error,
+                     ", ".join(job.job_id for job in jobs), extra={"job_ids": [job.job_id for job in jobs]})
+        for job in jobs:
+            try:
+                job.message.reject(requeue=True)
+            except Exception as refused:  # let go of by the lease all the same: its next renewal puts it back
+                logger.warning("job %s: could not hand it back (%s)", job.job_id, refused)
 
     def _commit(self, jobs: list[HotJob]) -> None:
         settled = []
@@ -410,7 +415,7 @@ class HotPath:
                 try:
                     self._ack([job.message.delivery_tag for job, _ in settled])
                     acked = True
-                except WriteFailed as error:  # held by the lease meanwhile
+                except WriteFailed as error:  # in hand meanwhile
                     logger.error("%s; the ack thread tries them again", error)
                 except Exception:  # the ack thread takes them instead
                     logger.exception("could not ack %d jobs at once", len(settled))

@@ -7,9 +7,16 @@ message it takes in kombu's unacked hash *and* in the worker's claims hash,
 ``pipefleet:claims:<worker>`` (tag -> claim time, order, length, source list).
 
 - **Renew** (:data:`RENEW_SCRIPT`, every ``lease_ttl_s / 3``): refresh the lease
-  key and move every held tag's score in kombu's ``unacked_index`` to now, so
-  kombu's own sweep (``visibility_timeout_s``) never takes a job from a live
-  worker, however long the job runs.
+  key and move the score in kombu's ``unacked_index`` of every job the worker
+  really has in hand to now, so kombu's own sweep (``visibility_timeout_s``)
+  never takes a job from a live worker, however long the job runs. The worker
+  names the tags it has in hand (claimed, not yet acked, handed back or
+  dead-lettered); a claim in its hash that it does not name is put back on its
+  queue like a dead worker's. Such orphans come from writes Redis lost (an ack
+  or hand-back made on a master that died before its replica got it), from a
+  write refused past ``redis_write_retry_s``, or from an earlier process under
+  the same worker name: without this, a live lease would keep them from every
+  worker for good.
 - **Reap** (:data:`REAP_SCRIPT`, every worker, every second): for each worker in
   ``pipefleet:lease-holders`` whose lease key is gone, push each job it held
   back onto the head of the list it came from, in claim order, mark it as
@@ -35,7 +42,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import redis as redis_lib
 
@@ -49,28 +57,47 @@ REAP_INTERVAL_S = 1.0
 """How often every worker looks for lapsed leases."""
 
 RENEW_SCRIPT = """
--- KEYS[1] lease key, KEYS[2] claims hash, KEYS[3] unacked hash, KEYS[4] unacked index, KEYS[5] holders set
--- ARGV[1] lease TTL in ms, ARGV[2] now, ARGV[3] worker name
--- Returns {tags held, oldest claim time or false, 1 if the lease had lapsed}
+-- KEYS[1] lease key, KEYS[2] claims hash, KEYS[3] unacked hash, KEYS[4] unacked index, KEYS[5] holders set,
+-- KEYS[6] set of tags put back (redelivered)
+-- ARGV[1] lease TTL in ms, ARGV[2] now, ARGV[3] worker name, ARGV[4..] the tags the worker has in hand
+-- Returns {tags held, oldest claim time or false, 1 if the lease had lapsed, orphans put back}
 local lapsed = redis.call('EXISTS', KEYS[1]) == 0
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[3])
+local in_hand = {}
+for i = 4, #ARGV do in_hand[ARGV[i]] = true end
 local fields = redis.call('HGETALL', KEYS[2])
 local held, oldest = 0, false
+local orphans = {}
 for i = 1, #fields, 2 do
   local tag = fields[i]
-  if redis.call('HEXISTS', KEYS[3], tag) == 1 then
+  local record = redis.call('HGET', KEYS[3], tag)
+  if not record then
+    redis.call('HDEL', KEYS[2], tag)  -- acked or restored by someone else: no longer ours to renew
+  elseif in_hand[tag] then
     redis.call('ZADD', KEYS[4], 'XX', ARGV[2], tag)
     held = held + 1
     local at = tonumber(string.match(fields[i + 1], '^(%S+)'))
     if at and (not oldest or at < oldest) then oldest = at end
   else
-    redis.call('HDEL', KEYS[2], tag)  -- acked or restored by someone else: no longer ours to renew
+    local at, order, length, list = string.match(fields[i + 1], '^(%S+) (%d+) (%d+) (.+)$')
+    if list then
+      orphans[#orphans + 1] = {tonumber(at), tonumber(order), tag, string.sub(record, 2, 1 + tonumber(length)), list}
+    end
   end
 end
-return {held, oldest and tostring(oldest) or false, lapsed and 1 or 0}
+-- As the reap does: newest claim first, so the oldest ends at the head of its list.
+table.sort(orphans, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
+for _, entry in ipairs(orphans) do
+  redis.call('RPUSH', entry[5], entry[4])
+  redis.call('SADD', KEYS[6], entry[3])
+  redis.call('HDEL', KEYS[3], entry[3])
+  redis.call('ZREM', KEYS[4], entry[3])
+  redis.call('HDEL', KEYS[2], entry[3])
+end
+return {held, oldest and tostring(oldest) or false, lapsed and 1 or 0, #orphans}
 """
-"""Renew a worker's lease and the kombu scores of every job it holds."""
+"""Renew a worker's lease and the kombu scores of the jobs it has in hand; put its orphaned claims back."""
 
 REAP_SCRIPT = """
 -- KEYS[1] holders set, KEYS[2] unacked hash, KEYS[3] unacked index, KEYS[4] set of tags put back from dead workers
@@ -145,6 +172,10 @@ class LeaseKeeper:
         self.oldest_claim_at: float | None = None
         self.lapses = 0
         """Times this worker found its own lease lapsed (it was paused or cut off longer than the TTL)."""
+        self.orphans = 0
+        """Claims this worker's lease named but the worker no longer had in hand, put back by its renewals."""
+        self._in_hand: set[str] = set()
+        self._claiming = threading.Lock()
         self._healthy = healthy
         self._tick = tick
         self._chores = list(chores or [])
@@ -161,13 +192,35 @@ class LeaseKeeper:
         """The lease thread (for supervision)."""
         return self._thread
 
+    @contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Held around a claim and its :meth:`hold`, so no renewal sees a claim before its tags are in hand."""
+        with self._claiming:
+            yield
+
+    def hold(self, tags: Iterable[str]) -> None:
+        """Record tags this worker just claimed (inside :meth:`claiming`)."""
+        self._in_hand.update(tags)
+
+    def let_go(self, tags: Iterable[str]) -> None:
+        """Record tags this worker acked, handed back, dead-lettered or gave up on; a renewal puts back any
+        whose removal from Redis did not stick."""
+        self._in_hand.difference_update(tags)
+
     def renew(self) -> None:
-        """Refresh the lease and the scores of every held job (raises on a Redis error)."""
+        """Refresh the lease and the scores of the jobs in hand, put orphaned claims back (raises on a Redis
+        error)."""
         now = time.time()
-        held, oldest, lapsed = self._renew(
-            keys=[kombu_layout.lease_key(self.worker), self._claims_key, kombu_layout.UNACKED_KEY,
-                  kombu_layout.UNACKED_INDEX_KEY, constants.LEASE_HOLDERS_KEY],
-            args=[int(self.ttl_s * 1000), repr(now), self.worker])
+        with self._claiming:
+            held, oldest, lapsed, orphans = self._renew(
+                keys=[kombu_layout.lease_key(self.worker), self._claims_key, kombu_layout.UNACKED_KEY,
+                      kombu_layout.UNACKED_INDEX_KEY, constants.LEASE_HOLDERS_KEY, constants.REDELIVERED_KEY],
+                args=[int(self.ttl_s * 1000), repr(now), self.worker, *self._in_hand.copy()])
+        if orphans:
+            self.orphans += int(orphans)
+            logger.warning("worker %s put %d job(s) back on their queues: its lease still named them, but it no "
+                           "longer had them in hand (an ack or hand-back lost with a failed-over master, a write "
+                           "refused, or an earlier process of the same name)", self.worker, int(orphans))
         self.held = int(held)
         self.oldest_claim_at = float(oldest) if oldest else None
         first, self._renewed = not self._renewed, True
@@ -191,9 +244,15 @@ class LeaseKeeper:
         return restored
 
     def release(self, tag: str) -> bool:
-        """Hand one held job back to the head of its queue; False if this worker no longer held it."""
-        return bool(self._release(keys=[self._claims_key, kombu_layout.UNACKED_KEY,
-                                        kombu_layout.UNACKED_INDEX_KEY], args=[tag]))
+        """Hand one held job back to the head of its queue; False if this worker no longer held it.
+
+        Let go of either way: if Redis refused the hand-back, the next renewal puts the job back.
+        """
+        try:
+            return bool(self._release(keys=[self._claims_key, kombu_layout.UNACKED_KEY,
+                                            kombu_layout.UNACKED_INDEX_KEY], args=[tag]))
+        finally:
+            self.let_go([tag])
 
     def oldest_claim_age_s(self) -> float:
         """Age of the oldest job this worker holds (0 when it holds none), as of the last renewal."""

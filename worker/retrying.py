@@ -6,8 +6,8 @@ again through redis-py's :class:`~redis.retry.Retry` with an
 never more than :data:`BACKOFF_CAP_S`. Past ``bound_s`` (the fleet's
 ``redis_write_retry_s``, 30 s by default, well past a Sentinel failover) the
 write raises :class:`~producers.errors.WriteFailed` naming what it could not
-write. The caller then leaves the job unacked: it stays held by the worker's
-lease, and goes back to its queue if the worker gives the lease up.
+write. The caller then leaves the job unacked and lets go of it: the worker's
+next lease renewal puts it back on its queue (:mod:`worker.lease`).
 """
 
 from __future__ import annotations

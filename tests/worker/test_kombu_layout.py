@@ -14,7 +14,7 @@ import time
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
-from producers.constants import CANCEL_KEY_PREFIX, LEASE_HOLDERS_KEY, PRIORITY_STEPS
+from producers.constants import CANCEL_KEY_PREFIX, LEASE_HOLDERS_KEY, PRIORITY_STEPS, REDELIVERED_KEY
 from worker import kombu_layout
 from producers.backlog import claimed_counts
 from worker.lease import LeaseKeeper
@@ -111,11 +111,35 @@ def test_a_fresh_claim_is_not_restored_by_kombus_sweep_and_renewal_keeps_it_fres
     [raw] = _claim(client, "layout", now=claimed_at)
     assert client.zscore(kombu_layout.UNACKED_INDEX_KEY, _tag(raw)) == pytest.approx(claimed_at)
     time.sleep(1.5)  # past the fixture's 1 s visibility timeout: kombu would now restore an unrenewed claim
-    LeaseKeeper(client, WORKER, ttl_s=60).renew()
+    lease = LeaseKeeper(client, WORKER, ttl_s=60)
+    lease.hold([_tag(raw)])
+    lease.renew()
     renewed = client.zscore(kombu_layout.UNACKED_INDEX_KEY, _tag(raw))
-    assert renewed > claimed_at + 1
+    assert renewed > claimed_at + 1 and lease.held == 1 and lease.orphans == 0
     connection.default_channel.qos.restore_visible(num=10)
     assert client.hexists(kombu_layout.UNACKED_KEY, _tag(raw)), "kombu's sweep took a renewed claim"
+    assert claimed_counts(client, ["layout"]) == {"layout": 1}
+
+
+def test_a_claim_the_live_worker_no_longer_has_in_hand_goes_back_at_the_next_renewal(broker):
+    # As after a failover that rolled back an ack: Redis still records the claim, the worker has let go of it.
+    client, connection = broker
+    for n in range(3):
+        _publish(connection, "layout", {"n": n})
+    taken = _claim(client, "layout", limit=3)
+    lease = LeaseKeeper(client, WORKER, ttl_s=60)
+    lease.hold(_tag(raw) for raw in taken)
+    lease.renew()
+    assert (lease.held, lease.orphans) == (3, 0)
+    lease.let_go([_tag(taken[0]), _tag(taken[1])])
+    lease.renew()
+    assert (lease.held, lease.orphans) == (1, 2)
+    lst = kombu_layout.priority_queue_keys(["layout"], PRIORITY_STEPS)[2]
+    # Back at the head, oldest first, marked redelivered, and out of kombu's unacked bookkeeping.
+    assert [_tag(m) for m in reversed(client.lrange(lst, 0, -1))] == [_tag(raw) for raw in taken[:2]]
+    assert all(client.sismember(REDELIVERED_KEY, _tag(raw)) for raw in taken[:2])
+    assert not client.hexists(kombu_layout.UNACKED_KEY, _tag(taken[0]))
+    assert client.hexists(kombu_layout.UNACKED_KEY, _tag(taken[2]))
     assert claimed_counts(client, ["layout"]) == {"layout": 1}
 
 

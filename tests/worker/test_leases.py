@@ -232,3 +232,38 @@ def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet:
     assert stored == {job.id: 1} and not again, (stored, again)
     assert _received([worker], job.id) == 1, "the job ran again"
     _figures("stored-then-died", runs=1, results_stored=1, lease_ttl_s=LEASE_TTL_S)
+
+
+def test_a_claim_its_live_worker_no_longer_has_in_hand_goes_back_and_completes(fleet: Fleet, model_dir):
+    """A claim recorded under a live worker's lease that the worker does not have: it runs, not strands.
+
+    That state follows a failover that rolled back a finished job's result and ack (the claim had reached the
+    replica, the rest had not), or a restart under the same worker name. Built from real parts: while the worker
+    is paused the test claims a job under the worker's own name, so Redis records it in the worker's lease but
+    the worker never received it. Its next renewal puts it back marked redelivered; it then runs once.
+    """
+    model = str(model_dir("text-classification"))
+    config = fleet.config([_deployment("lease-orphan", model)])
+    worker = fleet.worker(config, deployments=["lease-orphan"])
+    broker = _broker(fleet)
+    queue_keys = kombu_layout.priority_queue_keys([queue_name("lease-orphan")], PRIORITY_STEPS)
+    with fleet.client() as client:
+        _stop(worker.proc.pid)
+        try:
+            job = client.submit(deployment="lease-orphan", inputs="a claim its worker never saw")
+            claim = broker.register_script(kombu_layout.CLAIM_SCRIPT)
+            taken = kombu_layout.parse_claim_reply(claim(
+                keys=kombu_layout.claim_keys(queue_keys, worker.name),
+                args=kombu_layout.claim_args(1, time.time(), worker.name, [1], 0)), queue_keys).messages
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        assert len(taken) == 1 and job.id in held_job_ids(broker, worker.name)
+        output = job.result(timeout=30)
+    assert_same(output, local_pipeline("text-classification", model)("a claim its worker never saw"))
+    assert "put 1 job(s) back on their queues" in worker.log()
+    assert "found its lease lapsed" not in worker.log(), "the worker lost its lease: the test built no orphan"
+    _logged([worker], job.id)
+    stored, again = job_log_counts([worker])
+    assert stored == {job.id: 1} and not again, (stored, again)
+    assert _received([worker], job.id) == 1
+    _figures("orphaned-claim", runs=1, results_stored=1, lease_ttl_s=LEASE_TTL_S)
