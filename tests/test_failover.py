@@ -109,7 +109,9 @@ def _failover_under_load(cluster: SentinelCluster, tmp_path, model: str, monkeyp
                 assert_same(output, expected[TEXTS[index % len(TEXTS)]])
         runs = Counter(re.findall(r"job (\S+) on ha-tc: SUCCESS", worker.log()))
         duplicates = sum(count - 1 for count in runs.values() if count > 1)
-        print(f"failover: 0 lost of {N_JOBS}, {duplicates} run twice (at least once); at the kill "
+        orphans = sum(int(n) for n in re.findall(r"put (\d+) job\(s\) back on their queues", worker.log()))
+        print(f"failover: 0 lost of {N_JOBS}, {duplicates} run twice (at least once), {orphans} orphaned claims "
+              f"put back; at the kill "
               f"{kill_state['submitted']} submitted, {kill_state['unfinished']} unfinished; first job submitted "
               f"after the kill done {kill_state['recovery_s']} s after it")
     finally:
