@@ -56,7 +56,30 @@ logger = logging.getLogger(__name__)
 REAP_INTERVAL_S = 1.0
 """How often every worker looks for lapsed leases."""
 
-RENEW_SCRIPT = """
+PUT_BACK_LUA = """
+-- A claims-hash entry as {claim time, order in its claim, tag, message, source list}, or nil if it has none.
+local function claim_entry(tag, claim, record)
+  local at, order, length, list = string.match(claim, '^(%S+) (%d+) (%d+) (.+)$')
+  if record and list then
+    return {tonumber(at), tonumber(order), tag, string.sub(record, 2, 1 + tonumber(length)), list}
+  end
+end
+-- Push entries back, newest claim first, so the oldest ends at the head of its list (consumers pop from the
+-- right); mark them redelivered and drop them from kombu's unacked bookkeeping. Returns how many.
+local function put_back(entries, unacked, index, redelivered)
+  table.sort(entries, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
+  for _, entry in ipairs(entries) do
+    redis.call('RPUSH', entry[5], entry[4])
+    redis.call('SADD', redelivered, entry[3])
+    redis.call('HDEL', unacked, entry[3])
+    redis.call('ZREM', index, entry[3])
+  end
+  return #entries
+end
+"""
+"""Lua shared by the renew and reap scripts: how a claimed job goes back to its queue."""
+
+RENEW_SCRIPT = PUT_BACK_LUA + """
 -- KEYS[1] lease key, KEYS[2] claims hash, KEYS[3] unacked hash, KEYS[4] unacked index, KEYS[5] holders set,
 -- KEYS[6] set of tags put back (redelivered)
 -- ARGV[1] lease TTL in ms, ARGV[2] now, ARGV[3] worker name, ARGV[4..] the tags the worker has in hand
@@ -80,26 +103,15 @@ for i = 1, #fields, 2 do
     local at = tonumber(string.match(fields[i + 1], '^(%S+)'))
     if at and (not oldest or at < oldest) then oldest = at end
   else
-    local at, order, length, list = string.match(fields[i + 1], '^(%S+) (%d+) (%d+) (.+)$')
-    if list then
-      orphans[#orphans + 1] = {tonumber(at), tonumber(order), tag, string.sub(record, 2, 1 + tonumber(length)), list}
-    end
+    orphans[#orphans + 1] = claim_entry(tag, fields[i + 1], record)
   end
 end
--- As the reap does: newest claim first, so the oldest ends at the head of its list.
-table.sort(orphans, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
-for _, entry in ipairs(orphans) do
-  redis.call('RPUSH', entry[5], entry[4])
-  redis.call('SADD', KEYS[6], entry[3])
-  redis.call('HDEL', KEYS[3], entry[3])
-  redis.call('ZREM', KEYS[4], entry[3])
-  redis.call('HDEL', KEYS[2], entry[3])
-end
-return {held, oldest and tostring(oldest) or false, lapsed and 1 or 0, #orphans}
+for _, entry in ipairs(orphans) do redis.call('HDEL', KEYS[2], entry[3]) end
+return {held, oldest and tostring(oldest) or false, lapsed and 1 or 0, put_back(orphans, KEYS[3], KEYS[4], KEYS[6])}
 """
 """Renew a worker's lease and the kombu scores of the jobs it has in hand; put its orphaned claims back."""
 
-REAP_SCRIPT = """
+REAP_SCRIPT = PUT_BACK_LUA + """
 -- KEYS[1] holders set, KEYS[2] unacked hash, KEYS[3] unacked index, KEYS[4] set of tags put back from dead workers
 -- ARGV[1] lease key prefix, ARGV[2] claims key prefix
 -- Returns {jobs put back, worker, worker, ...} for the workers whose lease had lapsed
@@ -111,21 +123,9 @@ for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local fields = redis.call('HGETALL', claims_key)
     local entries = {}
     for i = 1, #fields, 2 do
-      local at, order, length, list = string.match(fields[i + 1], '^(%S+) (%d+) (%d+) (.+)$')
-      local record = redis.call('HGET', KEYS[2], fields[i])
-      if record and list then
-        entries[#entries + 1] = {tonumber(at), tonumber(order), fields[i], string.sub(record, 2, 1 + tonumber(length)), list}
-      end
+      entries[#entries + 1] = claim_entry(fields[i], fields[i + 1], redis.call('HGET', KEYS[2], fields[i]))
     end
-    -- Newest claim first, so the oldest is pushed last and ends at the head (consumers pop from the right).
-    table.sort(entries, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
-    for _, entry in ipairs(entries) do
-      redis.call('RPUSH', entry[5], entry[4])
-      redis.call('SADD', KEYS[4], entry[3])
-      redis.call('HDEL', KEYS[2], entry[3])
-      redis.call('ZREM', KEYS[3], entry[3])
-      restored = restored + 1
-    end
+    restored = restored + put_back(entries, KEYS[2], KEYS[3], KEYS[4])
     redis.call('DEL', claims_key)
     redis.call('SREM', KEYS[1], worker)
     reaped[#reaped + 1] = worker

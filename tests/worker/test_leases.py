@@ -186,6 +186,12 @@ def test_a_worker_paused_past_its_lease_never_replaces_the_stored_result(fleet: 
     _figures("sigstop-past-lease", job_s=job_s, lease_ttl_s=LEASE_TTL_S, results_stored=1, runs=2)
 
 
+def _one_worker(fleet: Fleet, model: str, deployment: str):
+    """A worker serving ``deployment`` alone; returns it, the broker's client and the deployment's queue lists."""
+    worker = fleet.worker(fleet.config([_deployment(deployment, model)]), deployments=[deployment])
+    return worker, _broker(fleet), kombu_layout.priority_queue_keys([queue_name(deployment)], PRIORITY_STEPS)
+
+
 def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet: Fleet, model_dir):
     """The window between a result's store and its ack: the holder dies there, the next claim finds the result.
 
@@ -195,10 +201,7 @@ def test_a_job_whose_dead_holder_stored_its_result_is_acked_not_run_again(fleet:
     the stored result and acks it without a second run.
     """
     model = str(model_dir("text-classification"))
-    config = fleet.config([_deployment("lease-stored", model)])
-    worker = fleet.worker(config, deployments=["lease-stored"])
-    broker = _broker(fleet)
-    queue_keys = kombu_layout.priority_queue_keys([queue_name("lease-stored")], PRIORITY_STEPS)
+    worker, broker, queue_keys = _one_worker(fleet, model, "lease-stored")
     with fleet.client() as client:
         os.kill(worker.proc.pid, signal.SIGSTOP)
         try:
@@ -243,10 +246,7 @@ def test_a_claim_its_live_worker_no_longer_has_in_hand_goes_back_and_completes(f
     the worker never received it. Its next renewal puts it back marked redelivered; it then runs once.
     """
     model = str(model_dir("text-classification"))
-    config = fleet.config([_deployment("lease-orphan", model)])
-    worker = fleet.worker(config, deployments=["lease-orphan"])
-    broker = _broker(fleet)
-    queue_keys = kombu_layout.priority_queue_keys([queue_name("lease-orphan")], PRIORITY_STEPS)
+    worker, broker, queue_keys = _one_worker(fleet, model, "lease-orphan")
     with fleet.client() as client:
         _stop(worker.proc.pid)
         try:
