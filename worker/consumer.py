@@ -209,9 +209,9 @@ class BulkConsumer:
             self._wake.clear()
             return
         self._first = (self._first + 1) % len(self._quanta)
-        with self.lease.claiming():
+        with self.lease.claiming() as now:
             claim = kombu_layout.parse_claim_reply(self._claim(keys=self._keys, args=kombu_layout.claim_args(
-                min(free, MAX_CLAIM), time.time(), self._worker, self._quanta, self._first)), self._queue_keys)
+                min(free, MAX_CLAIM), now, self._worker, self._quanta, self._first)), self._queue_keys)
             self.lease.hold(message.tag for message in claim.messages if message.tag)
         if claim.lengths is not None:
             self._ready = frozenset(key for key, length in claim.lengths.items() if length)

@@ -82,13 +82,15 @@ end
 RENEW_SCRIPT = PUT_BACK_LUA + """
 -- KEYS[1] lease key, KEYS[2] claims hash, KEYS[3] unacked hash, KEYS[4] unacked index, KEYS[5] holders set,
 -- KEYS[6] set of tags put back (redelivered)
--- ARGV[1] lease TTL in ms, ARGV[2] now, ARGV[3] worker name, ARGV[4..] the tags the worker has in hand
+-- ARGV[1] lease TTL in ms, ARGV[2] now, ARGV[3] worker name, ARGV[4] cutoff: claims made since may still be
+-- on their way to the worker's hand; ARGV[5..] the tags the worker has in hand
 -- Returns {tags held, oldest claim time or false, 1 if the lease had lapsed, orphans put back}
 local lapsed = redis.call('EXISTS', KEYS[1]) == 0
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[3])
 local in_hand = {}
-for i = 4, #ARGV do in_hand[ARGV[i]] = true end
+for i = 5, #ARGV do in_hand[ARGV[i]] = true end
+local cutoff = tonumber(ARGV[4])
 local fields = redis.call('HGETALL', KEYS[2])
 local held, oldest = 0, false
 local orphans = {}
@@ -97,13 +99,15 @@ for i = 1, #fields, 2 do
   local record = redis.call('HGET', KEYS[3], tag)
   if not record then
     redis.call('HDEL', KEYS[2], tag)  -- acked or restored by someone else: no longer ours to renew
-  elseif in_hand[tag] then
-    redis.call('ZADD', KEYS[4], 'XX', ARGV[2], tag)
-    held = held + 1
-    local at = tonumber(string.match(fields[i + 1], '^(%S+)'))
-    if at and (not oldest or at < oldest) then oldest = at end
   else
-    orphans[#orphans + 1] = claim_entry(tag, fields[i + 1], record)
+    local at = tonumber(string.match(fields[i + 1], '^(%S+)'))
+    if in_hand[tag] or not at or at >= cutoff then
+      redis.call('ZADD', KEYS[4], 'XX', ARGV[2], tag)
+      held = held + 1
+      if at and (not oldest or at < oldest) then oldest = at end
+    else
+      orphans[#orphans + 1] = claim_entry(tag, fields[i + 1], record)
+    end
   end
 end
 for _, entry in ipairs(orphans) do redis.call('HDEL', KEYS[2], entry[3]) end
@@ -175,7 +179,7 @@ class LeaseKeeper:
         self.orphans = 0
         """Claims this worker's lease named but the worker no longer had in hand, put back by its renewals."""
         self._in_hand: set[str] = set()
-        self._claiming = threading.Lock()
+        self._claiming_since: float | None = None
         self._healthy = healthy
         self._tick = tick
         self._chores = list(chores or [])
@@ -193,10 +197,18 @@ class LeaseKeeper:
         return self._thread
 
     @contextmanager
-    def claiming(self) -> Iterator[None]:
-        """Held around a claim and its :meth:`hold`, so no renewal sees a claim before its tags are in hand."""
-        with self._claiming:
-            yield
+    def claiming(self) -> Iterator[float]:
+        """Around one claim and its :meth:`hold`; yields the time to stamp the claim with.
+
+        A renewal that runs meanwhile renews that claim's jobs rather than take them for orphans. Nothing
+        blocks: the lease thread never waits on a claim, nor a claim on a renewal.
+        """
+        at = time.time()
+        self._claiming_since = at
+        try:
+            yield at
+        finally:
+            self._claiming_since = None
 
     def hold(self, tags: Iterable[str]) -> None:
         """Record tags this worker just claimed (inside :meth:`claiming`)."""
@@ -210,12 +222,16 @@ class LeaseKeeper:
     def renew(self) -> None:
         """Refresh the lease and the scores of the jobs in hand, put orphaned claims back (raises on a Redis
         error)."""
+        # In this order: a claim that is not in the snapshot of the hand either began after `now` or is the
+        # one in progress, and neither counts as an orphan (barring a wall clock stepped back in between).
         now = time.time()
-        with self._claiming:
-            held, oldest, lapsed, orphans = self._renew(
-                keys=[kombu_layout.lease_key(self.worker), self._claims_key, kombu_layout.UNACKED_KEY,
-                      kombu_layout.UNACKED_INDEX_KEY, constants.LEASE_HOLDERS_KEY, constants.REDELIVERED_KEY],
-                args=[int(self.ttl_s * 1000), repr(now), self.worker, *self._in_hand.copy()])
+        since = self._claiming_since
+        in_hand = self._in_hand.copy()
+        cutoff = now if since is None else min(now, since)
+        held, oldest, lapsed, orphans = self._renew(
+            keys=[kombu_layout.lease_key(self.worker), self._claims_key, kombu_layout.UNACKED_KEY,
+                  kombu_layout.UNACKED_INDEX_KEY, constants.LEASE_HOLDERS_KEY, constants.REDELIVERED_KEY],
+            args=[int(self.ttl_s * 1000), repr(now), self.worker, repr(cutoff), *in_hand])
         if orphans:
             self.orphans += int(orphans)
             logger.warning("worker %s put %d job(s) back on their queues: its lease still named them, but it no "

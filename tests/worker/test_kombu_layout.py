@@ -166,6 +166,19 @@ def test_a_lapsed_lease_puts_its_jobs_back_at_the_head_in_order(broker):
     assert client.hexists(kombu_layout.UNACKED_KEY, _tag(retaken[0]))
 
 
+def test_a_renewal_during_a_claim_keeps_the_claims_jobs_not_yet_in_hand(broker):
+    client, connection = broker
+    _publish(connection, "layout", {"n": 1})
+    lease = LeaseKeeper(client, WORKER, ttl_s=60)
+    with lease.claiming() as now:
+        [raw] = _claim(client, "layout", now=now)
+        lease.renew()  # the lease thread, between the claim's reply and its hold()
+        lease.hold([_tag(raw)])
+    assert (lease.held, lease.orphans) == (1, 0)
+    lease.renew()
+    assert (lease.held, lease.orphans) == (1, 0) and client.hexists(kombu_layout.UNACKED_KEY, _tag(raw))
+
+
 def test_a_worker_without_a_lease_claims_nothing(broker):
     client, connection = broker
     _publish(connection, "layout", {"n": 1})
