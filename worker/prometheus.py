@@ -83,6 +83,9 @@ class RuntimeCollector:
         recovered = CounterMetricFamily("pipefleet_recovered_jobs", "Jobs this worker put back from workers whose "
                                         "lease lapsed", labels=["worker"])
         recovered.add_metric([worker], snapshot["recovered_jobs_total"])
+        orphaned = CounterMetricFamily("pipefleet_orphaned_claims", "Claims this worker's lease named but the worker "
+                                       "no longer had in hand, put back on their queues", labels=["worker"])
+        orphaned.add_metric([worker], snapshot["orphaned_claims_total"])
         dead = CounterMetricFamily("pipefleet_dead_lettered_messages", "Poison messages this worker moved to the "
                                    "dead-letter list", labels=["worker"])
         dead.add_metric([worker], snapshot["dead_lettered_total"])
@@ -95,7 +98,7 @@ class RuntimeCollector:
                                      "round (0: does not tick, -1: dead)", labels=["worker", "thread"])
         for thread, age in snapshot["thread_liveness_s"].items():
             liveness.add_metric([worker, thread], age)
-        yield from (recovered, dead, held, oldest, liveness)
+        yield from (recovered, orphaned, dead, held, oldest, liveness)
 
     def _device_memory(self, worker: str) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily

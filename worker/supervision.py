@@ -114,12 +114,13 @@ class Supervisor:
 
 
 def reliability_snapshot(runtime: Any) -> dict:
-    """Ownership and health figures of a worker: recovered and dead-lettered jobs, held jobs, thread liveness."""
+    """Ownership and health figures of a worker: recovered, orphaned and dead-lettered jobs, held jobs, thread liveness."""
     consumer = getattr(runtime, "consumer", None)
     supervisor = getattr(runtime, "supervisor", None)
     lease = consumer.lease if consumer is not None else None
     return {
         "recovered_jobs_total": lease.recovered if lease is not None else 0,
+        "orphaned_claims_total": lease.orphans if lease is not None else 0,
         "held_jobs": lease.held if lease is not None else 0,
         "oldest_claim_age_s": round(lease.oldest_claim_age_s(), 3) if lease is not None else 0.0,
         "lease_lapses_total": lease.lapses if lease is not None else 0,

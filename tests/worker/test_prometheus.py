@@ -66,6 +66,7 @@ def test_scrape_after_jobs_counts_every_job_and_item(module_fleet, served):
     assert _value(samples, "pipefleet_items_per_second", **labels) >= 0
     worker = {"worker": served["worker"].name}
     assert _value(samples, "pipefleet_recovered_jobs_total", **worker) >= 0
+    assert _value(samples, "pipefleet_orphaned_claims_total", **worker) == 0
     assert _value(samples, "pipefleet_dead_lettered_messages_total", **worker) == 0
     assert _value(samples, "pipefleet_oldest_claim_age_seconds", **worker) >= 0
     for thread in ("claim", "commit", "acker", "lease", "deadlines", "watch-0", "device-cpu"):
