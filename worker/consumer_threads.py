@@ -125,14 +125,16 @@ class BulkAcker:
             if first is None:
                 break
             tags = self._drain(first)
+            # Let go of whatever happens: a lease renewal puts back tags whose ack did not stick, and a claim
+            # acks unrun those whose result is stored.
             try:
                 self.ack_now(tags, on_retry=lambda: self._supervisor.tick("acker"))
-            except WriteFailed as error:  # done with: put back, a claim acks unrun those whose result is stored
-                self._let_go(tags)
+            except WriteFailed as error:
                 logger.error("%s; the next lease renewal puts them back on their queues; acking on", error)
-            except Exception:  # never lose the loop; let go of, the next lease renewal puts them back
-                self._let_go(tags)
+            except Exception:  # never lose the loop
                 logger.exception("could not ack %d jobs", len(tags))
+            finally:
+                self._let_go(tags)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush every queued ack, then stop the thread."""

@@ -114,7 +114,8 @@ class Supervisor:
 
 
 def reliability_snapshot(runtime: Any) -> dict:
-    """Ownership and health figures of a worker: recovered, orphaned and dead-lettered jobs, held jobs, thread liveness."""
+    """Ownership and health figures of a worker: recovered, orphaned and dead-lettered jobs, held jobs, thread
+    liveness."""
     consumer = getattr(runtime, "consumer", None)
     supervisor = getattr(runtime, "supervisor", None)
     lease = consumer.lease if consumer is not None else None
