@@ -195,3 +195,27 @@ def wait_until(predicate: Any, timeout_s: float = 60.0, what: Any = "the conditi
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
+
+
+def control_replies(celery_app: Any, command: str, pick: Any, timeout_s: float = 60.0) -> Any:
+    """The first truthy ``pick(answer)`` among the workers' replies to remote-control ``command``.
+
+    Broadcasts again until one answers: a worker advertises once it consumes its job queues, and
+    on a busy machine its remote-control subscription (a Redis pub/sub fan-out, which keeps no
+    message for a late subscriber) can start a moment later, or its reply can miss a short window.
+    """
+
+    def ask() -> Any:
+        for reply in celery_app.control.broadcast(command, reply=True, timeout=2):
+            for answer in reply.values():
+                picked = pick(answer)
+                if picked:
+                    return picked
+        return None
+
+    return wait_until(ask, timeout_s, what=f"a worker's reply to {command}")
+
+
+def deployment_metrics(celery_app: Any, deployment: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """``deployment``'s metrics as its worker's ``pipefleet_metrics`` reply reports them."""
+    return control_replies(celery_app, "pipefleet_metrics", lambda answer: answer.get(deployment), timeout_s)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet import REPO_ROOT, worker_env
+from tests.fleet import REPO_ROOT, deployment_metrics, worker_env
 from tests.oracle import assert_same
 from tests.tasks.private_models import private_models
 from tests.test_seed_guide import QUANTIZED, run_block
@@ -121,12 +121,7 @@ def in_process_outputs(name: str, model: str) -> list[Any]:
 
 def forward_passes(client, deployment: str) -> int:
     """How many batches ``deployment`` has run, as its worker's ``pipefleet_metrics`` reply counts them."""
-    # One worker serves it: without a limit, broadcast waits out its whole timeout for more replies.
-    for reply in client.celery.control.broadcast("pipefleet_metrics", reply=True, timeout=10, limit=1):
-        for answer in reply.values():
-            if deployment in answer:
-                return answer[deployment]["batch_size"]["count"]
-    raise AssertionError(f"no worker reported metrics for {deployment}")
+    return deployment_metrics(client.celery, deployment)["batch_size"]["count"]
 
 
 @pytest.mark.parametrize("name", list(QUANTIZED_DEPLOYMENTS))

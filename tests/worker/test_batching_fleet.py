@@ -10,6 +10,7 @@ import pytest
 
 from producers import JobError, JobState, OutOfMemory
 from producers.constants import INFER_TASK
+from tests.fleet import deployment_metrics
 from tests.oracle import assert_same, local_pipeline
 
 FAULTY = "tests.fault_pipelines.FaultyTextClassification"
@@ -36,11 +37,7 @@ def worker(module_fleet, model):
 
 
 def metrics(client, deployment):
-    for reply in client.celery.control.broadcast("pipefleet_metrics", reply=True, timeout=5):
-        for answer in reply.values():
-            if deployment in answer:
-                return answer[deployment]
-    raise AssertionError(f"no worker reported metrics for {deployment}")
+    return deployment_metrics(client.celery, deployment)
 
 
 def test_concurrent_jobs_are_batched(client):

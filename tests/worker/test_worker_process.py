@@ -11,7 +11,7 @@ import time
 import pytest
 
 from producers import (FleetClient, InvalidInput, InvalidParams, JobState, PayloadTooLarge, UnknownDeployment)
-from tests.fleet import REPO_ROOT, worker_env
+from tests.fleet import REPO_ROOT, control_replies, worker_env
 from tests.oracle import assert_same, local_pipeline
 
 
@@ -27,10 +27,10 @@ def served(module_fleet, model_dir):
 
 
 def test_worker_pins_cuda_visible_devices_from_gpu_flag(client, served):
-    replies = client.celery.control.broadcast("pipefleet_info", reply=True, timeout=5)
-    info = [r for reply in replies for r in reply.values() if r.get("worker") == served["worker"].name]
-    assert info and info[0]["cuda_visible_devices"] == "3"
-    assert info[0]["deployments"] == {"wp-tc": "cpu"}
+    info = control_replies(client.celery, "pipefleet_info",
+                           lambda answer: answer if answer.get("worker") == served["worker"].name else None)
+    assert info["cuda_visible_devices"] == "3"
+    assert info["deployments"] == {"wp-tc": "cpu"}
 
 
 def test_unknown_deployment_lists_live_ones(client, served):
