@@ -50,10 +50,16 @@ MAX_DEFAULT_CONCURRENCY = 512
 """Upper bound of the default job-thread count."""
 
 
+BATCHES_IN_HAND = 4
+"""Default jobs held per deployment, in batches: one runs while the next fills, and the batcher picks each batch
+by length among several batches' worth (``benchmarks.throughput``: single MiniLM jobs 192-202 items/s holding
+two batches, 246-256 holding four, 258-262 holding eight; 2026-12-01, cpu-2x)."""
+
+
 def default_concurrency(config: FleetConfig, names: list[str]) -> int:
-    """Job threads: twice the sum of ``max_batch_size``, so one batch fills while another runs."""
+    """Jobs held and job threads: ``BATCHES_IN_HAND`` times the sum of ``max_batch_size`` (4 to 512)."""
     total = sum(config.deployment(name).max_batch_size for name in names)
-    return max(4, min(MAX_DEFAULT_CONCURRENCY, 2 * total))
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, BATCHES_IN_HAND * total))
 
 
 def _deployment_of(request) -> str | None:
