@@ -53,8 +53,9 @@ def producer(mode: str, server: RedisServer, texts_file: Path, *extra: str) -> d
 class FreshFleet:
     """A new worker serving the benchmark deployment, for one measurement."""
 
-    def __init__(self, server: RedisServer, model: Path, **deployment) -> None:
+    def __init__(self, server: RedisServer, model: Path, worker_args: list[str] | None = None, **deployment) -> None:
         self.server = server
+        self.worker_args = worker_args or []
         self.config = write_config(
             STATE_DIR / "bench.toml", broker_url=f"{server.url}/0", result_backend=f"{server.url}/1",
             deployments=[{"name": "bench", "task": "text-classification", "model": str(model),
@@ -63,7 +64,8 @@ class FreshFleet:
     def __enter__(self):
         self.server.client(0).flushall()
         self.worker = start_worker(self.config, STATE_DIR, deployments=["bench"], name="bench-worker",
-                                   env={"OMP_NUM_THREADS": THREADS}, redis_client=self.server.client(0))
+                                   args=self.worker_args, env={"OMP_NUM_THREADS": THREADS},
+                                   redis_client=self.server.client(0))
         return self
 
     def rss_mb(self) -> float:
@@ -126,6 +128,9 @@ def main() -> int:
     parser.add_argument("--latency-n", type=int, default=50)
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--large", type=int, default=0, help="also run an N-sentence list job and map (e.g. 4096)")
+    parser.add_argument("--concurrency", default="",
+                        help="also run the single-sentence jobs with the worker holding each of these many jobs "
+                             "(comma-separated, e.g. 64,128,256; the default holds 4 x max_batch_size = 128)")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-results.json")
     args = parser.parse_args()
     STATE_DIR.mkdir(exist_ok=True)
@@ -159,6 +164,12 @@ def main() -> int:
             results[f"pipefleet {args.n} single-sentence jobs"] = {"items_per_s": args.n / run["seconds"]}
             # One text per job: pipe(text) returns [output] where pipe(list) returns output per item.
             check_outputs("fleet singles", run["outputs"], [[o] for o in ref1["outputs"]], failures)
+        for held in filter(None, args.concurrency.split(",")):
+            with FreshFleet(server, model, worker_args=["--concurrency", held]):
+                run = producer("fleet", server, texts_file)
+            results[f"  the same, --concurrency {held}"] = {"items_per_s": args.n / run["seconds"]}
+            check_outputs(f"fleet singles --concurrency {held}", run["outputs"], [[o] for o in ref1["outputs"]],
+                          failures)
         with FreshFleet(server, model):
             run = producer("fleet-list", server, texts_file)
             results["pipefleet one list job"] = {"items_per_s": args.n / run["seconds"]}
