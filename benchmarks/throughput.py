@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=0, help="also run an N-sentence list job and map (e.g. 4096)")
     parser.add_argument("--concurrency", default="",
                         help="also run the single-sentence jobs with the worker holding each of these many jobs "
-                             "(comma-separated, e.g. 64,128,256; the default holds 4 x max_batch_size = 128)")
+                             "(comma-separated, e.g. 64,128,256; the default holds 8 x max_batch_size = 256)")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-results.json")
     args = parser.parse_args()
     STATE_DIR.mkdir(exist_ok=True)

@@ -14,7 +14,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--deployment", action="append", default=[],
                         help="serve only this deployment (repeatable; default: all in the config)")
     parser.add_argument("--gpu", help="GPU index or indices to pin (e.g. 0 or 0,1), or 'none' for the CPU")
-    parser.add_argument("--concurrency", type=int, help="jobs held and job threads (default: 4 x the sum of max_batch_size)")
+    parser.add_argument("--concurrency", type=int,
+                        help="jobs held and job threads (default: per deployment, 8 x max_batch_size where batches "
+                             "are grouped by length, else 2 x; at most 512)")
     parser.add_argument("--name", help="worker name (default: pipefleet-<host>-<pid>)")
     parser.add_argument("--loglevel", default=os.environ.get("PIPEFLEET_LOGLEVEL", "INFO"))
     parser.add_argument("--log-json", action="store_true", help="structured JSON log lines")

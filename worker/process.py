@@ -50,16 +50,21 @@ MAX_DEFAULT_CONCURRENCY = 512
 """Upper bound of the default job-thread count."""
 
 
-BATCHES_IN_HAND = 4
-"""Default jobs held per deployment, in batches: one runs while the next fills, and the batcher picks each batch
-by length among several batches' worth (``benchmarks.throughput``: single MiniLM jobs 192-202 items/s holding
-two batches, 246-256 holding four, 258-262 holding eight; 2026-12-01, cpu-2x)."""
+BATCHES_IN_HAND = 2
+"""Default batches a worker holds per deployment: one runs while the next fills. Jobs held are not run by a
+worker that scales up later, so this stays small where one batch may take seconds (generation)."""
+
+BATCHES_IN_HAND_BY_LENGTH = 8
+"""The same for a deployment whose batcher picks each batch by length: among more jobs it pads less
+(``benchmarks.throughput --concurrency 64,256``, 512 single MiniLM jobs, 2026-12-01 cpu-2x: 183 items/s
+holding two batches, 229 holding four, 269 holding eight)."""
 
 
-def default_concurrency(config: FleetConfig, names: list[str]) -> int:
-    """Jobs held and job threads: ``BATCHES_IN_HAND`` times the sum of ``max_batch_size`` (4 to 512)."""
-    total = sum(config.deployment(name).max_batch_size for name in names)
-    return max(4, min(MAX_DEFAULT_CONCURRENCY, BATCHES_IN_HAND * total))
+def default_concurrency(runtime: Runtime) -> int:
+    """Jobs held and job threads: per deployment, ``max_batch_size`` times the batches it holds (4 to 512)."""
+    total = sum(served.config.max_batch_size * (BATCHES_IN_HAND_BY_LENGTH if served.groups_by_length else BATCHES_IN_HAND)
+                for served in runtime.deployments.values())
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, total))
 
 
 def _deployment_of(request) -> str | None:
@@ -283,7 +288,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
         serve_metrics(runtime, metrics_port, extra=(WebhookCollector(webhooks, [("worker", worker_name)]),)
                       if webhooks else ())
-    concurrency = args.concurrency or default_concurrency(config, names)
+    concurrency = args.concurrency or default_concurrency(runtime)
     consumers: list[BulkConsumer] = []
     hostname = f"{worker_name}@{socket.gethostname()}"
 

@@ -31,6 +31,11 @@ class ServedDeployment:
     streams: Any = None
     """The deployment's :class:`~worker.streaming.TextStreams` (text-generation only)."""
 
+    @property
+    def groups_by_length(self) -> bool:
+        """Whether its batcher picks each batch by input length when more is pending than one batch holds."""
+        return getattr(self.batcher, "length_of", None) is not None
+
 
 @dataclass
 class JobTracker:
