@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from producers import (FleetClient, InvalidInput, InvalidParams, JobState, PayloadTooLarge, UnknownDeployment)
-from tests.fleet import REPO_ROOT, control_replies, worker_env
+from tests.fleet import REPO_ROOT, control_replies, wait_until, worker_env
 from tests.oracle import assert_same, local_pipeline
 
 
@@ -31,6 +32,17 @@ def test_worker_pins_cuda_visible_devices_from_gpu_flag(client, served):
                            lambda answer: answer if answer.get("worker") == served["worker"].name else None)
     assert info["cuda_visible_devices"] == "3"
     assert info["deployments"] == {"wp-tc": "cpu"}
+
+
+def test_a_length_grouped_deployment_holds_eight_batches_by_default(client, served):
+    hostname = f"{served['worker'].name}@{socket.gethostname()}"
+
+    def stats():
+        replies = client.celery.control.inspect(destination=[hostname], timeout=2).stats() or {}
+        return replies.get(hostname)
+
+    # wp-tc: text-classification, max_batch_size 4, batches grouped by length: 8 x 4 jobs held, as many threads.
+    assert wait_until(stats, 60, "the worker's stats")["pool"]["max-concurrency"] == 32
 
 
 def test_unknown_deployment_lists_live_ones(client, served):
