@@ -62,7 +62,8 @@ holding two batches, 229 holding four, 269 holding eight)."""
 
 def default_concurrency(runtime: Runtime) -> int:
     """Jobs held and job threads: per deployment, ``max_batch_size`` times the batches it holds (4 to 512)."""
-    total = sum(served.config.max_batch_size * (BATCHES_IN_HAND_BY_LENGTH if served.groups_by_length else BATCHES_IN_HAND)
+    total = sum(served.config.max_batch_size
+                * (BATCHES_IN_HAND_BY_LENGTH if served.groups_by_length else BATCHES_IN_HAND)
                 for served in runtime.deployments.values())
     return max(4, min(MAX_DEFAULT_CONCURRENCY, total))
 
