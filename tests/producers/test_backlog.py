@@ -91,7 +91,9 @@ def test_backlog_is_exact_under_priorities_claims_and_a_paused_worker(backlog_fl
     fleet = backlog_fleet["fleet"]
     broker = fleet.server.client(8)
     metrics_port = free_port()
-    worker = fleet.worker(backlog_fleet["config"], deployments=[BUSY], args=["--metrics-port", str(metrics_port)],
+    # It holds 8 of the 20 jobs (two batches of 4), so some stay queued while others are claimed.
+    worker = fleet.worker(backlog_fleet["config"], deployments=[BUSY],
+                          args=["--metrics-port", str(metrics_port), "--concurrency", "8"],
                           env={"PIPEFLEET_TEST_SLOW_S": "1.5"})
     subprocess.run([sys.executable, "-m", "worker", "--config", str(backlog_fleet["config"]), "--deployment", IDLE,
                     "--register-only"], cwd=REPO_ROOT, env=worker_env(), check=True, capture_output=True, timeout=120)
