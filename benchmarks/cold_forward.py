@@ -10,6 +10,9 @@ The tiny text classifier of ``benchmarks.ceiling``, called in-process as the wor
 - after 20 Redis round trips on the same thread (a worker's claim and commit between two forward passes);
 - after 5 ms of Python on the same thread (no sleep: only the caches change).
 
+Each row twice: through transformers' list path (a ``DataLoader`` for the one item), and as the worker runs
+a one-item batch (:func:`worker.transformers_internals.run_one_item_lists_directly`: ``run_single``).
+
 On the 2-core VM the call costs about twice as much after any of them: a job that finds the worker idle pays
 for cold caches, in-process or on the fleet, which is why ``benchmarks.ceiling`` measures idle latency with a
 pause on both sides.
@@ -23,6 +26,7 @@ from typing import Callable
 
 from benchmarks.ceiling import ensure_tiny_model, texts
 from tests.fleet import RedisServer
+from worker.transformers_internals import run_one_item_lists_directly
 
 
 def p50_ms(pipe, inputs: list[str], before: Callable[[], None]) -> tuple[float, float]:
@@ -50,6 +54,8 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as benchmarks.ceiling runs the worker and the in-process rows (OMP_NUM_THREADS=1)
     pipe = pipeline("text-classification", model=str(ensure_tiny_model()), device=-1)
+    direct = pipeline("text-classification", model=str(ensure_tiny_model()), device=-1)
+    run_one_item_lists_directly(direct)
     inputs = texts(args.n)
     server = RedisServer().start()
     try:
@@ -66,8 +72,9 @@ def main() -> int:
 
         for label, before in (("back to back", lambda: None), ("after a 5 ms sleep", lambda: time.sleep(0.005)),
                               ("after 20 Redis round trips", round_trips), ("after 5 ms of Python", spin)):
-            cpu, wall = p50_ms(pipe, inputs, before)
-            print(f"  {label:<30} cpu {cpu:6.3f} ms   wall {wall:6.3f} ms", flush=True)
+            for path, called in (("list path", pipe), ("run_single", direct)):
+                cpu, wall = p50_ms(called, inputs, before)
+                print(f"  {label:<28} {path:<11} cpu {cpu:6.3f} ms   wall {wall:6.3f} ms", flush=True)
     finally:
         server.cleanup()
     return 0

@@ -26,7 +26,7 @@ from worker.metrics import DeploymentMetrics
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 from worker.stages import is_stage_batch, run_stage
 from worker.streaming import with_streamer
-from worker.transformers_internals import step_params
+from worker.transformers_internals import run_one_item_lists_directly, step_params
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class ForwardPass:
         self.name = name
         self.task = task
         self.pipe = pipe
+        run_one_item_lists_directly(pipe)
         self.streams = streams
         self.metrics = metrics or DeploymentMetrics(name)
         self.inference_mode = torch.inference_mode

@@ -13,8 +13,9 @@ import pytest
 
 from tests.oracle import assert_same
 from worker.transformers_internals import (generation_defaults, logits_processors, postprocess_defaults,
-                                           preprocess_defaults, resolved_generation_config, sanitize_call_params,
-                                           step_params, translation_inputs_builder)
+                                           preprocess_defaults, resolved_generation_config,
+                                           run_one_item_lists_directly, sanitize_call_params, step_params,
+                                           translation_inputs_builder)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,35 @@ def test_generation_config_and_processors_are_those_generate_uses(generator):
     assert {"RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper"} <= kinds
     greedy = resolved_generation_config(generator, {"max_new_tokens": 5})
     assert not greedy.do_sample and len(logits_processors(generator.model, greedy)) == 0
+
+
+@pytest.mark.parametrize("task, inputs, params", [
+    ("text-classification", "the cat sat on the mat", {"top_k": None}),
+    ("feature-extraction", "the cat sat on the mat", {}),
+    ("fill-mask", "the cat [MASK] on the mat", {"top_k": 3}),
+    ("text-generation", "the cat", {"max_new_tokens": 4, "do_sample": False}),
+    ("image-classification", "image", {}),
+])
+def test_a_one_item_list_runs_through_run_single_with_the_same_output(model_dir, task, inputs, params):
+    from PIL import Image
+    from transformers import pipeline
+
+    if inputs == "image":
+        inputs = Image.new("RGB", (32, 32), (200, 30, 30))
+    plain = pipeline(task, model=str(model_dir(task)))
+    direct = pipeline(task, model=str(model_dir(task)))
+    assert run_one_item_lists_directly(direct)
+    singles = []
+    run_single = direct.run_single
+    direct.run_single = lambda *args: singles.append(args) or run_single(*args)
+    assert_same(direct([inputs], batch_size=1, **params), plain([inputs], batch_size=1, **params))
+    assert len(singles) == 1  # __call__ still hands a list to get_iterator, which the shortcut replaced
+    assert_same(direct([inputs, inputs], batch_size=2, **params), plain([inputs, inputs], batch_size=2, **params))
+    assert len(singles) == 1  # a larger batch keeps the DataLoader path
+
+
+def test_chunk_pipelines_keep_their_own_iterator(model_dir):
+    from transformers import pipeline
+
+    assert not run_one_item_lists_directly(pipeline("token-classification",
+                                                    model=str(model_dir("token-classification"))))
