@@ -215,8 +215,7 @@ class BulkConsumer:
             self.lease.hold(message.tag for message in claim.messages if message.tag)
         if claim.lengths is not None:
             self._ready = frozenset(key for key, length in claim.lengths.items() if length)
-        # A claim of one job has nothing to batch it with: its forward pass need not wait for the hand-over.
-        with self._holding() if len(claim.messages) > 1 else nullcontext():
+        with self._holding():
             if claim.messages:
                 self._hand_over(claim.messages)
                 if self._ready:
