@@ -244,6 +244,11 @@ class Batcher:
             raise RuntimeError(f"deployment {self.name}: the pipeline returned {len(outputs)} outputs "
                                f"for {len(batch)} inputs")
         self.metrics.observe_batch(len(batch), elapsed)
+        if logger.isEnabledFor(logging.INFO):
+            job_ids = list(dict.fromkeys(item.job_id for item in batch))
+            logger.info("deployment %s: ran a batch of %d items from %d jobs in %.3fs", self.name, len(batch),
+                        len(job_ids), elapsed, extra={"deployment": self.name, "batch_size": len(batch),
+                                                      "duration_s": round(elapsed, 6), "job_ids": job_ids})
         for item, output in zip(batch, outputs):
             if item.future.done():
                 continue
@@ -251,12 +256,6 @@ class Batcher:
                 item.future.set_exception(output)
             else:
                 item.future.set_result(output)
-        # Logged once the outputs are handed on: the line is not on the jobs' way to their results.
-        if logger.isEnabledFor(logging.INFO):
-            job_ids = list(dict.fromkeys(item.job_id for item in batch))
-            logger.info("deployment %s: ran a batch of %d items from %d jobs in %.3fs", self.name, len(batch),
-                        len(job_ids), elapsed, extra={"deployment": self.name, "batch_size": len(batch),
-                                                      "duration_s": round(elapsed, 6), "job_ids": job_ids})
 
 
 class DeviceRunner:
