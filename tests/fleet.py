@@ -197,8 +197,10 @@ def wait_until(predicate: Any, timeout_s: float = 60.0, what: Any = "the conditi
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
 
 
-def control_replies(celery_app: Any, command: str, pick: Any, timeout_s: float = 60.0) -> Any:
-    """The first truthy ``pick(answer)`` among the workers' replies to remote-control ``command``.
+def control_replies(celery_app: Any, command: str, pick: Any, timeout_s: float = 60.0,
+                    destination: list[str] | None = None) -> Any:
+    """The first truthy ``pick(answer)`` among the workers' (or ``destination``'s) replies to remote-control
+    ``command``.
 
     Broadcasts again until one answers: a worker advertises once it consumes its job queues, and
     on a busy machine its remote-control subscription (a Redis pub/sub fan-out, which keeps no
@@ -206,7 +208,7 @@ def control_replies(celery_app: Any, command: str, pick: Any, timeout_s: float =
     """
 
     def ask() -> Any:
-        for reply in celery_app.control.broadcast(command, reply=True, timeout=2):
+        for reply in celery_app.control.broadcast(command, reply=True, timeout=2, destination=destination):
             for answer in reply.values():
                 picked = pick(answer)
                 if picked:

@@ -88,8 +88,8 @@ def run_one_item_lists_directly(pipe: Any) -> bool:
     ``get_iterator``; at ``batch_size=1`` that iterator preprocesses, forwards and postprocesses each item
     exactly as ``run_single`` does (no collation, no unbatching), for 0.2 ms more per call back to back
     and 0.4-0.5 ms after a pause on a 2-core CPU (a ``DataLoader`` and three iterators built for one item;
-    ``benchmarks.cold_forward``). Only for pipelines that keep
-    the base ``get_iterator`` (a ``ChunkPipeline`` packs chunks itself). Returns whether it was installed.
+    ``benchmarks.cold_forward``). Only for pipelines that keep the base ``get_iterator`` (a
+    ``ChunkPipeline`` packs chunks itself; a stand-in is left alone). Returns whether it was installed.
     """
     from transformers.pipelines.base import Pipeline
 

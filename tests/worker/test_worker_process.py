@@ -12,7 +12,7 @@ import time
 import pytest
 
 from producers import (FleetClient, InvalidInput, InvalidParams, JobState, PayloadTooLarge, UnknownDeployment)
-from tests.fleet import REPO_ROOT, control_replies, wait_until, worker_env
+from tests.fleet import REPO_ROOT, control_replies, worker_env
 from tests.oracle import assert_same, local_pipeline
 
 
@@ -35,14 +35,10 @@ def test_worker_pins_cuda_visible_devices_from_gpu_flag(client, served):
 
 
 def test_a_length_grouped_deployment_holds_eight_batches_by_default(client, served):
-    hostname = f"{served['worker'].name}@{socket.gethostname()}"
-
-    def stats():
-        replies = client.celery.control.inspect(destination=[hostname], timeout=2).stats() or {}
-        return replies.get(hostname)
-
+    pool = control_replies(client.celery, "stats", lambda answer: answer.get("pool"),
+                           destination=[f"{served['worker'].name}@{socket.gethostname()}"])
     # wp-tc: text-classification, max_batch_size 4, batches grouped by length: 8 x 4 jobs held, as many threads.
-    assert wait_until(stats, 60, "the worker's stats")["pool"]["max-concurrency"] == 32
+    assert pool["max-concurrency"] == 32
 
 
 def test_unknown_deployment_lists_live_ones(client, served):
