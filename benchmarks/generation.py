@@ -18,7 +18,7 @@ Same model, same worker code, one fresh worker per deployment kind:
   ``streaming=False`` (and once ``streaming=True``): the upper bound of what the
   fleet can add to. One engine stays open beside the idle worker, and its
   passes alternate with the fleet's: engine, fleet, engine, … (``--rounds``
-  fleet passes, default 3). The **fleet-to-engine ratio** divides the median
+  fleet passes, default 7). The **fleet-to-engine ratio** divides the median
   fleet pass by the median engine pass, so a machine whose speed drifts during
   the run (a shared VM's does, by 2x within minutes) weighs on both sides.
 - with ``--static``, the static worker and ``pipeline(...)`` with ``batch_size``.
@@ -390,7 +390,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=N_JOBS, help="throughput jobs")
     parser.add_argument("--passes", type=int, default=2, help="throughput passes before the counted ones, "
                         "plus one: first passes pay first-time costs for each new batch shape")
-    parser.add_argument("--rounds", type=int, default=3, help="fleet passes, each followed by one of the engine "
+    parser.add_argument("--rounds", type=int, default=7, help="fleet passes, each followed by one of the engine "
                         "alone (one runs before the first); the ratio divides the medians")
     parser.add_argument("--max-tokens", type=int, default=256, help="the throughput jobs' largest max_new_tokens")
     parser.add_argument("--json", type=Path, default=STATE_DIR / "bench-generation.json")
