@@ -15,6 +15,8 @@ so what is measured is the path that feeds the model: publish, consume, batch, s
 - single-job latency p50 against the in-process ``pipe(text)``, both back to back and idle (each job after a
   20 ms pause, on both sides: see :data:`IDLE_GAP_S`).
 
+The in-process rows run with the worker's malloc thresholds (:mod:`worker.allocator`), as the worker does.
+
 CPU per job is read from the processes themselves (``/proc/<pid>/stat`` of the worker, ``getrusage`` of each
 producer). Under each fleet row, the worker's CPU per job by thread (``/proc/<pid>/task/<tid>/stat``, each
 thread named by the function py-spy finds it running). With ``--profile``, a py-spy profile of the worker during the single-producer row is written to
@@ -206,6 +208,7 @@ def _finish(proc: subprocess.Popen) -> dict:
 def in_process_latency_ms(model: Path, n: int, device: int = -1, gap_s: float = 0.0) -> float:
     """p50 of sequential single-input calls of the in-process pipeline (after a warm-up), ``gap_s`` apart."""
     code = ("import json,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
+            "from worker.allocator import keep_large_allocations;keep_large_allocations();"
             f"p=pipeline('text-classification',model={str(model)!r},device={device});t=texts({n});"
             "[p(x) for x in t[:10]];d=[];\nfor x in t:\n"
             f" time.sleep({gap_s})\n s=time.perf_counter();p(x);d.append(time.perf_counter()-s)"
@@ -218,6 +221,7 @@ def in_process_latency_ms(model: Path, n: int, device: int = -1, gap_s: float = 
 def in_process(model: Path, n: int, device: int = -1, batch_size: int = 32) -> float:
     """Items/s of the in-process pipeline with ``batch_size`` (after a warm-up)."""
     code = ("import json,sys,time;from transformers import pipeline;from benchmarks.ceiling import texts;"
+            "from worker.allocator import keep_large_allocations;keep_large_allocations();"
             f"p=pipeline('text-classification',model={str(model)!r},device={device});t=texts({n});"
             f"p(t[:64],batch_size={batch_size});"
             f"s=time.perf_counter();o=p(t,batch_size={batch_size});print(json.dumps({{'s':time.perf_counter()-s}}))")

@@ -5,7 +5,9 @@
 Model: all-MiniLM-L6-v2's encoder with a new two-label head (text-classification).
 Every configuration starts fresh (its own process; a new worker per fleet run);
 producers run in a separate process on the same machine. Exits non-zero if a
-fleet output differs from the in-process one.
+fleet output differs from the in-process one. The in-process rows run with the
+worker's malloc thresholds (:mod:`worker.allocator`), as the fleet's worker does;
+the naive Celery wrapper keeps glibc's defaults, as a user's own worker would.
 """
 
 from __future__ import annotations
