@@ -41,9 +41,11 @@ def _ssl_settings(options: RedisOptions) -> dict[str, Any]:
 
 
 def _sentinel_options(options: RedisOptions) -> dict[str, Any]:
-    """Transport options that make kombu's and Celery's Sentinel clients find the master."""
+    """Transport options that make kombu's and Celery's Sentinel clients find the master (over TLS with
+    ``sentinel_tls``; the master's own TLS comes from ``broker_use_ssl`` / ``redis_backend_use_ssl``)."""
     sentinel_kwargs = {key: value for key, value in (("username", options.sentinel_username),
                                                      ("password", options.sentinel_password)) if value}
+    sentinel_kwargs.update(options.sentinel_tls_kwargs())
     return {"master_name": options.sentinel_master_name, "sentinel_kwargs": sentinel_kwargs}
 
 
@@ -61,9 +63,9 @@ def redis_settings(*, broker_url: str, result_backend: str, options: RedisOption
         WAIT_REPLICAS_SETTING: options.replicas_to_wait_for(result_backend),
         WAIT_TIMEOUT_SETTING: options.wait_timeout_ms,
     }
-    if broker_url.startswith("rediss://"):
+    if broker_url.startswith("rediss://") or (options.sentinel_tls and is_sentinel(broker_url)):
         settings["broker_use_ssl"] = _ssl_settings(options)
-    if result_backend.startswith("rediss://"):
+    if result_backend.startswith("rediss://") or (options.sentinel_tls and is_sentinel(result_backend)):
         settings["redis_backend_use_ssl"] = _ssl_settings(options)
     return settings
 

@@ -42,6 +42,11 @@ class RedisOptions(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     """Client certificate and key, when the servers ask for one (``tls-auth-clients``)."""
+    sentinel_tls: bool = False
+    """The Sentinels and the masters they name speak TLS, with the ``ssl_*`` files above.
+
+    A ``sentinel://`` URL has no TLS form of its own (``rediss://`` names one server), so this says it.
+    """
     wait_replicas: int | None = None
     """Replicas that must acknowledge a submission or a result before it counts (``WAIT``).
 
@@ -62,6 +67,10 @@ class RedisOptions(BaseModel):
                  "ssl_keyfile": self.ssl_keyfile}
         return {key: value for key, value in found.items() if value}
 
+    def sentinel_tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for a TLS connection to a Sentinel or its master (empty without TLS)."""
+        return {"ssl": True, **self.ssl_kwargs()} if self.sentinel_tls else {}
+
 
 class RedisConnectionKeys(BaseModel):
     """The Sentinel and TLS keys of the fleet config and of the client's environment, as both spell them.
@@ -81,6 +90,8 @@ class RedisConnectionKeys(BaseModel):
     redis_ssl_certfile: str | None = None
     redis_ssl_keyfile: str | None = None
     """Client certificate and key, when Redis asks for one."""
+    sentinel_tls: bool = False
+    """The Sentinels and their masters speak TLS, with the ``redis_ssl_*`` files (env ``PIPEFLEET_SENTINEL_TLS``)."""
 
     def replica_wait(self) -> dict[str, Any]:
         """The ``wait_*`` options of :class:`RedisOptions` these keys set: none here (its defaults)."""
@@ -91,7 +102,8 @@ class RedisConnectionKeys(BaseModel):
         return RedisOptions(
             sentinel_master_name=self.sentinel_master_name, sentinel_username=self.sentinel_username,
             sentinel_password=self.sentinel_password, ssl_ca_certs=self.redis_ssl_ca_certs,
-            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile, **self.replica_wait())
+            ssl_certfile=self.redis_ssl_certfile, ssl_keyfile=self.redis_ssl_keyfile, sentinel_tls=self.sentinel_tls,
+            **self.replica_wait())
 
 
 def is_sentinel(url: str) -> bool:
@@ -127,7 +139,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 
 def _sentinel_kwargs(options: RedisOptions) -> dict[str, Any]:
     found = {"username": options.sentinel_username, "password": options.sentinel_password}
-    return {key: value for key, value in found.items() if value}
+    return {**{key: value for key, value in found.items() if value}, **options.sentinel_tls_kwargs()}
 
 
 def _master_name(options: RedisOptions, url: str) -> str:
@@ -144,7 +156,8 @@ def redis_client(url: str, options: RedisOptions | None = None, **client_kwargs:
 
     A ``sentinel://`` URL gives a client of the master that Sentinel names now;
     its connections ask the Sentinels again after a connection error, so the
-    client follows a failover. ``rediss://`` gets the TLS files of ``options``.
+    client follows a failover. ``rediss://`` gets the TLS files of ``options``, and so do
+    the Sentinels and the master with ``options.sentinel_tls``.
     """
     import redis as redis_lib
 
@@ -157,7 +170,7 @@ def redis_client(url: str, options: RedisOptions | None = None, **client_kwargs:
     timeouts = {key: client_kwargs[key] for key in ("socket_timeout", "socket_connect_timeout") if key in client_kwargs}
     sentinel = Sentinel(target.sentinels, sentinel_kwargs={**_sentinel_kwargs(options), **timeouts}, **timeouts)
     return sentinel.master_for(_master_name(options, url), db=target.db, username=target.username,
-                               password=target.password, **client_kwargs)
+                               password=target.password, **options.sentinel_tls_kwargs(), **client_kwargs)
 
 
 def async_redis_pool(url: str, options: RedisOptions | None = None, *, max_connections: int,
@@ -179,7 +192,7 @@ def async_redis_pool(url: str, options: RedisOptions | None = None, *, max_conne
     sentinel = Sentinel(target.sentinels, sentinel_kwargs=_sentinel_kwargs(options))
     return BlockingSentinelPool(_master_name(options, url), sentinel, db=target.db, username=target.username,
                                 password=target.password, max_connections=max_connections, timeout=None,
-                                **client_kwargs)
+                                **options.sentinel_tls_kwargs(), **client_kwargs)
 
 
 PROBE_TIMEOUT_MS = 10

@@ -39,11 +39,14 @@ def _binary() -> str:
 class RedisProcess:
     """One redis-server (or Sentinel) process on a fixed port; ``start()`` again after a kill reuses the port."""
 
-    def __init__(self, directory: Path, name: str, *, port: int | None = None) -> None:
+    def __init__(self, directory: Path, name: str, *, port: int | None = None,
+                 tls: "TlsCertificates | None" = None) -> None:
         self.port = port or free_port()
         self.directory = directory / name
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
+        self.tls = tls
+        """With certificates, the process listens on ``port`` over TLS only, and its clients here use them."""
         self.proc: subprocess.Popen | None = None
 
     def start(self, *args: str) -> "RedisProcess":
@@ -52,7 +55,7 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=self.port, socket_connect_timeout=1).ping()
+                self.client().ping()
                 return self
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -63,7 +66,14 @@ class RedisProcess:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, db=db, socket_connect_timeout=2)
+        tls = {"ssl": True, **self.tls.client_kwargs()} if self.tls else {}
+        return redis.Redis(port=self.port, db=db, socket_connect_timeout=2, **tls)
+
+    def listen_args(self) -> list[str]:
+        """redis-server's arguments for this process's port: plain, or TLS only (``port 0``)."""
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), *self.tls.server_args()]
 
     def kill(self) -> int:
         """SIGKILL the process; returns its exit status (``-9``)."""
@@ -81,29 +91,33 @@ class RedisProcess:
                 self.proc.wait(10)
 
 
-def _server_args(port: int, *extra: str) -> list[str]:
-    return ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
+def _server_args(process: RedisProcess, *extra: str) -> list[str]:
+    return [*process.listen_args(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
 
 
 class SentinelCluster:
-    """A master, one replica and three Sentinels on free ports."""
+    """A master, one replica and three Sentinels on free ports; with ``tls``, every one of them TLS only."""
 
-    def __init__(self, directory: Path, *, master_name: str = MASTER_NAME) -> None:
+    def __init__(self, directory: Path, *, master_name: str = MASTER_NAME,
+                 tls: "TlsCertificates | None" = None) -> None:
         self.directory = directory
         self.master_name = master_name
-        self.servers = [RedisProcess(directory, "redis-a"), RedisProcess(directory, "redis-b")]
-        self.sentinels = [RedisProcess(directory, f"sentinel-{i}") for i in range(3)]
+        self.tls = tls
+        self.servers = [RedisProcess(directory, "redis-a", tls=tls), RedisProcess(directory, "redis-b", tls=tls)]
+        self.sentinels = [RedisProcess(directory, f"sentinel-{i}", tls=tls) for i in range(3)]
         self.first_master = self.servers[0]
 
     def start(self) -> "SentinelCluster":
         master, replica = self.servers
-        master.start(*_server_args(master.port))
-        replica.start(*_server_args(replica.port, "--replicaof", "127.0.0.1", str(master.port)))
+        master.start(*_server_args(master))
+        replica.start(*_server_args(replica, "--replicaof", "127.0.0.1", str(master.port)))
         self.wait_for_replication(master, replica)
         for sentinel in self.sentinels:
             conf = sentinel.directory / "sentinel.conf"
+            listen = sentinel.listen_args()
             conf.write_text("\n".join([
-                f"port {sentinel.port}", "bind 127.0.0.1", f"dir {sentinel.directory}",
+                *(f"{listen[i][2:]} {listen[i + 1]}" for i in range(0, len(listen), 2)),
+                "bind 127.0.0.1", f"dir {sentinel.directory}",
                 f"sentinel monitor {self.master_name} 127.0.0.1 {master.port} 2",
                 f"sentinel down-after-milliseconds {self.master_name} {DOWN_AFTER_MS}",
                 f"sentinel failover-timeout {self.master_name} {FAILOVER_TIMEOUT_MS}",
@@ -150,7 +164,7 @@ class SentinelCluster:
 
     def restart_old_master(self, old: RedisProcess, timeout_s: float = 60.0) -> None:
         """Start ``old`` again, empty, and wait until the Sentinels made it a replica that caught up."""
-        old.start(*_server_args(old.port))
+        old.start(*_server_args(old))
         new = self.master()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -261,6 +275,18 @@ class TlsCertificates:
         self.client_cert = write_cert(client, directory / "client.pem")
         self.client_key = write_key(client_key, directory / "client.key")
 
+    def client_kwargs(self) -> dict[str, str]:
+        """redis-py's TLS files for a client that verifies the server and shows its own certificate."""
+        return {"ssl_ca_certs": str(self.ca_file), "ssl_certfile": str(self.client_cert),
+                "ssl_keyfile": str(self.client_key)}
+
+    def server_args(self) -> list[str]:
+        """redis-server's TLS arguments: clients must show a certificate, and replication and Sentinel's own
+        connections to the servers use TLS with the client certificate."""
+        return ["--tls-cert-file", str(self.server_cert), "--tls-key-file", str(self.server_key),
+                "--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "yes", "--tls-replication", "yes",
+                "--tls-client-cert-file", str(self.client_cert), "--tls-client-key-file", str(self.client_key)]
+
 
 class TlsAclRedis:
     """A redis-server reachable only over TLS (client certificates required), with the default user off.
@@ -297,8 +323,7 @@ class TlsAclRedis:
         raise RuntimeError(f"TLS redis-server did not start:\n{self.process.log()[-2000:]}")
 
     def ssl_kwargs(self) -> dict[str, str]:
-        return {"ssl_ca_certs": str(self.certs.ca_file), "ssl_certfile": str(self.certs.client_cert),
-                "ssl_keyfile": str(self.certs.client_key)}
+        return self.certs.client_kwargs()
 
     def url(self, db: int) -> str:
         """``rediss://pipefleet:…@127.0.0.1:port/db``: the least-privilege user."""
