@@ -44,6 +44,21 @@ def test_celery_gets_sentinel_and_tls_options_for_broker_and_result_backend_alik
     assert tls["pipefleet_wait_replicas"] == 0
 
 
+def test_sentinel_tls_reaches_the_sentinels_and_the_master_in_celery_and_in_pipefleets_clients():
+    options = RedisOptions(sentinel_master_name="pf", sentinel_tls=True, ssl_ca_certs="/ca.pem")
+    settings = celery_settings(broker_url=SENTINELS, result_backend=worker_backend_url(SENTINELS),
+                               redis_options=options)
+    assert settings["broker_use_ssl"] == settings["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                                                               "ssl_ca_certs": "/ca.pem"}
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        assert settings[key]["sentinel_kwargs"] == {"ssl": True, "ssl_ca_certs": "/ca.pem"}
+    client = redis_client(SENTINELS, options)
+    assert client.connection_pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert "broker_use_ssl" not in celery_settings(broker_url=SENTINELS, result_backend=SENTINELS,
+                                                   redis_options=RedisOptions(sentinel_master_name="pf"))
+
+
 def test_the_fleet_config_and_the_environment_carry_the_options(tmp_path):
     path = tmp_path / "fleet.toml"
     path.write_text(f'broker_url = "{SENTINELS}"\nresult_backend = "{SENTINELS}"\n')
