@@ -70,6 +70,33 @@ class BatchHooks:
     find_cancelled: Callable[[list[PendingItem]], set[str]] = _none_cancelled
 
 
+def as_one_input(pipe: Any, payload: Any) -> Any:
+    """``payload`` as ``pipe(payload)`` hands it on: a chat (a list of messages) wrapped in ``Chat``."""
+    from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
+    from transformers.pipelines.text_generation import Chat, TextGenerationPipeline
+
+    if isinstance(pipe, (TextGenerationPipeline, ImageTextToTextPipeline)) and isinstance(payload, list) \
+            and payload and isinstance(payload[0], dict):
+        return Chat(payload)
+    return payload
+
+
+def batch_call(pipe: Any) -> Callable[..., Any]:
+    """What runs a list of payloads, each one input, as one batched call of ``pipe``.
+
+    ``ImageTextToTextPipeline.__call__`` reads a list whose first item is a dict as one chat, so a batch of
+    ``{"images", "text"}`` items (or of chats) would be misread; the base ``Pipeline.__call__`` runs each
+    item as ``pipe(item)`` does once that dispatch has wrapped it (:func:`as_one_input`).
+    """
+    from transformers import Pipeline
+    from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
+
+    if isinstance(pipe, ImageTextToTextPipeline):
+        return lambda payloads, **kwargs: Pipeline.__call__(pipe, [as_one_input(pipe, p) for p in payloads],
+                                                            **kwargs)
+    return pipe
+
+
 def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int) -> list[Any]:
     """Run each payload as ``set_seed(seed); pipe(payload, **params)`` does in-process.
 
@@ -80,14 +107,10 @@ def run_seeded(pipe: Any, payloads: list[Any], params: dict[str, Any], seed: int
     from transformers import set_seed
     from transformers.pipelines.base import ChunkPipeline
 
-    from transformers.pipelines.text_generation import Chat, TextGenerationPipeline
-
     outputs = []
     for payload in payloads:
         set_seed(seed)
-        if isinstance(pipe, TextGenerationPipeline) and isinstance(payload, list) and payload \
-                and isinstance(payload[0], dict):
-            payload = Chat(payload)  # what pipe(messages) does before run_single
+        payload = as_one_input(pipe, payload)
         if isinstance(pipe, ChunkPipeline):
             outputs.extend(pipe([payload], batch_size=1, **params))
             continue
@@ -110,6 +133,7 @@ class ForwardPass:
         self.name = name
         self.task = task
         self.pipe = pipe
+        self.call = batch_call(pipe)
         run_one_item_lists_directly(pipe)
         self.streams = streams
         self.metrics = metrics or DeploymentMetrics(name)
@@ -164,7 +188,7 @@ class ForwardPass:
 
         with self.inference_mode():
             try:
-                raw = pipe(fresh(), batch_size=len(payloads), **params)
+                raw = self.call(fresh(), batch_size=len(payloads), **params)
             except RuntimeError as error:
                 if len(payloads) < 2 or is_out_of_memory(error):
                     raise
@@ -172,5 +196,5 @@ class ForwardPass:
                 # cannot share a forward pass; run them one by one, as in-process batch_size=1 does.
                 logger.debug("deployment %s: batch of %d failed (%s); running items singly",
                              self.name, len(payloads), error)
-                raw = pipe(fresh(), batch_size=1, **params)
+                raw = self.call(fresh(), batch_size=1, **params)
         return trim_padding(self.task, pipe, payloads, batch_outputs(self.task, payloads, raw), params)

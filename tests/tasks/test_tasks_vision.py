@@ -33,6 +33,7 @@ DEPLOYMENTS = {
     "tv-depth": ("depth-estimation", "depth-estimation"),
     "tv-vilt": ("visual-question-answering", "vqa-vilt"),
     "tv-blip": ("visual-question-answering", "vqa-blip"),
+    "tv-vlm": ("image-text-to-text", "image-text-to-text"),
 }
 
 
@@ -143,6 +144,39 @@ def test_vqa_takes_an_image_url_and_keyword_inputs(module_fleet, models, data_ro
                     local(models, "tv-vilt")(image=image, question=QUESTION, top_k=1), tol=VILT_TOLERANCE)
         classifier = fleet_pipeline("image-classification", model=models["tv-cls"], client=client)
         assert_same(classifier(f"{base_url}/image0.png"), local(models, "tv-cls")(_open(data_root, "image0.png")))
+
+
+def _chat(image, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+VLM_CASES = [
+    ({"images": IMAGES[0], "text": "<image> describe"}, {"max_new_tokens": 5}),
+    ({"images": IMAGES[1], "text": "<image> what is it?"}, {"max_new_tokens": 4, "return_full_text": False}),
+    (_chat(IMAGES[2], "what is this?"), {"max_new_tokens": 5}),
+    (_chat(IMAGES[0], "and this?") + [{"role": "assistant", "content": "It is"}], {"max_new_tokens": 3}),
+]
+
+
+@pytest.mark.parametrize(("inputs", "params"), VLM_CASES, ids=[f"vlm-{i}" for i in range(len(VLM_CASES))])
+def test_a_vision_language_model_answers_as_in_process(client, models, inputs, params):
+    assert_same(run(client, "tv-vlm", inputs, params), local(models, "tv-vlm")(inputs, **params))
+
+
+def test_vision_language_jobs_batch_together_and_chats_take_image_urls(client, models, data_root, base_url):
+    """A list is one output per item (``pipe(item)`` each: in-process ``pipe`` reads a list of dicts as one
+    chat); its items, of different prompt lengths, run in one left-padded batch."""
+    vlm = local(models, "tv-vlm")
+    params = {"max_new_tokens": 4}
+    items = [{"images": IMAGES[i % 3], "text": "<image>" + " longer" * i} for i in range(5)]
+    jobs = [client.submit(deployment="tv-vlm", inputs=items, params=params),
+            client.submit(deployment="tv-vlm", inputs=_chat(f"{base_url}/image1.png", "what?"), params=params)]
+    assert_same(jobs[0].result(timeout=120), [vlm(item, **params) for item in items])
+    assert_same(jobs[1].result(timeout=120), vlm(_chat(_open(data_root, "image1.png"), "what?"), **params))
+    with pytest.raises(PipefleetError, match="'images' and 'text'"):
+        run(client, "tv-vlm", {"image": IMAGES[0], "text": "<image> hi"}, params)
+    with pytest.raises(MediaError, match="not on the allowlist"):
+        run(client, "tv-vlm", _chat("http://10.1.2.3/image0.png", "what?"), params)
 
 
 @pytest.mark.parametrize(("inputs", "message"), [

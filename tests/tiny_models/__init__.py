@@ -36,6 +36,7 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "depth-estimation": ("tests.tiny_models.vision", "build_depth_estimation"),
     "vqa-vilt": ("tests.tiny_models.vision", "build_vqa_vilt"),
     "vqa-blip": ("tests.tiny_models.vision", "build_vqa_blip"),
+    "image-text-to-text": ("tests.tiny_models.vision", "build_image_text_to_text"),
     "asr-ctc": ("tests.tiny_models.audio", "build_asr_ctc"),
     "asr-whisper": ("tests.tiny_models.audio", "build_asr_whisper"),
     "audio-classification": ("tests.tiny_models.audio", "build_audio_classification"),

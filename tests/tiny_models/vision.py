@@ -252,3 +252,53 @@ def build_depth_estimation(directory: Path) -> None:
     config = GLPNConfig(**_SMALL_MIX_TRANSFORMER, decoder_hidden_size=16)
     GLPNForDepthEstimation(config).eval().save_pretrained(directory)
     GLPNImageProcessorPil(size_divisor=IMAGE_SIZE).save_pretrained(directory)
+
+
+ITT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""The tiny VLM's chat template: each message's images as ``<image>`` placeholders, then its text."""
+
+
+def build_image_text_to_text(directory: Path) -> None:
+    """A LLaVA-style vision-language model: a tiny CLIP vision tower, a projector and a tiny Llama, left-padded.
+
+    Its processor expands each ``<image>`` in the prompt into the image's 9 patch tokens.
+    """
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from tests.tiny_models.text import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
+    )
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=30, patch_size=10, projection_dim=32)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(directory)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=10,
+                   vision_feature_select_strategy="default", chat_template=ITT_CHAT_TEMPLATE,
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(directory)
