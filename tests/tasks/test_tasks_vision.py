@@ -163,6 +163,19 @@ def test_a_vision_language_model_answers_as_in_process(client, models, inputs, p
     assert_same(run(client, "tv-vlm", inputs, params), local(models, "tv-vlm")(inputs, **params))
 
 
+def test_a_seeded_vision_language_chat_samples_as_in_process(client, models):
+    from transformers import set_seed
+
+    params = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "top_k": 20}
+    chat = _chat(IMAGES[1], "tell me")
+    set_seed(99)
+    expected = local(models, "tv-vlm")(chat, **params)
+    fleet = run(client, "tv-vlm", chat, dict(params, seed=99))
+    assert_same(fleet, expected)
+    assert_same(run(client, "tv-vlm", {"images": IMAGES[1], "text": "<image> tell me"}, dict(params, seed=5)),
+                run(client, "tv-vlm", {"images": IMAGES[1], "text": "<image> tell me"}, dict(params, seed=5)))
+
+
 def test_vision_language_jobs_batch_together_and_chats_take_image_urls(client, models, data_root, base_url):
     """A list is one output per item (``pipe(item)`` each: in-process ``pipe`` reads a list of dicts as one
     chat); its items, of different prompt lengths, run in one left-padded batch."""
