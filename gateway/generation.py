@@ -50,6 +50,18 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
     return params
 
 
+GENERATE_KWARGS = ("do_sample", "temperature", "top_p", "num_return_sequences")
+"""Sampling params the image-text-to-text pipeline takes only inside ``generate_kwargs``."""
+
+
+def vision_params(params: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sampling_params` for an image-text-to-text pipeline: its sampling goes in ``generate_kwargs``
+    (passed as call params, it would reach the processor, which ignores them)."""
+    kept = {name: value for name, value in params.items() if name not in GENERATE_KWARGS}
+    moved = {name: value for name, value in params.items() if name in GENERATE_KWARGS}
+    return {**kept, "generate_kwargs": moved} if moved else kept
+
+
 def expand_inputs(request: GenerationFields, prompts: list[Any]) -> list[Any]:
     """The job's inputs: each prompt once, or ``n`` times under greedy decoding."""
     copies = request.n if is_greedy(request) else 1

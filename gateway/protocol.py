@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,17 +88,48 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    """Where an image part's image is: an ``https://`` URL (fetched by the worker) or a ``data:`` URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """One ``{"type": "image_url", "image_url": {"url": ...}}`` part of a message's content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
-    """One message of a chat; content is text, or a list of text parts."""
+    """One message of a chat; content is text, or a list of text and image parts."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
     def text(self) -> str:
-        """The message's content as one string."""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        """The message's text as one string (image parts left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def has_images(self) -> bool:
+        """Whether the content holds an image part."""
+        return not isinstance(self.content, str) and any(isinstance(p, ImagePart) for p in self.content)
+
+    def parts(self) -> list[dict[str, str]]:
+        """The content as transformers' chat parts: ``{"type": "text", "text"}`` and ``{"type": "image", "url"}``."""
+        if isinstance(self.content, str):
+            return [{"type": "text", "text": self.content}]
+        return [{"type": "text", "text": part.text} if isinstance(part, TextPart)
+                else {"type": "image", "url": part.image_url.url} for part in self.content]
 
 
 class ChatCompletionRequest(GenerationFields):

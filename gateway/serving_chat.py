@@ -1,8 +1,10 @@
-"""``POST /v1/chat/completions`` on a text-generation deployment.
+"""``POST /v1/chat/completions`` on a text-generation or an image-text-to-text (vision-language) deployment.
 
 The messages travel as one chat input, so the worker's pipeline applies the
-tokenizer's chat template (with the generation prompt) exactly as
-``pipe(messages)`` does in-process.
+tokenizer's (or processor's) chat template (with the generation prompt) exactly
+as ``pipe(messages)`` does in-process. ``image_url`` parts become the chat's
+``{"type": "image", "url"}`` parts, which the worker fetches under its media
+policy; only an image-text-to-text deployment takes them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
-                                sampling_params, texts_per_prompt)
+                                sampling_params, texts_per_prompt, vision_params)
 from gateway.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                               ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, Usage)
 from gateway.serving_models import resolve_model
@@ -21,6 +23,7 @@ from producers.errors import InvalidParams, PayloadTooLarge
 from producers.job import Job
 
 TASK = "text-generation"
+VISION_TASK = "image-text-to-text"
 PATH = "/v1/chat/completions"
 
 
@@ -35,10 +38,17 @@ async def plan(state: GatewayState, request: ChatCompletionRequest) -> JobPlan:
     """Check the request and name the job it needs: the messages travel as one chat input."""
     if request.n > state.max_inputs:
         raise PayloadTooLarge(f"n={request.n} exceeds this gateway's {state.max_inputs} inputs per request")
-    info = await resolve_model(state, request.model, TASK)
-    chat = [{"role": message.role, "content": message.text()} for message in request.messages]
-    return JobPlan(deployment=info.name, inputs=expand_inputs(request, [chat]),
-                   params=sampling_params(request, _max_tokens(state, request)),
+    info = await resolve_model(state, request.model, TASK, VISION_TASK)
+    params = sampling_params(request, _max_tokens(state, request))
+    if info.task == VISION_TASK:
+        chat = [{"role": message.role, "content": message.parts()} for message in request.messages]
+        params = vision_params(params)
+    elif any(message.has_images() for message in request.messages):
+        raise InvalidParams(f"model {request.model!r} is a {info.task} deployment, which takes no image_url parts; "
+                            f"images need an {VISION_TASK} deployment")
+    else:
+        chat = [{"role": message.role, "content": message.text()} for message in request.messages]
+    return JobPlan(deployment=info.name, inputs=expand_inputs(request, [chat]), params=params,
                    stream=request.stream)
 
 

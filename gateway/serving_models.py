@@ -10,22 +10,23 @@ from producers.errors import UnknownDeployment
 from producers.schemas import DeploymentInfo
 
 
-async def resolve_model(state: GatewayState, name: str, task: str) -> DeploymentInfo:
-    """The live ``task`` deployment that ``name`` names; raises UnknownDeployment (404) otherwise.
+async def resolve_model(state: GatewayState, name: str, task: str, *more_tasks: str) -> DeploymentInfo:
+    """The live deployment of ``task`` (or of one of ``more_tasks``) that ``name`` names; raises
+    UnknownDeployment (404) otherwise.
 
     ``name`` is first a deployment name, then a model id that exactly one live
-    ``task`` deployment serves.
+    deployment of the first task that has one serves.
     """
     client = state.client
-    try:
-        return await asyncio.to_thread(client.resolve, deployment=name, task=task)
-    except UnknownDeployment:
-        pass
-    try:
-        return await asyncio.to_thread(client.resolve, model=name, task=task)
-    except UnknownDeployment as error:
-        raise UnknownDeployment(f"model {name!r} is neither a live {task} deployment nor a model exactly one "
-                                f"such deployment serves ({error})") from None
+    tasks = (task, *more_tasks)
+    for key in ("deployment", "model"):
+        for each in tasks:
+            try:
+                return await asyncio.to_thread(client.resolve, **{key: name}, task=each)
+            except UnknownDeployment as error:
+                last = error
+    raise UnknownDeployment(f"model {name!r} is neither a live {' or '.join(tasks)} deployment nor a model exactly "
+                            f"one such deployment serves ({last})") from None
 
 
 async def list_models(state: GatewayState) -> ModelList:

@@ -187,8 +187,10 @@ def _read_path(path: Any, policy: MediaPolicy) -> bytes:
 
 
 def _load_bytes(value: Any, policy: MediaPolicy) -> bytes:
-    """The raw bytes behind a URL, ``{"b64"}``, ``{"path"}`` or plain path string."""
+    """The raw bytes behind a URL, a ``data:`` URL, ``{"b64"}``, ``{"path"}`` or plain path string."""
     if isinstance(value, str):
+        if value.startswith("data:") and ";base64," in value[:100]:  # as OpenAI's image_url parts send images
+            return _decode_b64(value, policy)
         if urlsplit(value).scheme.lower() in URL_SCHEMES:
             return fetch_bytes(value, policy)
         return _read_path(value, policy)

@@ -37,6 +37,7 @@ DEPLOYMENTS = {
     "gw-faulty": ("text-classification", "text-classification", "tests.fault_pipelines.FaultyTextClassification"),
     "gw-llama": ("text-generation", "text-generation-llama", None),
     "gw-llama-cb": ("text-generation", "text-generation-llama", None),
+    "gw-vlm": ("image-text-to-text", "image-text-to-text", None),
 }
 
 #: deployment -> its continuous batching options (the same tiny Llama as gw-llama, through the engine).

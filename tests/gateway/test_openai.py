@@ -288,3 +288,46 @@ def test_openapi_schema_and_docs_sit_behind_the_key(gateway):
     assert "/openapi.json" not in schema["paths"] and "/docs" not in schema["paths"]
     page = httpx.get(f"{gateway.url}/docs", headers=headers, timeout=30)
     assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+
+
+def _png_data_url(seed: int) -> tuple[str, "PIL.Image.Image"]:
+    import io
+
+    from PIL import Image
+
+    pixels = (numpy.arange(36 * 44 * 3).reshape(36, 44, 3) * (seed + 3) % 251).astype("uint8")
+    image = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), image
+
+
+def test_a_vision_chat_with_an_image_url_part_equals_the_pipeline(oai, models):
+    """The vision chat of docs/gateway.md, with a ``data:`` URL (no network here) in place of the https one."""
+    url, image = _png_data_url(1)
+    messages = [{"role": "system", "content": "you are terse."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "what is in the picture?"}]}]
+    response = oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=0)
+    local = [{"role": "system", "content": [{"type": "text", "text": "you are terse."}]},
+             {"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "what is in the picture?"}]}]
+    expected = local_pipeline("image-text-to-text", models["gw-vlm"])(
+        local, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    assert response.choices[0].message.content == expected
+
+    sampled = [oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=1.5,
+                                           top_p=0.95, seed=seed).choices[0].message.content for seed in (3, 3, 4)]
+    assert sampled[0] == sampled[1]  # reproducible by seed
+    assert any(text != expected for text in sampled)  # sampled (generate_kwargs), not greedy
+    streamed = oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=0,
+                                           stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == expected
+
+
+def test_image_parts_to_a_text_only_deployment_are_refused_by_name(oai):
+    url, _ = _png_data_url(2)
+    with pytest.raises(openai.BadRequestError, match="image-text-to-text"):
+        oai.chat.completions.create(model="gw-gen", max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "hi"}]}])

@@ -124,6 +124,7 @@ def test_every_image_form_gives_the_same_output(client, models, data_root, base_
     forms = [
         f"{base_url}/image1.jpg",
         {"b64": base64.b64encode(raw).decode(), "mime": "image/jpeg"},
+        "data:image/jpeg;base64," + base64.b64encode(raw).decode(),
         {"path": "image1.jpg"},
         "image1.jpg",
         raw,  # bytes: the client encodes them as base64
