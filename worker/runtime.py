@@ -59,8 +59,12 @@ class JobTracker:
         return bool(self.waiting.get(deployment))
 
 
-GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "summarization", "translation"})
+GENERATIVE_TASKS = frozenset({"text-generation", "text2text-generation", "summarization", "translation",
+                              "image-text-to-text"})
 """Tasks whose batches are never regrouped by length (decoding is sensitive to the padding it sees)."""
+
+STREAMED_TASKS = frozenset({"text-generation", "image-text-to-text"})
+"""Tasks whose jobs stream their generated text as it comes, and report token usage."""
 
 
 def text_lengths(pipe: Any, task: str, *, tokens: bool) -> Any:
@@ -142,7 +146,7 @@ class Runtime:
         metrics.model_load_s = load_s
         name, task = deployment.name, deployment.task
         streams = None
-        if task == "text-generation" and getattr(pipe, "tokenizer", None) is not None:
+        if task in STREAMED_TASKS and getattr(pipe, "tokenizer", None) is not None:
             from worker.streaming import TextStreams, eos_token_ids
 
             # Its own copy: the Rust tokenizer refuses a decode while another thread encodes ("Already borrowed").

@@ -1,4 +1,4 @@
-"""Token streaming of text-generation jobs: generated ids in, text events out.
+"""Token streaming of text-generation and image-text-to-text jobs: generated ids in, text events out.
 
 Generation loops (a static batch's ``generate``, or the continuous batching
 engine) hand token ids to :class:`TextStreams` and return at once; decoding
@@ -54,8 +54,9 @@ def new_text(payload: Any, record: Any, params: dict[str, Any]) -> str:
         return content[len(prefill):] if prefill and content.startswith(prefill) else content
     if not isinstance(generated, str):
         return ""
-    if params.get("return_full_text", True) and isinstance(payload, str) and generated.startswith(payload):
-        return generated[len(payload):]
+    prompt = payload.get("text") if isinstance(payload, dict) else payload  # image-text-to-text: {"images", "text"}
+    if params.get("return_full_text", True) and isinstance(prompt, str) and generated.startswith(prompt):
+        return generated[len(prompt):]
     return generated
 
 
@@ -282,4 +283,8 @@ def with_streamer(streams: TextStreams, pipe: Any, items: list[Any], payloads: l
     per_payload = params.get("num_return_sequences", generate_kwargs.get("num_return_sequences", 1)) or 1
     pad = getattr(pipe.tokenizer, "pad_token_id", None)
     streamer = static_streamer(streams, targets, num_return_sequences=per_payload, pad_token_id=pad)
+    from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
+
+    if isinstance(pipe, ImageTextToTextPipeline):  # its call params go to the processor; generate's, here
+        return {**params, "generate_kwargs": {**generate_kwargs, "streamer": streamer}}
     return {**params, "streamer": streamer}

@@ -312,17 +312,22 @@ def test_a_vision_chat_with_an_image_url_part_equals_the_pipeline(oai, models):
     local = [{"role": "system", "content": [{"type": "text", "text": "you are terse."}]},
              {"role": "user", "content": [{"type": "image", "image": image},
                                           {"type": "text", "text": "what is in the picture?"}]}]
-    expected = local_pipeline("image-text-to-text", models["gw-vlm"])(
-        local, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    pipe = local_pipeline("image-text-to-text", models["gw-vlm"])
+    expected = pipe(local, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
     assert response.choices[0].message.content == expected
+    prompt_ids = pipe.processor.apply_chat_template(local, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+    assert response.usage.prompt_tokens == len(prompt_ids[0])  # the image's tokens count, as OpenAI counts them
+    assert 0 < response.usage.completion_tokens <= 6
 
     sampled = [oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=1.5,
                                            top_p=0.95, seed=seed).choices[0].message.content for seed in (3, 3, 4)]
     assert sampled[0] == sampled[1]  # reproducible by seed
     assert any(text != expected for text in sampled)  # sampled (generate_kwargs), not greedy
-    streamed = oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=0,
-                                           stream=True)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == expected
+    streamed = list(oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=6, temperature=0,
+                                                stream=True))
+    pieces = [chunk.choices[0].delta.content for chunk in streamed if chunk.choices and chunk.choices[0].delta.content]
+    assert "".join(pieces) == expected and len(pieces) > 1  # token by token, not one whole chunk
 
 
 def test_image_parts_to_a_text_only_deployment_are_refused_by_name(oai):

@@ -177,6 +177,17 @@ def test_a_seeded_vision_language_chat_samples_as_in_process(client, models):
                 run(client, "tv-vlm", {"images": IMAGES[1], "text": "<image> tell me"}, dict(params, seed=5)))
 
 
+@pytest.mark.parametrize("inputs", [{"images": IMAGES[0], "text": "<image> describe"}, _chat(IMAGES[2], "what?")],
+                         ids=["dict", "chat"])
+def test_a_vision_language_job_streams_its_text_as_it_comes(client, models, inputs):
+    params = {"max_new_tokens": 8}
+    job = client.submit(deployment="tv-vlm", inputs=inputs, params=params, stream=True)
+    pieces = list(job.stream(timeout_s=120))
+    assert_same(job.result(timeout=60), local(models, "tv-vlm")(inputs, **params))
+    new = local(models, "tv-vlm")(inputs, return_full_text=False, **params)[0]["generated_text"]
+    assert len(pieces) > 1 and "".join(pieces) == new
+
+
 def test_vision_language_jobs_batch_together_and_chats_take_image_urls(client, models, data_root, base_url):
     """A list is one output per item (``pipe(item)`` each: in-process ``pipe`` reads a list of dicts as one
     chat); its items, of different prompt lengths, run in one left-padded batch."""
