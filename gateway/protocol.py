@@ -94,7 +94,8 @@ class ImageURL(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto"] | None = None
+    """OpenAI's ``low`` / ``high`` resolution hints mean nothing to a pipeline's processor: refused, not ignored."""
 
 
 class ImagePart(BaseModel):

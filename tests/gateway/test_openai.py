@@ -330,9 +330,15 @@ def test_a_vision_chat_with_an_image_url_part_equals_the_pipeline(oai, models):
     assert "".join(pieces) == expected and len(pieces) > 1  # token by token, not one whole chunk
 
 
-def test_image_parts_to_a_text_only_deployment_are_refused_by_name(oai):
+def test_image_parts_to_a_text_only_deployment_and_resolution_hints_are_refused_by_name(oai):
     url, _ = _png_data_url(2)
     with pytest.raises(openai.BadRequestError, match="image-text-to-text"):
         oai.chat.completions.create(model="gw-gen", max_tokens=3, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": "hi"}]}])
+    with pytest.raises(openai.BadRequestError, match="detail"):
+        oai.chat.completions.create(model="gw-vlm", max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "high"}}]}])
+    answer = oai.chat.completions.create(model="gw-vlm", max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}])
+    assert answer.choices[0].message.content is not None
