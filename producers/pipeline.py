@@ -71,6 +71,14 @@ class FleetPipeline:
         # In-process pipelines also accept their input as keywords (QA: question=, context=; VQA: image=, question=).
         if inputs is not None:
             return inputs
+        if task == "image-text-to-text" and "text" in params:
+            # pipe(text=chat), or pipe(images=image, text=prompt) for one prompt.
+            images, text = params.pop("images", None), params.pop("text")
+            if images is None:
+                return text
+            if isinstance(text, list):
+                raise TypeError("image-text-to-text: pass several prompts as a list of {'images', 'text'} dicts")
+            return {"images": images, "text": text}
         keys = {"question-answering": ("question", "context"), "visual-question-answering": ("image", "question"),
                 "document-question-answering": ("image", "question")}.get(task, ())
         if keys and all(k in params for k in keys):

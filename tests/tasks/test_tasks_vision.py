@@ -164,15 +164,26 @@ def test_a_vision_language_model_answers_as_in_process(client, models, inputs, p
     assert_same(run(client, "tv-vlm", inputs, params), local(models, "tv-vlm")(inputs, **params))
 
 
+def test_the_fleet_pipeline_takes_keyword_inputs_as_in_process(module_fleet, models):
+    chat = _chat(IMAGES[0], "what?")
+    with module_fleet.client() as client:
+        vlm = fleet_pipeline("image-text-to-text", model=models["tv-vlm"], client=client)
+        assert_same(vlm(text=chat, max_new_tokens=4), local(models, "tv-vlm")(text=chat, max_new_tokens=4))
+        assert_same(vlm(images=IMAGES[1], text="<image> hi", max_new_tokens=4),
+                    local(models, "tv-vlm")(images=IMAGES[1], text="<image> hi", max_new_tokens=4))
+
+
 def test_a_seeded_vision_language_chat_samples_as_in_process(client, models):
     from transformers import set_seed
 
-    params = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "top_k": 20}
+    # This pipeline reads sampling only from generate_kwargs (as call params they reach its processor).
+    params = {"max_new_tokens": 6, "generate_kwargs": {"do_sample": True, "temperature": 1.5, "top_k": 20}}
     chat = _chat(IMAGES[1], "tell me")
     set_seed(99)
     expected = local(models, "tv-vlm")(chat, **params)
     fleet = run(client, "tv-vlm", chat, dict(params, seed=99))
     assert_same(fleet, expected)
+    assert fleet != run(client, "tv-vlm", chat, {"max_new_tokens": 6})  # it sampled
     assert_same(run(client, "tv-vlm", {"images": IMAGES[1], "text": "<image> tell me"}, dict(params, seed=5)),
                 run(client, "tv-vlm", {"images": IMAGES[1], "text": "<image> tell me"}, dict(params, seed=5)))
 
