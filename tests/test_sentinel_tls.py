@@ -9,6 +9,8 @@ stream with the in-process output, and keep running after the master is SIGKILLe
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis
 
@@ -59,6 +61,12 @@ def test_a_fleet_on_tls_sentinels_runs_streams_and_follows_a_failover(tls_cluste
             expected = local_pipeline("text-generation", gen)("The fleet", **GREEDY)
             assert_same(job.result(timeout=60), expected)
             assert "".join(pieces) == expected[0]["generated_text"]
+
+            async def read_async_stream() -> list[str]:  # asyncio's Sentinel pool, over TLS too
+                streamed = client.submit(deployment="tls-gen", inputs="The fleet", params=GREEDY, stream=True)
+                return [piece async for piece in streamed.astream(timeout_s=120)]
+
+            assert "".join(asyncio.run(read_async_stream())) == expected[0]["generated_text"]
 
             before = client.submit_many([{"deployment": "tls-tc", "inputs": TEXTS[i % 5]} for i in range(40)])
             victim = tls_cluster.kill_master()
