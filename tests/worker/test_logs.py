@@ -29,8 +29,9 @@ def test_worker_log_json_lines_carry_job_deployment_batch_and_duration(fleet, mo
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         records = []
-        for line in worker.log().splitlines():
-            if line.startswith("{"):
+        # Only whole lines: the worker may be half-way through writing the last one.
+        for line in worker.log().splitlines(keepends=True):
+            if line.startswith("{") and line.endswith("\n"):
                 records.append(json.loads(line))
         finished = [r for r in records if r.get("job_id") in ids]
         if len(finished) == len(ids):
