@@ -8,8 +8,10 @@ OpenAI's fields map onto the text-generation pipeline's call params:
 (``do_sample=False``), any other ``temperature`` or a ``top_p`` →
 ``do_sample=True`` with them; ``seed`` → the fleet's ``seed``; ``stop`` →
 ``stop_sequence`` (generation stops there, and the stop text is cut from the
-answer, as OpenAI does). ``n`` > 1 samples become ``num_return_sequences``;
-under greedy decoding ``n`` repeats the prompt, since greedy gives one answer.
+answer, as OpenAI does); ``logit_bias`` → ``sequence_bias`` (each token id
+a one-token sequence: ``generate`` adds its bias to that token's logit). ``n``
+> 1 samples become ``num_return_sequences``; under greedy decoding ``n``
+repeats the prompt, since greedy gives one answer.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
         raise InvalidParams("'stop' takes at most 4 sequences")
     if stops:
         params["stop_sequence"] = stops
+    if request.logit_bias:
+        params["sequence_bias"] = [[[int(token)], bias] for token, bias in request.logit_bias.items()]
     return params
 
 
-GENERATE_KWARGS = ("do_sample", "temperature", "top_p", "num_return_sequences")
+GENERATE_KWARGS = ("do_sample", "temperature", "top_p", "num_return_sequences", "sequence_bias")
 """Sampling params the image-text-to-text pipeline takes only inside ``generate_kwargs``."""
 
 

@@ -38,7 +38,6 @@ _COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "user": (None,),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "logprobs": (None, False),
 }
 
@@ -49,6 +48,12 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+
+
+TokenId = Annotated[str, Field(pattern=r"^\d{1,9}$")]
+"""A token id as OpenAI's ``logit_bias`` keys spell it: a decimal string."""
+
+LogitBias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class GenerationFields(OpenAIRequest):
@@ -63,6 +68,8 @@ class GenerationFields(OpenAIRequest):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[TokenId, LogitBias] | None = Field(default=None, max_length=1024)
+    """Token id (a decimal string) → a bias from -100 to 100 added to its logit before sampling, as OpenAI's."""
 
     def stops(self) -> list[str]:
         """The stop sequences as a list (empty strings dropped)."""

@@ -18,8 +18,11 @@ from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
 from worker.transformers_internals import logits_processors, resolved_generation_config, sanitize_call_params
 
-SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
-"""Generate params each request takes for itself (through :mod:`worker.cb_sampling`)."""
+SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+                   "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "suppress_tokens",
+                   "begin_suppress_tokens")
+"""Generate params each request takes for itself (through :mod:`worker.cb_sampling`): each one becomes a logits
+processor of ``generate``'s own list, run over the request's prompt and generated tokens."""
 
 HANDLED_GENERATE_PARAMS = frozenset({"max_new_tokens", "num_return_sequences", "stop_strings", "pad_token_id",
                                      *SAMPLING_PARAMS})
@@ -82,10 +85,29 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     for name in list(preprocess):
         if name in HANDLED_GENERATE_PARAMS:
             preprocess.pop(name)
-    processed = config.do_sample or len(logits_processors(pipe.model, config)) > 0
+    processors = logits_processors(pipe.model, config, input_ids_seq_length=1)
+    if processors:
+        _try_processors(pipe.model, processors)
+    processed = config.do_sample or len(processors) > 0
     return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
                        do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
                        eos_token_id=config.eos_token_id)
+
+
+def _try_processors(model: Any, processors: Any) -> None:
+    """Run ``processors`` once on a one-token history; raises InvalidParams with what they refuse.
+
+    On the engine thread a processor that raises would fail every request of the running batch, so what a
+    processor checks on its first call (a biased or banned token outside the vocabulary, say) is checked here,
+    on the job's own time.
+    """
+    import torch
+
+    width = model.get_output_embeddings().out_features
+    try:
+        processors(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, width)))
+    except (TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise InvalidParams(f"invalid generation params: {error}") from error
 
 
 PLAN_CACHE_SIZE = 256

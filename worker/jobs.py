@@ -75,6 +75,37 @@ def sanitize(served: ServedDeployment, call_params: dict[str, Any]) -> None:
                             f"{json.dumps(call_params, default=str)}: {type(error).__name__}: {error}") from None
 
 
+TOKEN_ID_PARAMS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+"""Generate params that name token ids (directly or inside ``generate_kwargs``)."""
+
+
+def _token_ids(name: str, value: Any) -> list[Any]:
+    if name == "sequence_bias" and isinstance(value, list):  # [[ids, bias], ...]: the ids only
+        value = [entry[0] if isinstance(entry, list) and entry else entry for entry in value]
+    if isinstance(value, list):
+        return [token for item in value for token in _token_ids("", item)]
+    return [value]
+
+
+def check_token_ids(served: ServedDeployment, call_params: dict[str, Any]) -> None:
+    """Refuse, by name, a token id outside the model's vocabulary: ``generate`` would fail on it only inside the
+    forward pass (the job's batch on the static path, the running batch's step on continuous batching)."""
+    embeddings = getattr(getattr(served.pipeline, "model", None), "get_output_embeddings", lambda: None)()
+    vocabulary = getattr(embeddings, "out_features", None)
+    if vocabulary is None:
+        return
+    generate_kwargs = call_params.get("generate_kwargs")
+    for source in (call_params, generate_kwargs if isinstance(generate_kwargs, dict) else {}):
+        for name in TOKEN_ID_PARAMS:
+            if source.get(name) is None:
+                continue
+            outside = [token for token in _token_ids(name, source[name])
+                       if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocabulary)]
+            if outside:
+                raise InvalidParams(f"param {name!r}: {outside[:5]} are not token ids of this model's vocabulary "
+                                    f"(0 to {vocabulary - 1})")
+
+
 @dataclass
 class PreparedJob:
     """A validated job whose inputs are ready for its deployment's batcher."""
@@ -123,6 +154,7 @@ def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
         call_params["pool"] = params.pop("pool")
     check_pooling(served.config.task, params)
     sanitize(served, call_params)
+    check_token_ids(served, call_params)
     prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),
                               sampling_rate=served.sampling_rate, max_chars=runtime.config.limits.max_input_chars)
     return PreparedJob(job_id, job, served, inputs, params, call_params, prepared,

@@ -264,6 +264,39 @@ def test_temperature_top_p_stop_and_seed_on_both_paths(oai, models):
             models, CHAT, 11, max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9), deployment
 
 
+def _first_greedy_token(pipe, prompt: str) -> int:
+    encoded = pipe.tokenizer(prompt, return_tensors="pt")
+    return int(pipe.model.generate(**encoded, max_new_tokens=1, do_sample=False)[0, -1])
+
+
+def test_logit_bias_on_both_paths(oai, models):
+    pipe = local_pipeline("text-generation", models[STATIC])
+    first = _first_greedy_token(pipe, PROMPTS[1])
+    greedy = pipe(PROMPTS[1], max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    banned = pipe(PROMPTS[1], max_new_tokens=8, do_sample=False, return_full_text=False,
+                  sequence_bias=[[[first], -100.0]])[0]["generated_text"]
+    assert banned != greedy
+    forced = pipe(CHAT, max_new_tokens=5, do_sample=False, return_full_text=False,
+                  sequence_bias=[[[first], 100.0]])[0]["generated_text"]
+    assert forced != pipe(CHAT, max_new_tokens=5, do_sample=False, return_full_text=False)[0]["generated_text"]
+    for deployment in (STATIC, CONTINUOUS):
+        response = oai.completions.create(model=deployment, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                          logit_bias={str(first): -100})
+        assert response.choices[0].text == banned, deployment
+        chat = oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=5, temperature=0,
+                                           logit_bias={str(first): 100})
+        assert chat.choices[0].message.content == forced, deployment
+
+
+@pytest.mark.parametrize("bias,named", [({"abc": 1}, "logit_bias"), ({"5": 150}, "logit_bias"),
+                                        ({str(10**8): 1}, "sequence_bias.*vocabulary")])
+def test_bad_logit_bias_is_a_bad_request(oai, bias, named):
+    for deployment in (STATIC, CONTINUOUS):
+        with pytest.raises(openai.BadRequestError, match=named):
+            oai.completions.create(model=deployment, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                   logit_bias=bias)
+
+
 def test_n_samples_on_the_continuous_path(oai):
     response = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
     again = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
@@ -328,6 +361,22 @@ def test_a_vision_chat_with_an_image_url_part_equals_the_pipeline(oai, models):
                                                 stream=True))
     pieces = [chunk.choices[0].delta.content for chunk in streamed if chunk.choices and chunk.choices[0].delta.content]
     assert "".join(pieces) == expected and len(pieces) > 1  # token by token, not one whole chunk
+
+
+def test_logit_bias_on_a_vision_chat_goes_where_the_pipeline_reads_it(oai, models):
+    url, image = _png_data_url(3)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "describe it"}]}]
+    local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "describe it"}]}]
+    pipe = local_pipeline("image-text-to-text", models["gw-vlm"])
+    greedy = pipe(local, max_new_tokens=5, return_full_text=False)[0]["generated_text"]
+    first = pipe.processor.tokenizer(greedy, add_special_tokens=False)["input_ids"][0]
+    expected = pipe(local, max_new_tokens=5, return_full_text=False,
+                    generate_kwargs={"sequence_bias": [[[first], -100.0]]})[0]["generated_text"]
+    assert expected != greedy
+    response = oai.chat.completions.create(model="gw-vlm", messages=messages, max_tokens=5, temperature=0,
+                                           logit_bias={str(first): -100})
+    assert response.choices[0].message.content == expected
 
 
 def test_image_parts_to_a_text_only_deployment_and_resolution_hints_are_refused_by_name(oai):

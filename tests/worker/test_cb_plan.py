@@ -66,3 +66,12 @@ def test_params_that_are_not_json_are_planned_each_time(pipe):
     plans = RequestPlans(pipe, 32)
     params = {"max_new_tokens": 4, "stop_sequence": {"not", "json"}}
     assert plans.plan(params) is not plans.plan(params)
+
+
+def test_a_processor_that_refuses_its_params_on_its_first_call_is_refused_at_planning(pipe):
+    """What a processor checks only when it first runs would otherwise fail inside the engine's step."""
+    vocabulary = pipe.model.get_output_embeddings().out_features
+    with pytest.raises(InvalidParams, match="vocabulary size"):
+        plan_request(pipe, {"sequence_bias": [[[vocabulary + 5], 1.0]]}, 32)
+    plan = plan_request(pipe, {"sequence_bias": [[[vocabulary - 1], 1.0]], "do_sample": False}, 32)
+    assert plan.generation_config is not None and not plan.do_sample

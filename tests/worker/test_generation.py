@@ -160,7 +160,7 @@ def test_events_of_a_job_that_does_not_stream_end_with_its_result(client, model)
 
 @pytest.mark.parametrize("params,named", [
     ({"num_beams": 2, "max_new_tokens": 4, **GREEDY}, "num_beams"),
-    ({"no_repeat_ngram_size": 2, "max_new_tokens": 4, **GREEDY}, "no_repeat_ngram_size"),
+    ({"min_length": 8, "max_new_tokens": 4, **GREEDY}, "min_length"),
     ({"num_return_sequences": 2, "max_new_tokens": 4, **GREEDY}, "num_return_sequences"),
 ])
 def test_continuous_refuses_params_it_cannot_honour_per_request(client, model, params, named):
@@ -266,12 +266,57 @@ def test_each_sampling_param_equals_static_and_in_process_generate(client, model
         assert job.result(timeout=120) == expected, deployment
 
 
+def _first_greedy_token(model, prompt):
+    pipe = local(model)
+    encoded = pipe.tokenizer(prompt, return_tensors="pt")
+    return int(pipe.model.generate(**encoded, max_new_tokens=1, do_sample=False)[0, -1])
+
+
+#: Params that become one more of ``generate``'s logits processors, given the prompt's first greedy token.
+PROCESSOR_CASES = {
+    "no_repeat_ngram_size": lambda first: {**GREEDY, "no_repeat_ngram_size": 1},
+    "sequence_bias": lambda first: {**GREEDY, "sequence_bias": [[[first], -100.0]]},
+    "suppress_tokens": lambda first: {**GREEDY, "suppress_tokens": [first]},
+    "begin_suppress_tokens": lambda first: {**GREEDY, "begin_suppress_tokens": [first]},
+    "epsilon_cutoff": lambda first: {"do_sample": True, "epsilon_cutoff": 0.002},
+    "eta_cutoff": lambda first: {"do_sample": True, "eta_cutoff": 0.002},
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSOR_CASES))
+def test_each_processor_param_changes_the_output_and_equals_static_and_in_process(client, model, name):
+    params = {**PROCESSOR_CASES[name](_first_greedy_token(model, PROMPTS[2])), "max_new_tokens": 24, "seed": 17}
+    jobs = {deployment: client.submit(deployment=deployment, inputs=PROMPTS[2], params=params)
+            for deployment in ("gen-cb", "gen-static")}
+    expected = seeded_local(model, PROMPTS[2], params)
+    without = seeded_local(model, PROMPTS[2], {key: value for key, value in params.items() if key != name})
+    assert expected != without, f"{name} did not change the in-process output: no evidence either way"
+    for deployment, job in jobs.items():
+        assert job.result(timeout=120) == expected, deployment
+
+
+def test_a_token_outside_the_vocabulary_fails_its_job_clearly_and_the_engine_serves_on(client, model):
+    for name, value in [("sequence_bias", [[[10**6], 5.0]]), ("suppress_tokens", [3, -1]),
+                        ("begin_suppress_tokens", ["x"])]:
+        for deployment in ("gen-cb", "gen-static"):
+            job = client.submit(deployment=deployment, inputs=PROMPTS[0],
+                                params={**GREEDY, "max_new_tokens": 4, name: value})
+            with pytest.raises(InvalidParams, match=f"{name}.*vocabulary"):
+                job.result(timeout=60)
+    params = {**GREEDY, "max_new_tokens": 6}
+    assert client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params).result(timeout=60) == \
+        local(model)(PROMPTS[0], **params)
+
+
 def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(client, model):
     long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY},
                              stream=True)
     next(event for event in long_job.events(timeout_s=120) if event.kind is EventKind.TEXT)
-    cases = [(PROMPTS[i % len(PROMPTS)], {**params, "max_new_tokens": 10 + i, "seed": 100 + i})
-             for i, params in enumerate(SAMPLING_CASES.values())]
+    first = {prompt: _first_greedy_token(model, prompt) for prompt in PROMPTS}
+    every = [*SAMPLING_CASES.values(), *PROCESSOR_CASES.values()]
+    cases = [(prompt, {**(params(first[prompt]) if callable(params) else params), "max_new_tokens": 10 + i,
+                       "seed": 100 + i})
+             for i, params in enumerate(every) for prompt in [PROMPTS[i % len(PROMPTS)]]]
     jobs = [client.submit(deployment="gen-cb", inputs=prompt, params=params) for prompt, params in cases]
     results = [job.result(timeout=120) for job in jobs]
     assert long_job.status().state not in (JobState.SUCCESS, JobState.FAILURE), "the batch did not run alongside"
