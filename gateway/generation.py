@@ -9,7 +9,9 @@ OpenAI's fields map onto the text-generation pipeline's call params:
 ``do_sample=True`` with them; ``seed`` → the fleet's ``seed``; ``stop`` →
 ``stop_sequence`` (generation stops there, and the stop text is cut from the
 answer, as OpenAI does); ``logit_bias`` → ``sequence_bias`` (each token id
-a one-token sequence: ``generate`` adds its bias to that token's logit). ``n``
+a one-token sequence: ``generate`` adds its bias to that token's logit);
+``frequency_penalty`` and ``presence_penalty`` pass as they are (the fleet's
+own processor, :mod:`worker.penalties`). ``n``
 > 1 samples become ``num_return_sequences``; under greedy decoding ``n``
 repeats the prompt, since greedy gives one answer.
 """
@@ -51,6 +53,9 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
         params["stop_sequence"] = stops
     if request.logit_bias:
         params["sequence_bias"] = [[[int(token)], bias] for token, bias in request.logit_bias.items()]
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            params[name] = getattr(request, name)
     return params
 
 

@@ -36,8 +36,6 @@ class OpenAIRequest(BaseModel):
 
 _COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "user": (None,),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
     "logprobs": (None, False),
 }
 
@@ -69,6 +67,8 @@ class GenerationFields(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[TokenId, LogitBias] | None = Field(default=None, max_length=1024)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     """Token id (a decimal string) → a bias from -100 to 100 added to its logit before sampling, as OpenAI's."""
 
     def stops(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
+from worker.penalties import PENALTY_PARAMS, penalties_of
 from worker.transformers_internals import logits_processors, resolved_generation_config, sanitize_call_params
 
 SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
@@ -43,6 +44,8 @@ class RequestPlan:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     eos_token_id: Any = None
+    penalties: tuple[float, float] = (0.0, 0.0)
+    """OpenAI's ``(frequency_penalty, presence_penalty)`` (:mod:`worker.penalties`)."""
 
     def spec(self, prompt_length: int, j: int, seed: int) -> SamplingSpec | None:
         """Sequence ``j``'s sampling spec, or None for plain greedy decoding (the engine's argmax)."""
@@ -50,7 +53,7 @@ class RequestPlan:
             return None
         # Sequence 0 draws what ``set_seed(seed); generate(...)`` draws; the others get seeds of their own.
         seed = seed if j == 0 else (seed * 1_000_003 + j) % 2**63
-        return SamplingSpec(self.generation_config, prompt_length, self.do_sample, seed)
+        return SamplingSpec(self.generation_config, prompt_length, self.do_sample, seed, penalties=self.penalties)
 
 
 
@@ -63,6 +66,9 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     """
     params = dict(params)
     seed = params.pop("seed", None)
+    penalties = penalties_of(params)
+    for name in PENALTY_PARAMS:
+        params.pop(name, None)
     preprocess, forward, postprocess = sanitize_call_params(pipe, params)
     generate = {**forward.pop("generate_kwargs", {}), **forward}
     generate.pop("tokenizer", None)  # the pipeline adds it for stop strings
@@ -88,10 +94,10 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     processors = logits_processors(pipe.model, config, input_ids_seq_length=1)
     if processors:
         _try_processors(pipe.model, processors)
-    processed = config.do_sample or len(processors) > 0
+    processed = config.do_sample or len(processors) > 0 or any(penalties)
     return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
                        do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
-                       eos_token_id=config.eos_token_id)
+                       eos_token_id=config.eos_token_id, penalties=penalties)
 
 
 def _try_processors(model: Any, processors: Any) -> None:

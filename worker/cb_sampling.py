@@ -13,7 +13,8 @@ get a new token and their rows of the logits:
   it is: the engine's argmax picks its token, at no cost;
 - a request with a :class:`SamplingSpec` runs ``generate``'s own processor
   list (``model._get_logits_processor`` on the request's generation config:
-  repetition penalty, temperature, top-k, top-p, … in ``generate``'s order)
+  repetition penalty, temperature, top-k, top-p, … in ``generate``'s order,
+  with OpenAI's penalties where ``generate`` puts a caller's processors)
   over its full token history, then, when it samples, draws its token with
   ``torch.multinomial`` from its own ``torch.Generator`` and leaves only that
   token finite, so the engine's argmax takes it.
@@ -36,6 +37,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from worker.penalties import OutputTokenPenalty
 from worker.transformers_internals import logits_processors
 
 KWARG = "fleet_sampling"
@@ -50,6 +52,8 @@ class SamplingSpec:
     prompt_length: int
     do_sample: bool
     seed: int
+    penalties: tuple[float, float] = (0.0, 0.0)
+    """OpenAI's ``(frequency_penalty, presence_penalty)``, run where ``generate`` runs a custom processor."""
 
 
 def engine_overrides() -> dict[str, Any]:
@@ -149,8 +153,11 @@ class _FleetSamplerBody:
         if live is None:
             import torch
 
+            penalty = OutputTokenPenalty(*spec.penalties, prompt_length=spec.prompt_length) if any(spec.penalties) \
+                else None
             processors = logits_processors(self.model, spec.generation_config,
-                                           input_ids_seq_length=spec.prompt_length, device=device)
+                                           input_ids_seq_length=spec.prompt_length, device=device,
+                                           logits_processor=[penalty] if penalty is not None else None)
             generator = torch.Generator(device=device)
             generator.manual_seed(spec.seed)
             live = _Live(processors, generator)

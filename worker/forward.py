@@ -6,6 +6,7 @@ output per input, as the unbatched call would:
 
 - a stage item of a distributed chunk pipeline runs its one step (:mod:`worker.stages`);
 - seeded items run one at a time after ``set_seed`` (:func:`run_seeded`);
+- OpenAI's frequency and presence penalties become one more logits processor (:mod:`worker.penalties`);
 - items that must not share padding run in padding-free groups (:func:`worker.shapes.padding_free_groups`);
 - a batch that raises a non-memory ``RuntimeError`` (tensors of different shapes) runs again item by item;
 - a batch that runs out of memory is halved and each half runs again, down to one item, whose output is then
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from producers.errors import OutOfMemory
 from worker.batcher import PendingItem
 from worker.metrics import DeploymentMetrics
+from worker.penalties import PENALTY_PARAMS, penalty_processor
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 from worker.stages import is_stage_batch, run_stage
 from worker.streaming import with_streamer
@@ -170,6 +172,13 @@ class ForwardPass:
                 return run_stage(pipe, payloads, params)
         params = dict(params)
         seed = params.pop("seed", None)
+        penalty = penalty_processor(params)
+        for name in PENALTY_PARAMS:
+            params.pop(name, None)
+        if penalty is not None:
+            from transformers import LogitsProcessorList
+
+            params["logits_processor"] = LogitsProcessorList([penalty])
         if seed is not None:
             with self.inference_mode():
                 return run_seeded(pipe, payloads, params, seed)

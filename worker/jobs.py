@@ -23,7 +23,8 @@ from worker.chunks import chunk_failed
 from worker.deadlines import monotonic_deadline
 from worker.inputs import prepare_inputs
 from worker.outcome import job_error
-from worker.params import pipeline_call_params, validate_params
+from worker.params import BATCH_FLEET_PARAMS, pipeline_call_params, validate_params
+from worker.penalties import check_penalties
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment
 from worker.shapes import job_result
@@ -128,7 +129,8 @@ class PreparedJob:
         """Hand the items to the batcher; one future per item, in order."""
         if self.streams is not None:
             self.streams.begin(self.job_id, pieces=self.job.stream)
-        batch_params = dict(self.call_params, **({"seed": self.params["seed"]} if "seed" in self.params else {}))
+        batch_params = {**self.call_params,
+                        **{name: self.params[name] for name in BATCH_FLEET_PARAMS if name in self.params}}
         # A chunk's batch is isolated item by item on failure, so its error names the guilty item.
         return self.served.batcher.submit(self.job_id, self.prepared, batch_params, deadline=self.deadline_mono,
                                           cancel_id=self.job.job_id,
@@ -153,6 +155,7 @@ def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
         # That pipeline's own ``pool`` flag (the model's pooler output), not the fleet's pooling.
         call_params["pool"] = params.pop("pool")
     check_pooling(served.config.task, params)
+    check_penalties(served.config.task, params)
     sanitize(served, call_params)
     check_token_ids(served, call_params)
     prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),

@@ -288,6 +288,24 @@ def test_logit_bias_on_both_paths(oai, models):
         assert chat.choices[0].message.content == forced, deployment
 
 
+def test_frequency_and_presence_penalties_on_both_paths(oai, models):
+    from worker.penalties import OutputTokenPenalty
+
+    pipe = local_pipeline("text-generation", models[STATIC])
+    expected = pipe(PROMPTS[1], max_new_tokens=16, do_sample=False, return_full_text=False,
+                    logits_processor=[OutputTokenPenalty(1.5, 0.5)])[0]["generated_text"]
+    assert expected != pipe(PROMPTS[1], max_new_tokens=16, do_sample=False, return_full_text=False)[0]["generated_text"]
+    for deployment in (STATIC, CONTINUOUS):
+        response = oai.completions.create(model=deployment, prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                          frequency_penalty=1.5, presence_penalty=0.5)
+        assert response.choices[0].text == expected, deployment
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        oai.completions.create(model=STATIC, prompt=PROMPTS[0], max_tokens=3, frequency_penalty=2.5)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty.*text-generation"):
+        oai.chat.completions.create(model="gw-vlm", max_tokens=3, presence_penalty=0.5, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url(4)[0]}}]}])
+
+
 @pytest.mark.parametrize("bias,named", [({"abc": 1}, "logit_bias"), ({"5": 150}, "logit_bias"),
                                         ({str(10**8): 1}, "sequence_bias.*vocabulary")])
 def test_bad_logit_bias_is_a_bad_request(oai, bias, named):

@@ -295,6 +295,30 @@ def test_each_processor_param_changes_the_output_and_equals_static_and_in_proces
         assert job.result(timeout=120) == expected, deployment
 
 
+def penalised_local(model, inputs, params):
+    """In-process ``pipe(inputs, **params)`` with OpenAI's penalties as the fleet's own logits processor."""
+    from worker.penalties import OutputTokenPenalty
+
+    params = dict(params)
+    processor = OutputTokenPenalty(params.pop("frequency_penalty", 0), params.pop("presence_penalty", 0))
+    return seeded_local(model, inputs, {**params, "logits_processor": [processor]})
+
+
+@pytest.mark.parametrize("penalties", [{"frequency_penalty": 1.5}, {"presence_penalty": 1.2},
+                                       {"frequency_penalty": 2.0, "presence_penalty": -1.0, "do_sample": True,
+                                        "temperature": 0.9}],
+                         ids=["frequency", "presence", "both-sampled"])
+def test_openai_penalties_change_the_output_and_equal_static_and_in_process(client, model, penalties):
+    params = {**GREEDY, **penalties, "max_new_tokens": 24, "seed": 17}
+    jobs = {deployment: client.submit(deployment=deployment, inputs=PROMPTS[2], params=params)
+            for deployment in ("gen-cb", "gen-static")}
+    expected = penalised_local(model, PROMPTS[2], params)
+    without = seeded_local(model, PROMPTS[2], {k: v for k, v in params.items() if not k.endswith("_penalty")})
+    assert expected != without, "the penalties did not change the in-process output: no evidence either way"
+    for deployment, job in jobs.items():
+        assert job.result(timeout=120) == expected, deployment
+
+
 def test_a_token_outside_the_vocabulary_fails_its_job_clearly_and_the_engine_serves_on(client, model):
     for name, value in [("sequence_bias", [[[10**6], 5.0]]), ("suppress_tokens", [3, -1]),
                         ("begin_suppress_tokens", ["x"])]:
@@ -313,7 +337,8 @@ def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(clien
                              stream=True)
     next(event for event in long_job.events(timeout_s=120) if event.kind is EventKind.TEXT)
     first = {prompt: _first_greedy_token(model, prompt) for prompt in PROMPTS}
-    every = [*SAMPLING_CASES.values(), *PROCESSOR_CASES.values()]
+    penalised = [{**GREEDY, "frequency_penalty": 1.5}, {"do_sample": True, "presence_penalty": 1.2}]
+    every = [*SAMPLING_CASES.values(), *PROCESSOR_CASES.values(), *penalised]
     cases = [(prompt, {**(params(first[prompt]) if callable(params) else params), "max_new_tokens": 10 + i,
                        "seed": 100 + i})
              for i, params in enumerate(every) for prompt in [PROMPTS[i % len(PROMPTS)]]]
@@ -322,7 +347,7 @@ def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(clien
     assert long_job.status().state not in (JobState.SUCCESS, JobState.FAILURE), "the batch did not run alongside"
     long_job.cancel()
     for (prompt, params), result in zip(cases, results):
-        assert result == seeded_local(model, prompt, params), params
+        assert result == penalised_local(model, prompt, params), params
 
 
 def test_one_job_id_submitted_twice_at_once_runs_both_in_the_engine_and_keeps_the_first_result(client, model,
