@@ -91,20 +91,21 @@ def _token_ids(name: str, value: Any) -> list[Any]:
 def check_token_ids(served: ServedDeployment, call_params: dict[str, Any]) -> None:
     """Refuse, by name, a token id outside the model's vocabulary: ``generate`` would fail on it only inside the
     forward pass (the job's batch on the static path, the running batch's step on continuous batching)."""
+    generate_kwargs = call_params.get("generate_kwargs")
+    sources = [call_params, generate_kwargs] if isinstance(generate_kwargs, dict) else [call_params]
+    named = [(name, source[name]) for source in sources for name in TOKEN_ID_PARAMS if source.get(name) is not None]
+    if not named:
+        return
     embeddings = getattr(getattr(served.pipeline, "model", None), "get_output_embeddings", lambda: None)()
     vocabulary = getattr(embeddings, "out_features", None)
     if vocabulary is None:
         return
-    generate_kwargs = call_params.get("generate_kwargs")
-    for source in (call_params, generate_kwargs if isinstance(generate_kwargs, dict) else {}):
-        for name in TOKEN_ID_PARAMS:
-            if source.get(name) is None:
-                continue
-            outside = [token for token in _token_ids(name, source[name])
-                       if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocabulary)]
-            if outside:
-                raise InvalidParams(f"param {name!r}: {outside[:5]} are not token ids of this model's vocabulary "
-                                    f"(0 to {vocabulary - 1})")
+    for name, value in named:
+        outside = [token for token in _token_ids(name, value)
+                   if not (isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocabulary)]
+        if outside:
+            raise InvalidParams(f"param {name!r}: {outside[:5]} are not token ids of this model's vocabulary "
+                                f"(0 to {vocabulary - 1})")
 
 
 @dataclass
