@@ -11,9 +11,9 @@ OpenAI's fields map onto the text-generation pipeline's call params:
 answer, as OpenAI does); ``logit_bias`` → ``sequence_bias`` (each token id
 a one-token sequence: ``generate`` adds its bias to that token's logit);
 ``frequency_penalty`` and ``presence_penalty`` pass as they are (the fleet's
-own processor, :mod:`worker.penalties`). ``n``
-> 1 samples become ``num_return_sequences``; under greedy decoding ``n``
-repeats the prompt, since greedy gives one answer.
+own processor, ``worker.penalties``). ``n`` > 1 samples become
+``num_return_sequences``; under greedy decoding ``n`` repeats the prompt,
+since greedy gives one answer.
 """
 
 from __future__ import annotations

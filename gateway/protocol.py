@@ -67,9 +67,9 @@ class GenerationFields(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[TokenId, LogitBias] | None = Field(default=None, max_length=1024)
+    """Token id (a decimal string) → a bias from -100 to 100 added to its logit before sampling, as OpenAI's."""
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    """Token id (a decimal string) → a bias from -100 to 100 added to its logit before sampling, as OpenAI's."""
 
     def stops(self) -> list[str]:
         """The stop sequences as a list (empty strings dropped)."""

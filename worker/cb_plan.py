@@ -109,7 +109,9 @@ def _try_processors(model: Any, processors: Any) -> None:
     """
     import torch
 
-    width = model.get_output_embeddings().out_features
+    width = getattr(model.get_output_embeddings(), "out_features", None)
+    if width is None:
+        return
     try:
         processors(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, width)))
     except (TypeError, ValueError, IndexError, RuntimeError) as error:

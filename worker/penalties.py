@@ -13,7 +13,6 @@ top-p; continuous batching puts it at the same place of the request's processors
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from producers.errors import InvalidParams
@@ -33,8 +32,7 @@ def check_penalties(task: str, params: dict[str, Any]) -> None:
             continue
         if task not in PENALTY_TASKS:
             raise InvalidParams(f"param {name!r} applies to text-generation deployments only, not {task}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2 \
-                or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
             raise InvalidParams(f"param {name!r} must be a number from -2 to 2, got {value!r}")
 
 
