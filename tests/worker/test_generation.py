@@ -333,10 +333,10 @@ def test_a_token_outside_the_vocabulary_fails_its_job_clearly_and_the_engine_ser
 
 
 def test_mixed_requests_share_one_running_batch_and_each_equals_its_oracle(client, model):
+    first = {prompt: _first_greedy_token(model, prompt) for prompt in PROMPTS}
     long_job = client.submit(deployment="gen-cb", inputs=LONG_PROMPT, params={"max_new_tokens": 1500, **GREEDY},
                              stream=True)
     next(event for event in long_job.events(timeout_s=120) if event.kind is EventKind.TEXT)
-    first = {prompt: _first_greedy_token(model, prompt) for prompt in PROMPTS}
     penalised = [{**GREEDY, "frequency_penalty": 1.5}, {"do_sample": True, "presence_penalty": 1.2}]
     every = [*SAMPLING_CASES.values(), *PROCESSOR_CASES.values(), *penalised]
     cases = [(prompt, {**(params(first[prompt]) if callable(params) else params), "max_new_tokens": 10 + i,
