@@ -17,11 +17,12 @@ from typing import Any
 from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
 from worker.penalties import PENALTY_PARAMS, penalties_of
-from worker.transformers_internals import logits_processors, resolved_generation_config, sanitize_call_params
+from worker.transformers_internals import (logits_processors, resolved_generation_config, sanitize_call_params,
+                                           with_token_tensors)
 
 SAMPLING_PARAMS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
-                   "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "suppress_tokens",
-                   "begin_suppress_tokens")
+                   "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids",
+                   "suppress_tokens", "begin_suppress_tokens", "min_new_tokens")
 """Generate params each request takes for itself (through :mod:`worker.cb_sampling`): each one becomes a logits
 processor of ``generate``'s own list, run over the request's prompt and generated tokens."""
 
@@ -40,6 +41,8 @@ class RequestPlan:
     num_return_sequences: int
     generation_config: Any = None
     """The job's generation config as ``generate`` would build it; None when it decodes greedily, unprocessed."""
+    processor_config: Any = None
+    """``generation_config`` with the token tensors ``generate`` sets before building its processors."""
     do_sample: bool = False
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
@@ -53,7 +56,7 @@ class RequestPlan:
             return None
         # Sequence 0 draws what ``set_seed(seed); generate(...)`` draws; the others get seeds of their own.
         seed = seed if j == 0 else (seed * 1_000_003 + j) % 2**63
-        return SamplingSpec(self.generation_config, prompt_length, self.do_sample, seed, penalties=self.penalties)
+        return SamplingSpec(self.processor_config, prompt_length, self.do_sample, seed, penalties=self.penalties)
 
 
 
@@ -91,13 +94,15 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     for name in list(preprocess):
         if name in HANDLED_GENERATE_PARAMS:
             preprocess.pop(name)
-    processors = logits_processors(pipe.model, config, input_ids_seq_length=1)
+    processor_config = with_token_tensors(pipe.model, config)
+    # On the model's device, as the engine's step runs them (the token tensors are there too).
+    processors = logits_processors(pipe.model, processor_config, input_ids_seq_length=1, device=pipe.model.device)
     if processors:
         _try_processors(pipe.model, processors)
     processed = config.do_sample or len(processors) > 0 or any(penalties)
     return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
-                       do_sample=bool(config.do_sample), seed=seed, stop_strings=stops,
-                       eos_token_id=config.eos_token_id, penalties=penalties)
+                       processor_config=processor_config if processed else None, do_sample=bool(config.do_sample),
+                       seed=seed, stop_strings=stops, eos_token_id=config.eos_token_id, penalties=penalties)
 
 
 def _try_processors(model: Any, processors: Any) -> None:
@@ -113,7 +118,8 @@ def _try_processors(model: Any, processors: Any) -> None:
     if width is None:
         return
     try:
-        processors(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, width)))
+        processors(torch.zeros((1, 1), dtype=torch.long, device=model.device),
+                   torch.zeros((1, width), device=model.device))
     except (TypeError, ValueError, IndexError, RuntimeError) as error:
         raise InvalidParams(f"invalid generation params: {error}") from error
 

@@ -17,8 +17,10 @@ engine), so it needs what ``Pipeline.__call__`` computes before the steps:
   ``_prepare_generate_kwargs``) resolves a call's generate kwargs over the
   model's generation config exactly as ``generate`` does, and
   ``GenerationMixin._get_logits_processor`` builds the processors ``generate``
-  would apply for that config: the continuous batching path samples per
-  request with them (:mod:`worker.cb_plan`, :mod:`worker.cb_sampling`);
+  would apply for that config, after ``GenerationMixin._prepare_special_tokens``
+  has set the config's token tensors (``_eos_token_tensor``: without it the
+  minimum-length processors are silently left out): the continuous batching
+  path samples per request with them (:mod:`worker.cb_plan`, :mod:`worker.cb_sampling`);
 - ``Pipeline.__call__`` runs a list input through ``get_iterator`` (a torch
   ``DataLoader`` and three iterators); for a one-item list at ``batch_size=1``
   that machinery costs a fifth of a tiny model's forward pass, and
@@ -33,6 +35,7 @@ engine), so it needs what ``Pipeline.__call__`` computes before the steps:
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any, Callable
 
@@ -72,6 +75,14 @@ def translation_inputs_builder(tokenizer: Any) -> Callable[..., Any] | None:
 def resolved_generation_config(pipe: Any, generate_kwargs: dict[str, Any]) -> Any:
     """The ``GenerationConfig`` that ``pipe.model.generate(**generate_kwargs)`` would run with, from the pipeline."""
     config, _ = pipe.model._prepare_generation_config(None, **pipe._prepare_generate_kwargs(generate_kwargs))
+    return config
+
+
+def with_token_tensors(model: Any, generation_config: Any) -> Any:
+    """A copy of ``generation_config`` with the token tensors ``generate`` sets before it builds its processors
+    (on the model's device); the copy is for :func:`logits_processors` only (it no longer serialises)."""
+    config = copy.deepcopy(generation_config)
+    model._prepare_special_tokens(config, True, device=model.device)
     return config
 
 

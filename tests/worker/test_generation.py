@@ -277,6 +277,7 @@ PROCESSOR_CASES = {
     "no_repeat_ngram_size": lambda first: {**GREEDY, "no_repeat_ngram_size": 1},
     "sequence_bias": lambda first: {**GREEDY, "sequence_bias": [[[first], -100.0]]},
     "suppress_tokens": lambda first: {**GREEDY, "suppress_tokens": [first]},
+    "bad_words_ids": lambda first: {**GREEDY, "bad_words_ids": [[first]]},
     "begin_suppress_tokens": lambda first: {**GREEDY, "begin_suppress_tokens": [first]},
     "epsilon_cutoff": lambda first: {"do_sample": True, "epsilon_cutoff": 0.002},
     "eta_cutoff": lambda first: {"do_sample": True, "eta_cutoff": 0.002},
@@ -317,6 +318,19 @@ def test_openai_penalties_change_the_output_and_equal_static_and_in_process(clie
     assert expected != without, "the penalties did not change the in-process output: no evidence either way"
     for deployment, job in jobs.items():
         assert job.result(timeout=120) == expected, deployment
+
+
+def test_min_new_tokens_holds_off_the_end_of_generation_on_both_paths(client, model):
+    eos = local(model).model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    ends_at_once = {**GREEDY, "max_new_tokens": 12, "sequence_bias": [[[eos], 100.0]], "return_full_text": False}
+    assert local(model)(PROMPTS[2], **ends_at_once)[0]["generated_text"] == ""
+    params = {**ends_at_once, "min_new_tokens": 5}
+    expected = local(model)(PROMPTS[2], **params)
+    assert expected[0]["generated_text"]
+    for deployment in ("gen-cb", "gen-static"):
+        assert client.submit(deployment=deployment, inputs=PROMPTS[2], params=params).result(timeout=120) == \
+            expected, deployment
 
 
 def test_a_token_outside_the_vocabulary_fails_its_job_clearly_and_the_engine_serves_on(client, model):

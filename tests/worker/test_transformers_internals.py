@@ -15,7 +15,7 @@ from tests.oracle import assert_same
 from worker.transformers_internals import (generation_defaults, logits_processors, postprocess_defaults,
                                            preprocess_defaults, resolved_generation_config,
                                            run_one_item_lists_directly, sanitize_call_params, step_params,
-                                           translation_inputs_builder)
+                                           translation_inputs_builder, with_token_tensors)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,12 @@ def test_generation_config_and_processors_are_those_generate_uses(generator):
     assert {"RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper"} <= kinds
     greedy = resolved_generation_config(generator, {"max_new_tokens": 5})
     assert not greedy.do_sample and len(logits_processors(generator.model, greedy)) == 0
+    # The minimum-length processors need the token tensors generate sets first; without them they are left out.
+    config = resolved_generation_config(generator, {"max_new_tokens": 5, "min_new_tokens": 2})
+    assert not logits_processors(generator.model, config, input_ids_seq_length=3)
+    tensors = with_token_tensors(generator.model, config)
+    kinds = {type(p).__name__ for p in logits_processors(generator.model, tensors, input_ids_seq_length=3)}
+    assert kinds == {"MinNewTokensLengthLogitsProcessor"} and not hasattr(config, "_eos_token_tensor")
 
 
 @pytest.mark.parametrize("task, inputs, params", [
