@@ -13,7 +13,9 @@ a one-token sequence: ``generate`` adds its bias to that token's logit);
 ``frequency_penalty`` and ``presence_penalty`` pass as they are (the fleet's
 own processor, ``worker.penalties``). ``n`` > 1 samples become
 ``num_return_sequences``; under greedy decoding ``n`` repeats the prompt,
-since greedy gives one answer.
+since greedy gives one answer. vLLM's extra sampling params are taken too:
+``top_k`` and ``min_p`` (sampling, as ``top_p``), ``repetition_penalty`` and
+``min_tokens`` (→ ``min_new_tokens``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
     else:
         if "temperature" in sent:
             params.update(do_sample=True, temperature=request.temperature)
-        if "top_p" in sent:
-            params.update(do_sample=True, top_p=request.top_p)
+        for name in ("top_p", "top_k", "min_p"):
+            if name in sent:
+                params.update(do_sample=True, **{name: getattr(request, name)})
         if request.n > 1:  # several choices of one prompt only differ when sampled
             params.update(do_sample=True, num_return_sequences=request.n)
     if request.seed is not None:
@@ -56,10 +59,15 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(request, name):
             params[name] = getattr(request, name)
+    if request.repetition_penalty is not None:
+        params["repetition_penalty"] = request.repetition_penalty
+    if request.min_tokens:
+        params["min_new_tokens"] = request.min_tokens
     return params
 
 
-GENERATE_KWARGS = ("do_sample", "temperature", "top_p", "num_return_sequences", "sequence_bias")
+GENERATE_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "num_return_sequences", "sequence_bias",
+                   "repetition_penalty", "min_new_tokens")
 """Sampling params the image-text-to-text pipeline takes only inside ``generate_kwargs``."""
 
 

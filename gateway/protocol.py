@@ -70,6 +70,11 @@ class GenerationFields(OpenAIRequest):
     """Token id (a decimal string) → a bias from -100 to 100 added to its logit before sampling, as OpenAI's."""
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extra sampling params (``extra_body`` in the openai package), for clients written against vLLM.
+    top_k: int | None = Field(default=None, ge=1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int | None = Field(default=None, ge=0)
 
     def stops(self) -> list[str]:
         """The stop sequences as a list (empty strings dropped)."""

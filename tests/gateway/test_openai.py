@@ -306,6 +306,29 @@ def test_frequency_and_presence_penalties_on_both_paths(oai, models):
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url(4)[0]}}]}])
 
 
+def test_vllm_extra_sampling_params_on_both_paths(oai, models):
+    """``top_k``, ``min_p``, ``repetition_penalty`` and ``min_tokens`` as clients written for vLLM send them."""
+    extra = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.3}
+    expected = seeded_pipeline(models, PROMPTS[2], 21, max_new_tokens=12, do_sample=True, temperature=0.9,
+                               top_k=5, min_p=0.05, repetition_penalty=1.3)
+    assert expected != seeded_pipeline(models, PROMPTS[2], 21, max_new_tokens=12, do_sample=True, temperature=0.9)
+    pipe = local_pipeline("text-generation", models[STATIC])
+    eos = pipe.model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    held = pipe(PROMPTS[2], max_new_tokens=10, do_sample=False, return_full_text=False, min_new_tokens=4,
+                sequence_bias=[[[eos], 100.0]])[0]["generated_text"]
+    assert held
+    for deployment in (STATIC, CONTINUOUS):
+        response = oai.completions.create(model=deployment, prompt=PROMPTS[2], max_tokens=12, temperature=0.9,
+                                          seed=21, extra_body=extra)
+        assert response.choices[0].text == expected, deployment
+        response = oai.completions.create(model=deployment, prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                          logit_bias={str(eos): 100}, extra_body={"min_tokens": 4})
+        assert response.choices[0].text == held, deployment
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        oai.completions.create(model=STATIC, prompt=PROMPTS[0], max_tokens=3, extra_body={"top_k": -1})
+
+
 @pytest.mark.parametrize("bias,named", [({"abc": 1}, "logit_bias"), ({"5": 150}, "logit_bias"),
                                         ({str(10**8): 1}, "sequence_bias.*vocabulary")])
 def test_bad_logit_bias_is_a_bad_request(oai, bias, named):
