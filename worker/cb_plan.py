@@ -16,7 +16,7 @@ from typing import Any
 
 from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
-from worker.penalties import PENALTY_PARAMS, penalties_of
+from worker.penalties import penalties_of, pop_penalties
 from worker.transformers_internals import (logits_processors, resolved_generation_config, sanitize_call_params,
                                            with_token_tensors)
 
@@ -69,9 +69,7 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     """
     params = dict(params)
     seed = params.pop("seed", None)
-    penalties = penalties_of(params)
-    for name in PENALTY_PARAMS:
-        params.pop(name, None)
+    penalties = penalties_of(pop_penalties(params))
     preprocess, forward, postprocess = sanitize_call_params(pipe, params)
     generate = {**forward.pop("generate_kwargs", {}), **forward}
     generate.pop("tokenizer", None)  # the pipeline adds it for stop strings

@@ -153,11 +153,11 @@ class _FleetSamplerBody:
         if live is None:
             import torch
 
-            penalty = OutputTokenPenalty(*spec.penalties, prompt_length=spec.prompt_length) if any(spec.penalties) \
-                else None
+            penalty = [OutputTokenPenalty(*spec.penalties, prompt_length=spec.prompt_length)] \
+                if any(spec.penalties) else None
             processors = logits_processors(self.model, spec.generation_config,
                                            input_ids_seq_length=spec.prompt_length, device=device,
-                                           logits_processor=[penalty] if penalty is not None else None)
+                                           logits_processor=penalty)
             generator = torch.Generator(device=device)
             generator.manual_seed(spec.seed)
             live = _Live(processors, generator)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from producers.errors import OutOfMemory
 from worker.batcher import PendingItem
 from worker.metrics import DeploymentMetrics
-from worker.penalties import PENALTY_PARAMS, penalty_processor
+from worker.penalties import penalty_processor, pop_penalties
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 from worker.stages import is_stage_batch, run_stage
 from worker.streaming import with_streamer
@@ -172,13 +172,9 @@ class ForwardPass:
                 return run_stage(pipe, payloads, params)
         params = dict(params)
         seed = params.pop("seed", None)
-        penalty = penalty_processor(params)
-        for name in PENALTY_PARAMS:
-            params.pop(name, None)
+        penalty = penalty_processor(pop_penalties(params))
         if penalty is not None:
-            from transformers import LogitsProcessorList
-
-            params["logits_processor"] = LogitsProcessorList([penalty])
+            params["logits_processor"] = [penalty]
         if seed is not None:
             with self.inference_mode():
                 return run_seeded(pipe, payloads, params, seed)

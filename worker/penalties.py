@@ -36,6 +36,11 @@ def check_penalties(task: str, params: dict[str, Any]) -> None:
             raise InvalidParams(f"param {name!r} must be a number from -2 to 2, got {value!r}")
 
 
+def pop_penalties(params: dict[str, Any]) -> dict[str, Any]:
+    """Remove the penalties from ``params`` (which go on to ``generate``); returns them."""
+    return {name: params.pop(name) for name in PENALTY_PARAMS if name in params}
+
+
 def penalties_of(params: dict[str, Any]) -> tuple[float, float]:
     """``(frequency, presence)`` of a job's params, 0 for one left out."""
     return float(params.get("frequency_penalty") or 0), float(params.get("presence_penalty") or 0)
