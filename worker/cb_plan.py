@@ -16,6 +16,7 @@ from typing import Any
 
 from producers.errors import InvalidParams
 from worker.cb_sampling import SamplingSpec
+from worker.logprobs import pop_logprobs
 from worker.penalties import penalties_of, pop_penalties
 from worker.transformers_internals import (logits_processors, resolved_generation_config, sanitize_call_params,
                                            with_token_tensors)
@@ -49,14 +50,17 @@ class RequestPlan:
     eos_token_id: Any = None
     penalties: tuple[float, float] = (0.0, 0.0)
     """OpenAI's ``(frequency_penalty, presence_penalty)`` (:mod:`worker.penalties`)."""
+    logprobs: int | None = None
+    """Alternatives to list per generated token (:mod:`worker.logprobs`); None: no log probabilities."""
 
     def spec(self, prompt_length: int, j: int, seed: int) -> SamplingSpec | None:
-        """Sequence ``j``'s sampling spec, or None for plain greedy decoding (the engine's argmax)."""
-        if self.generation_config is None:
+        """Sequence ``j``'s sampling spec, or None for plain greedy decoding (the engine's argmax) with no logprobs."""
+        if self.generation_config is None and self.logprobs is None:
             return None
         # Sequence 0 draws what ``set_seed(seed); generate(...)`` draws; the others get seeds of their own.
         seed = seed if j == 0 else (seed * 1_000_003 + j) % 2**63
-        return SamplingSpec(self.processor_config, prompt_length, self.do_sample, seed, penalties=self.penalties)
+        return SamplingSpec(self.processor_config, prompt_length, self.do_sample, seed, penalties=self.penalties,
+                            logprobs=self.logprobs)
 
 
 
@@ -70,6 +74,7 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     params = dict(params)
     seed = params.pop("seed", None)
     penalties = penalties_of(pop_penalties(params))
+    logprobs = pop_logprobs(params)
     preprocess, forward, postprocess = sanitize_call_params(pipe, params)
     generate = {**forward.pop("generate_kwargs", {}), **forward}
     generate.pop("tokenizer", None)  # the pipeline adds it for stop strings
@@ -100,7 +105,8 @@ def plan_request(pipe: Any, params: dict[str, Any], default_max_new_tokens: int)
     processed = config.do_sample or len(processors) > 0 or any(penalties)
     return RequestPlan(preprocess, postprocess, max_new_tokens, n, generation_config=config if processed else None,
                        processor_config=processor_config if processed else None, do_sample=bool(config.do_sample),
-                       seed=seed, stop_strings=stops, eos_token_id=config.eos_token_id, penalties=penalties)
+                       seed=seed, stop_strings=stops, eos_token_id=config.eos_token_id, penalties=penalties,
+                       logprobs=logprobs)
 
 
 def _try_processors(model: Any, processors: Any) -> None:

@@ -19,6 +19,10 @@ get a new token and their rows of the logits:
   ``torch.multinomial`` from its own ``torch.Generator`` and leaves only that
   token finite, so the engine's argmax takes it.
 
+A request that asks for ``logprobs`` (:mod:`worker.logprobs`) gets a spec even
+when it decodes greedily: each step records the log probabilities of its raw
+row, before any processor, and the token it takes.
+
 A request seeded with ``seed`` draws from a generator seeded with ``seed``,
 which is what ``set_seed(seed); generate(...)`` draws from for one sequence:
 the same probabilities give the same token, whichever requests share the step.
@@ -37,6 +41,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from worker.logprobs import Entry, step_entry
 from worker.penalties import OutputTokenPenalty
 from worker.transformers_internals import logits_processors
 
@@ -49,11 +54,14 @@ class SamplingSpec:
     """How one engine request picks its tokens: ``generate``'s processors for its config, and its seed."""
 
     generation_config: Any
+    """None: no processors (a greedy request that only asks for ``logprobs``)."""
     prompt_length: int
     do_sample: bool
     seed: int
     penalties: tuple[float, float] = (0.0, 0.0)
     """OpenAI's ``(frequency_penalty, presence_penalty)``, run where ``generate`` runs a custom processor."""
+    logprobs: int | None = None
+    """Alternatives to record per step with each token's log probability; None: record nothing."""
 
 
 def engine_overrides() -> dict[str, Any]:
@@ -89,13 +97,14 @@ def _sampler_class() -> Any:
 
 
 class _Live:
-    """A request's processors and random generator, made on its first step."""
+    """A request's processors, random generator and recorded log probabilities, made on its first step."""
 
-    __slots__ = ("processors", "generator")
+    __slots__ = ("processors", "generator", "logprobs")
 
     def __init__(self, processors: Any, generator: Any) -> None:
         self.processors = processors
         self.generator = generator
+        self.logprobs: list[Entry] = []
 
 
 class _FleetSamplerBody:
@@ -109,11 +118,18 @@ class _FleetSamplerBody:
         self._step: list[tuple[int, Any, SamplingSpec]] = []
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()
+        self._no_args: Any = None
 
     def forget(self, request_id: str) -> None:
         """Drop a finished or cancelled request's generator and processors."""
         with self._lock:
             self._live.pop(request_id, None)
+
+    def logprobs(self, request_id: str) -> list[Entry]:
+        """The entries a request recorded so far, one per generated token (empty if it asked for none)."""
+        with self._lock:
+            live = self._live.get(request_id)
+        return list(live.logprobs) if live is not None else []
 
     def live_count(self) -> int:
         """Requests whose sampling state is held."""
@@ -128,7 +144,9 @@ class _FleetSamplerBody:
         # Row i of this step's logits is requests_with_new_token[i]; runs on the engine thread before the forward.
         self._step = [(row, future.state, spec) for row, future in enumerate(requests_with_new_token)
                       if (spec := future.state.logit_processor_kwargs.get(KWARG)) is not None]
-        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+        if self._no_args is None:  # the engine stores it as this processor's args; the sampler reads self._step
+            self._no_args = torch.zeros(0, dtype=torch.int32)
+        return self._no_args
 
     def __call__(self, scores: Any, tensor_arg: Any) -> Any:
         if not self._step:
@@ -137,14 +155,19 @@ class _FleetSamplerBody:
 
         for row, state, spec in self._step:
             live = self._live_state(state.request_id, spec, scores.device)
-            history = torch.tensor([state.initial_tokens + state.generated_tokens], dtype=torch.long,
-                                   device=scores.device)
-            processed = live.processors(history, scores[row:row + 1])
+            raw = scores[row].clone() if spec.logprobs is not None else None
+            processed = scores[row:row + 1]
+            if live.processors:
+                history = torch.tensor([state.initial_tokens + state.generated_tokens], dtype=torch.long,
+                                       device=scores.device)
+                processed = live.processors(history, processed)
             if spec.do_sample:
                 probs = torch.nn.functional.softmax(processed, dim=-1)
                 token = torch.multinomial(probs, num_samples=1, generator=live.generator)[0, 0]
                 processed = torch.full_like(processed, float("-inf"))
                 processed[0, token] = 0.0
+            if raw is not None:  # the engine's argmax takes the first best token of the row, as this does
+                live.logprobs.append(step_entry(raw, int(processed[0].argmax()), spec.logprobs))
             scores[row] = processed[0]
         return scores
 
@@ -155,9 +178,9 @@ class _FleetSamplerBody:
 
             penalty = [OutputTokenPenalty(*spec.penalties, prompt_length=spec.prompt_length)] \
                 if any(spec.penalties) else None
-            processors = logits_processors(self.model, spec.generation_config,
-                                           input_ids_seq_length=spec.prompt_length, device=device,
-                                           logits_processor=penalty)
+            processors = [] if spec.generation_config is None else logits_processors(
+                self.model, spec.generation_config, input_ids_seq_length=spec.prompt_length, device=device,
+                logits_processor=penalty)
             generator = torch.Generator(device=device)
             generator.manual_seed(spec.seed)
             live = _Live(processors, generator)

@@ -14,6 +14,8 @@ static :class:`~worker.batcher.Batcher`, so the ``infer`` task is unchanged:
   ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``, ``seed``) in one
   running batch, through :mod:`worker.cb_sampling`; ``stop_sequence`` ends a
   request at the token that completes a stop string, as ``generate`` does;
+- a job with the fleet param ``logprobs`` gets each token's log probability
+  in its records (:mod:`worker.logprobs`);
 - the engine reports every step only of the requests whose caller streams
   (the job's ``stream`` flag) or that have stop strings; the others report once,
   when they end, which keeps the engine at its ``streaming=False`` speed;
@@ -44,6 +46,7 @@ from producers.errors import JobCancelled, JobError, JobTimeout, OutOfMemory
 from worker import cb_sampling
 from worker.batcher import PendingItem
 from worker.cb_plan import RequestPlan, RequestPlans
+from worker.logprobs import Entry, render
 from worker.metrics import DeploymentMetrics
 from worker.outcome import cancel_error
 from worker.transformers_internals import generation_defaults, postprocess_defaults, preprocess_defaults
@@ -74,6 +77,7 @@ class _Prompt:
     streamed: bool = False
     """Its caller reads the text as it comes: the engine reports every step, not just the last."""
     outputs: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[Entry]] = field(default_factory=dict)
     seen_tokens: dict[int, int] = field(default_factory=dict)
     stop_checked: dict[int, int] = field(default_factory=dict)
 
@@ -280,6 +284,8 @@ class ContinuousBatcher:
         for request_id, output, prompt, j, tokens in finished:
             with self._lock:
                 self._requests.pop(request_id, None)
+            if prompt.plan.logprobs is not None:  # one entry per token the sampler saw; a stop string cuts both
+                prompt.logprobs[j] = self.sampler.logprobs(request_id)[:len(tokens)]
             self.sampler.forget(request_id)
             if output.error is not None:
                 self._finish(prompt, error=_engine_error(str(output.error)))
@@ -325,8 +331,12 @@ class ContinuousBatcher:
         model_outputs = {"generated_sequence": torch.tensor([padded]), "input_ids": input_ids,
                          "prompt_text": prompt.model_inputs["prompt_text"]}
         with self._tokenizer_lock:
-            return self.pipe.postprocess(model_outputs,
-                                         **{**postprocess_defaults(self.pipe), **prompt.plan.postprocess})
+            records = self.pipe.postprocess(model_outputs,
+                                            **{**postprocess_defaults(self.pipe), **prompt.plan.postprocess})
+            if prompt.plan.logprobs is not None:
+                for j, record in enumerate(records):
+                    record["logprobs"] = render(self.pipe.tokenizer, prompt.logprobs.get(j, []))
+            return records
 
     def _finish(self, prompt: _Prompt, *, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:

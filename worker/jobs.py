@@ -24,6 +24,7 @@ from worker.deadlines import monotonic_deadline
 from worker.inputs import prepare_inputs
 from worker.outcome import job_error
 from worker.params import BATCH_FLEET_PARAMS, pipeline_call_params, validate_params
+from worker.logprobs import check_logprobs
 from worker.penalties import check_penalties
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment
@@ -157,6 +158,7 @@ def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
         call_params["pool"] = params.pop("pool")
     check_pooling(served.config.task, params)
     check_penalties(served.config.task, params)
+    check_logprobs(served.config.task, served.config.continuous_batching, params)
     sanitize(served, call_params)
     check_token_ids(served, call_params)
     prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),

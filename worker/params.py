@@ -7,6 +7,7 @@ from typing import Any
 
 from config.models import Limits
 from producers.errors import InvalidParams
+from worker.logprobs import LOGPROBS_PARAM
 from worker.penalties import PENALTY_PARAMS
 
 #: Params a job may never pass: they would load code or models, or reach the device.
@@ -19,10 +20,10 @@ DENIED_PARAMS = frozenset({
 })
 
 #: Params pipefleet itself understands, removed before the pipeline call.
-FLEET_PARAMS = frozenset({"seed", "batch_size", "pool", "normalize", *PENALTY_PARAMS})
+FLEET_PARAMS = frozenset({"seed", "batch_size", "pool", "normalize", LOGPROBS_PARAM, *PENALTY_PARAMS})
 
 #: Fleet params that travel with a job's items into its batch (the forward pass reads them).
-BATCH_FLEET_PARAMS = ("seed", *PENALTY_PARAMS)
+BATCH_FLEET_PARAMS = ("seed", LOGPROBS_PARAM, *PENALTY_PARAMS)
 
 _CAPPED = {
     "max_new_tokens": "max_new_tokens",

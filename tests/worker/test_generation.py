@@ -459,3 +459,72 @@ def test_sampled_sequences_stream_their_text(client, model):
         text = "".join(e.data["text"] for e in events if e.kind is EventKind.TEXT and e.data["index"] == index)
         assert text == record["generated_text"]
     assert len(events[-1].data["finish_reasons"]) == 3 * len(PROMPTS)
+
+
+def logprobs_local(model, prompt, params, top):
+    """In-process ``generate(output_logits=True)`` (seeded as the fleet seeds): each generated token's raw
+    log-softmax and the ``top`` best of its step, what the fleet's ``logprobs`` reports."""
+    import torch
+    from transformers import set_seed
+
+    pipe = local(model)
+    params = dict(params)
+    set_seed(params.pop("seed", 0))
+    encoded = pipe.tokenizer(prompt, return_tensors="pt")
+    out = pipe.model.generate(**encoded, **params, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, encoded["input_ids"].shape[1]:].tolist()
+    entries = []
+    for token, logits in zip(tokens, out.logits):
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        values, ids = torch.topk(logprobs, top)
+        entries.append((token, float(logprobs[token]), ids.tolist(), values.tolist()))
+    return tokens, entries
+
+
+@pytest.mark.parametrize("params", [{**GREEDY}, {"do_sample": True, "temperature": 0.7, "top_k": 8},
+                                    {**GREEDY, "repetition_penalty": 1.5}],
+                         ids=["greedy", "sampled", "penalised"])
+def test_logprobs_are_the_raw_log_softmax_of_each_taken_token_as_generate_reports(client, model, params):
+    params = {**params, "max_new_tokens": 10, "seed": 23, "return_full_text": False}
+    fleet = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params={**params, "logprobs": 3}).result(timeout=120)
+    tokens, expected = logprobs_local(model, PROMPTS[2], {k: v for k, v in params.items()
+                                                          if k != "return_full_text"}, 3)
+    [record] = fleet
+    assert [entry["token_id"] for entry in record["logprobs"]] == tokens
+    tokenizer = local(model).tokenizer
+    for entry, (token, logprob, ids, values) in zip(record["logprobs"], expected):
+        assert entry["token"] == tokenizer.decode([token])
+        assert entry["logprob"] == pytest.approx(logprob, abs=1e-4)
+        assert [alt["token_id"] for alt in entry["top_logprobs"]] == ids
+        assert [alt["logprob"] for alt in entry["top_logprobs"]] == pytest.approx(values, abs=1e-4)
+    # The text is what the same job without logprobs generates.
+    plain = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params=params).result(timeout=120)
+    assert plain == [{"generated_text": record["generated_text"]}]
+
+
+def test_logprobs_follow_each_sequence_and_a_stop_string(client, model):
+    params = {"do_sample": True, "num_return_sequences": 2, "max_new_tokens": 12, "seed": 5, "logprobs": 0}
+    records = client.submit(deployment="gen-cb", inputs=PROMPTS[0], params=params).result(timeout=120)
+    tokenizer = local(model).tokenizer
+    for record in records:
+        assert all(entry["top_logprobs"] == [] and entry["logprob"] <= 0 for entry in record["logprobs"])
+        ids = [entry["token_id"] for entry in record["logprobs"]]
+        assert PROMPTS[0] + tokenizer.decode(ids, skip_special_tokens=True) == record["generated_text"]
+    whole = client.submit(deployment="gen-cb", inputs=PROMPTS[2],
+                          params={**GREEDY, "max_new_tokens": 24, "logprobs": 1}).result(timeout=120)[0]
+    stop = tokenizer.decode([entry["token_id"] for entry in whole["logprobs"]][8:10])
+    cut = client.submit(deployment="gen-cb", inputs=PROMPTS[2],
+                        params={**GREEDY, "max_new_tokens": 24, "logprobs": 1, "stop_sequence": stop}
+                        ).result(timeout=120)[0]
+    assert len(cut["logprobs"]) < len(whole["logprobs"])
+    assert cut["logprobs"] == whole["logprobs"][:len(cut["logprobs"])]
+    assert PROMPTS[2] + tokenizer.decode([entry["token_id"] for entry in cut["logprobs"]]) == cut["generated_text"]
+
+
+@pytest.mark.parametrize("deployment,value,match", [
+    ("gen-static", 2, "continuous_batching"), ("gen-cb", 21, "0 to 20"), ("gen-cb", True, "0 to 20"),
+    ("gen-cb", "3", "0 to 20")])
+def test_logprobs_refused_clearly_where_they_cannot_be_given(client, model, deployment, value, match):
+    job = client.submit(deployment=deployment, inputs=PROMPTS[0], params={"max_new_tokens": 3, "logprobs": value})
+    with pytest.raises(InvalidParams, match=f"logprobs.*{match}"):
+        job.result(timeout=60)

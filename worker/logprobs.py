@@ -1,0 +1,77 @@
+"""Per-token log probabilities of generated text (OpenAI's ``logprobs``), on continuous batching deployments.
+
+``logprobs`` is a fleet param of text-generation jobs: ``logprobs=k`` (0 to
+:data:`MAX_TOP_LOGPROBS`) adds to each output record a ``logprobs`` list with one
+entry per generated token: the token, its log probability, and the ``k`` most
+likely tokens of that step with theirs. As vLLM does by default
+(``logprobs_mode="raw_logprobs"``), they are log-softmax of the model's raw
+logits, before any penalty, temperature, top-k or top-p; the token is the one
+the request actually took (sampled or greedy), so the list follows the text.
+
+The engine's step hands every request's row of raw logits to the fleet's
+sampler (:mod:`worker.cb_sampling`), which records an entry per step with
+:func:`step_entry`; :func:`render` turns the entries into the result's
+records. ``generate`` on the static path reports raw logits only through
+``output_logits``, which the text-generation pipeline returns whole (a
+vocabulary-sized list per token): a static deployment refuses the param by
+name rather than ship that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producers.errors import InvalidParams
+
+LOGPROBS_PARAM = "logprobs"
+"""The fleet param: how many of each step's most likely tokens to list (0: only the chosen one's)."""
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a job may ask for per token (OpenAI's ``top_logprobs`` limit)."""
+
+Entry = tuple[int, float, list[int], list[float]]
+"""One generated token: its id, its log probability, and the top ids with theirs."""
+
+
+def check_logprobs(task: str, continuous: bool, params: dict[str, Any]) -> None:
+    """Raise :class:`InvalidParams` when ``logprobs`` is not 0..20, or the deployment cannot report them."""
+    value = params.get(LOGPROBS_PARAM)
+    if value is None:
+        return
+    if task != "text-generation":
+        raise InvalidParams(f"param {LOGPROBS_PARAM!r} applies to text-generation deployments only, not {task}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidParams(f"param {LOGPROBS_PARAM!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} "
+                            f"(alternatives listed per token), got {value!r}")
+    if not continuous:
+        raise InvalidParams(f"param {LOGPROBS_PARAM!r} needs a deployment with continuous_batching = true "
+                            "(the static path's generate reports whole logits only)")
+
+
+def pop_logprobs(params: dict[str, Any]) -> int | None:
+    """Remove ``logprobs`` from ``params`` (which go on to ``generate``); returns it."""
+    return params.pop(LOGPROBS_PARAM, None)
+
+
+def step_entry(raw_scores: Any, token: int, top: int) -> Entry:
+    """The entry of one step: ``token``'s log probability under ``raw_scores`` (one row), and the ``top`` best."""
+    import torch
+
+    logprobs = torch.log_softmax(raw_scores.float(), dim=-1)
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        return token, float(logprobs[token]), ids.tolist(), values.tolist()
+    return token, float(logprobs[token]), [], []
+
+
+def render(tokenizer: Any, entries: list[Entry]) -> list[dict[str, Any]]:
+    """A sequence's entries as the result carries them: token text (special tokens kept), id and log probability.
+
+    ``[{"token", "token_id", "logprob", "top_logprobs": [{"token", "token_id", "logprob"}, ...]}, ...]``
+    """
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    return [{"token": text(token), "token_id": token, "logprob": logprob,
+             "top_logprobs": [{"token": text(i), "token_id": i, "logprob": v} for i, v in zip(ids, values)]}
+            for token, logprob, ids, values in entries]
