@@ -15,7 +15,9 @@ own processor, ``worker.penalties``). ``n`` > 1 samples become
 ``num_return_sequences``; under greedy decoding ``n`` repeats the prompt,
 since greedy gives one answer. vLLM's extra sampling params are taken too:
 ``top_k`` and ``min_p`` (sampling, as ``top_p``), ``repetition_penalty`` and
-``min_tokens`` (→ ``min_new_tokens``).
+``min_tokens`` (→ ``min_new_tokens``). Log probabilities (chat's ``logprobs`` and
+``top_logprobs``, completions' ``logprobs``) become the fleet's ``logprobs``
+(:mod:`gateway.logprobs`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def sampling_params(request: GenerationFields, max_tokens: int) -> dict[str, Any
         params["repetition_penalty"] = request.repetition_penalty
     if request.min_tokens:
         params["min_new_tokens"] = request.min_tokens
+    top_logprobs = request.top_logprobs_count()
+    if top_logprobs is not None:
+        params["logprobs"] = top_logprobs
     return params
 
 
@@ -85,22 +90,21 @@ def expand_inputs(request: GenerationFields, prompts: list[Any]) -> list[Any]:
     return [prompt for prompt in prompts for _ in range(copies)]
 
 
-def texts_per_prompt(outputs: Any, n_prompts: int, n: int) -> list[list[str]]:
-    """The generated texts of a job's result, ``n`` per prompt, in choice order."""
+def flat_records(outputs: Any, n_prompts: int, n: int) -> list[dict[str, Any]]:
+    """The output records of a job's result in choice order (choice ``i * n + j`` is prompt ``i``'s ``j``-th)."""
     if not isinstance(outputs, list):
         outputs = [outputs]
-    sequences: list[str] = []
+    records: list[dict[str, Any]] = []
     for output in outputs:
-        records = output if isinstance(output, list) else [output]
-        sequences += [str(record["generated_text"]) for record in records]
-    if len(sequences) != n_prompts * n:
-        raise InvalidParams(f"the deployment returned {len(sequences)} texts for {n_prompts} prompt(s) x n={n}")
-    return [sequences[i * n:(i + 1) * n] for i in range(n_prompts)]
+        records += output if isinstance(output, list) else [output]
+    if len(records) != n_prompts * n:
+        raise InvalidParams(f"the deployment returned {len(records)} texts for {n_prompts} prompt(s) x n={n}")
+    return records
 
 
 def flat_texts(outputs: Any, n_prompts: int, n: int) -> list[str]:
-    """The generated texts in choice order (choice ``i * n + j`` is prompt ``i``'s ``j``-th text)."""
-    return [text for texts in texts_per_prompt(outputs, n_prompts, n) for text in texts]
+    """The generated texts in choice order."""
+    return [str(record["generated_text"]) for record in flat_records(outputs, n_prompts, n)]
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

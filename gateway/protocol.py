@@ -36,8 +36,10 @@ class OpenAIRequest(BaseModel):
 
 _COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "user": (None,),
-    "logprobs": (None, False),
 }
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (OpenAI's chat limit; the worker's too)."""
 
 
 class StreamOptions(BaseModel):
@@ -81,6 +83,10 @@ class GenerationFields(OpenAIRequest):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [stop for stop in stops if stop]
 
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives per token the caller wants with each token's log probability; None: no logprobs."""
+        return None
+
 
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
@@ -89,6 +95,12 @@ class CompletionRequest(GenerationFields):
 
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Each token's log probability, with this many alternatives (OpenAI allows 5, vLLM 20)."""
+
+    def top_logprobs_count(self) -> int | None:
+        """``logprobs`` itself."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -148,13 +160,25 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``."""
 
-    NEUTRAL = {**_COMMON_NEUTRAL, "top_logprobs": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+    NEUTRAL = {**_COMMON_NEUTRAL, "tools": (None, []), "tool_choice": (None, "none"),
                "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
                "store": (None, False), "metadata": (None,), "modalities": (None, ["text"])}
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
+
+    def top_logprobs_count(self) -> int | None:
+        """``top_logprobs`` (0 when left out) when ``logprobs`` is true."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EmbeddingRequest(OpenAIRequest):
@@ -216,12 +240,21 @@ class ChoicesObject(BaseModel, Generic[_ChoiceT]):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's ``logprobs``: its tokens, their log probabilities, alternatives and text offsets."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     """One generated text of ``/v1/completions`` (or its piece, in a stream chunk)."""
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -239,12 +272,33 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """One token and its log probability (``bytes``: its text's UTF-8 bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token of a chat choice, with the most likely tokens of its step."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``: one entry per generated token of its content."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     """One generated message of ``/v1/chat/completions``."""
 
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -268,7 +322,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, AsyncIterator
 
-from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
-                                sampling_params, texts_per_prompt, vision_params)
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_records, flat_texts, job_outcome,
+                                sampling_params, vision_params)
+from gateway.logprobs import chat_logprobs, kept_entries
 from gateway.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                               ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, Usage)
 from gateway.serving_models import resolve_model
@@ -58,9 +59,10 @@ async def respond(state: GatewayState, request: ChatCompletionRequest, job: Job)
     outcome = await job_outcome(job)
     stops = request.stops()
     choices = []
-    for index, generated in enumerate(texts_per_prompt(outputs, 1, request.n)[0]):
-        text, stopped = cut_at_stop(generated, stops)
-        choices.append(ChatChoice(index=index, message=AssistantMessage(content=text),
+    for index, record in enumerate(flat_records(outputs, 1, request.n)):
+        text, stopped = cut_at_stop(str(record["generated_text"]), stops)
+        logprobs = chat_logprobs(kept_entries(record, text, stopped)) if request.logprobs else None
+        choices.append(ChatChoice(index=index, message=AssistantMessage(content=text), logprobs=logprobs,
                                   finish_reason=finish_reason(index, stopped, outcome)))
     return ChatCompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
 
@@ -75,9 +77,11 @@ async def stream_chat_completion(state: GatewayState, request: ChatCompletionReq
     job = await state.submit(await plan(state, request))
     chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
-    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:
+    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None,
+                   entries: list | None = None) -> Any:
+        logprobs = None if entries is None else chat_logprobs(entries)
         choices = [] if index is None else [ChatChunkChoice(index=index, delta=DeltaMessage(content=text),
-                                                            finish_reason=reason)]
+                                                            logprobs=logprobs, finish_reason=reason)]
         return ChatCompletionChunk(id=chunk_id, model=request.model, choices=choices, usage=usage)
 
     def first(index: int) -> Any:
@@ -87,4 +91,5 @@ async def stream_chat_completion(state: GatewayState, request: ChatCompletionReq
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return openai_stream(job, path=PATH, n_choices=request.n, stops=request.stops(), make_chunk=make_chunk,
                          include_usage=include_usage, first=first, max_wait_s=state.settings.max_wait_s,
-                         whole_texts=lambda output: flat_texts(output, 1, request.n))
+                         whole_texts=lambda output: flat_texts(output, 1, request.n),
+                         records=(lambda output: flat_records(output, 1, request.n)) if request.logprobs else None)

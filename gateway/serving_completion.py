@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, AsyncIterator
 
-from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_texts, job_outcome,
-                                sampling_params, texts_per_prompt)
+from gateway.generation import (cut_at_stop, expand_inputs, finish_reason, flat_records, flat_texts, job_outcome,
+                                sampling_params)
+from gateway.logprobs import completion_logprobs, kept_entries
 from gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from gateway.serving_models import resolve_model
 from gateway.state import GatewayState, JobPlan
@@ -43,12 +44,11 @@ async def respond(state: GatewayState, request: CompletionRequest, job: Job) -> 
     outcome = await job_outcome(job)
     stops = request.stops()
     choices = []
-    for prompt_index, texts in enumerate(texts_per_prompt(outputs, n_prompts, request.n)):
-        for j, generated in enumerate(texts):
-            index = prompt_index * request.n + j
-            text, stopped = cut_at_stop(generated, stops)
-            choices.append(CompletionChoice(index=index, text=text,
-                                            finish_reason=finish_reason(index, stopped, outcome)))
+    for index, record in enumerate(flat_records(outputs, n_prompts, request.n)):
+        text, stopped = cut_at_stop(str(record["generated_text"]), stops)
+        logprobs = None if request.logprobs is None else completion_logprobs(kept_entries(record, text, stopped))
+        choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                        finish_reason=finish_reason(index, stopped, outcome)))
     return CompletionResponse(model=request.model, choices=choices, usage=outcome.usage())
 
 
@@ -62,12 +62,16 @@ async def stream_completion(state: GatewayState, request: CompletionRequest) -> 
     job, n_prompts = await state.submit(await plan(state, request)), len(_prompts(request))
     chunk_id = f"cmpl-{uuid.uuid4().hex}"
 
-    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None) -> Any:
-        choices = [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=reason)]
+    def make_chunk(index: int | None, text: str | None, reason: str | None, usage: Usage | None,
+                   entries: list | None = None) -> Any:
+        logprobs = None if entries is None else completion_logprobs(entries)
+        choices = [] if index is None else [CompletionChoice(index=index, text=text or "", logprobs=logprobs,
+                                                             finish_reason=reason)]
         return CompletionResponse(id=chunk_id, model=request.model, choices=choices, usage=usage)
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    records = (lambda output: flat_records(output, n_prompts, request.n)) if request.logprobs is not None else None
     return openai_stream(job, path=PATH, n_choices=n_prompts * request.n, stops=request.stops(),
                          make_chunk=make_chunk, include_usage=include_usage,
                          whole_texts=lambda output: flat_texts(output, n_prompts, request.n),
-                         max_wait_s=state.settings.max_wait_s)
+                         records=records, max_wait_s=state.settings.max_wait_s)

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Callable
 
 from gateway.errors import describe, error_response_parts
 from gateway.generation import Outcome, StopScanner, finish_reason, outcome_from_done
+from gateway.logprobs import kept_entries
 from gateway.protocol import Usage
 from producers.errors import PipefleetError
 from producers.job import Job
@@ -23,8 +24,9 @@ from producers.job import Job
 DONE_LINE = "[DONE]"
 """The data of the last SSE event of an OpenAI stream."""
 
-#: make_chunk(index, text, finish_reason, usage) -> a chunk model (None index: the usage-only chunk).
-MakeChunk = Callable[[int | None, str | None, str | None, Usage | None], Any]
+#: make_chunk(index, text, finish_reason, usage[, logprob entries]) -> a chunk model (None index: the usage-only
+#: chunk).
+MakeChunk = Callable[..., Any]
 
 
 def _data(chunk: Any) -> str:
@@ -34,18 +36,24 @@ def _data(chunk: Any) -> str:
 async def openai_stream(job: Job, *, path: str, n_choices: int, stops: list[str], make_chunk: MakeChunk,
                         include_usage: bool, whole_texts: Callable[[Any], list[str]],
                         first: Callable[[int], Any] | None = None,
+                        records: Callable[[Any], list[dict]] | None = None,
                         max_wait_s: float | None = None) -> AsyncIterator[str]:
     """SSE ``data`` strings of the OpenAI stream of ``job``.
 
     ``whole_texts(output)`` gives each choice's text from the job's output: a
     job whose worker streamed no text at all (one that predates streaming)
-    still answers, with each whole text in one chunk.
+    still answers, with each whole text in one chunk. With ``records`` (the
+    caller asked for log probabilities), each choice's last chunk carries the
+    logprobs of all its tokens, read from the job's result records.
     """
     from producers.events import TextFollower
     from producers.schemas import EventKind
 
     scanners = [StopScanner(stops) for _ in range(n_choices)]
+    sent = [""] * n_choices
     streamed = False
+    output: Any = None
+    choice_records: list[dict] | None = None
     follower = TextFollower(None)
     outcome = Outcome(0, 0, None)
     if first is not None:
@@ -63,14 +71,19 @@ async def openai_stream(job: Job, *, path: str, n_choices: int, stops: list[str]
                     streamed = True
                     text = scanners[index].feed(piece)
                     if text:
+                        sent[index] += text
                         yield _data(make_chunk(index, text, None, None))
             elif event.kind is EventKind.DONE:
                 outcome = outcome_from_done(event.data)
+        if not streamed or records is not None:
+            output = await job.aresult(timeout=max_wait_s)
         if not streamed:
-            for index, text in enumerate(whole_texts(await job.aresult(timeout=max_wait_s))):
+            for index, text in enumerate(whole_texts(output)):
                 text = scanners[index].feed(text)
                 if text:
+                    sent[index] += text
                     yield _data(make_chunk(index, text, None, None))
+        choice_records = records(output) if records is not None else None
         completed = True
     except PipefleetError as error:  # the job failed, was cancelled or timed out: say so, then end the stream
         status, error_type, message, param = describe(error)
@@ -83,7 +96,12 @@ async def openai_stream(job: Job, *, path: str, n_choices: int, stops: list[str]
             asyncio.get_running_loop().create_task(job.acancel())
     for index, scanner in enumerate(scanners):
         rest = scanner.flush()
-        yield _data(make_chunk(index, rest, finish_reason(index, scanner.stopped, outcome), None))
+        reason = finish_reason(index, scanner.stopped, outcome)
+        if choice_records is None:
+            yield _data(make_chunk(index, rest, reason, None))
+        else:
+            entries = kept_entries(choice_records[index], sent[index] + rest, scanner.stopped)
+            yield _data(make_chunk(index, rest, reason, None, entries))
     if include_usage:
         yield _data(make_chunk(None, None, None, outcome.usage()))
     yield DONE_LINE

@@ -137,8 +137,8 @@ def test_wrong_key_raises_authentication_error(gateway):
 
 
 def test_unsupported_fields_are_refused_by_name(oai):
-    with pytest.raises(openai.BadRequestError, match="logprobs") as caught:
-        oai.completions.create(model="gw-gen", prompt="hi", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="echo") as caught:
+        oai.completions.create(model="gw-gen", prompt="hi", max_tokens=2, echo=True)
     assert caught.value.body["code"] == "UnsupportedField"
     with pytest.raises(openai.BadRequestError, match="tools"):
         oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=2, tools=[
@@ -432,3 +432,77 @@ def test_image_parts_to_a_text_only_deployment_and_resolution_hints_are_refused_
     answer = oai.chat.completions.create(model="gw-vlm", max_tokens=3, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}])
     assert answer.choices[0].message.content is not None
+
+
+def raw_logprobs(models, prompt_ids: list[int], max_new_tokens: int, top: int) -> list[tuple[int, float, dict]]:
+    """In-process greedy ``generate(output_logits=True)``: each new token, its raw log-softmax and the ``top``
+    best of its step as ``{token text: logprob}``."""
+    import torch
+
+    pipe = local_pipeline("text-generation", models[STATIC])
+    ids = torch.tensor([prompt_ids])
+    out = pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True)
+    entries = []
+    for token, logits in zip(out.sequences[0, len(prompt_ids):].tolist(), out.logits):
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        values, best = torch.topk(logprobs, top)
+        entries.append((token, float(logprobs[token]),
+                        {pipe.tokenizer.decode([i]): v for i, v in zip(best.tolist(), values.tolist())}))
+    return entries
+
+
+def test_completion_logprobs_equal_generates_raw_log_softmax(oai, models):
+    pipe = local_pipeline("text-generation", models[STATIC])
+    expected = raw_logprobs(models, pipe.tokenizer(PROMPTS[1])["input_ids"], 8, 3)
+    response = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=3)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens == [pipe.tokenizer.decode([token]) for token, _, _ in expected]
+    assert logprobs.token_logprobs == pytest.approx([logprob for _, logprob, _ in expected], abs=1e-4)
+    for got, (_, _, top) in zip(logprobs.top_logprobs, expected):
+        assert got == pytest.approx(top, abs=1e-4)
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    plain = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert response.choices[0].text == plain.choices[0].text and plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_streamed_and_not_equal_generates(oai, models):
+    pipe = local_pipeline("text-generation", models[STATIC])
+    prompt_ids = pipe.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+    expected = raw_logprobs(models, list(prompt_ids), 6, 2)
+    response = oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = response.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == pytest.approx([lp for _, lp, _ in expected], abs=1e-4)
+    for entry, (token, _, top) in zip(content, expected):
+        assert entry.token == pipe.tokenizer.decode([token])
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert {alt.token: alt.logprob for alt in entry.top_logprobs} == pytest.approx(top, abs=1e-4)
+    chunks = list(oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True))
+    streamed = [entry for chunk in chunks for choice in chunk.choices if choice.logprobs
+                for entry in choice.logprobs.content]
+    assert streamed == content
+    assert "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices) == \
+        response.choices[0].message.content
+
+
+def test_logprobs_stop_at_a_stop_sequence_and_are_refused_where_not_served(oai):
+    full = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=16, temperature=0, logprobs=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip(f"no printable stop sequence in the middle of {text!r}")
+    cut = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=16, temperature=0, logprobs=0,
+                                 stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+    tokens = cut.logprobs.tokens
+    assert tokens == full.choices[0].logprobs.tokens[:len(tokens)]
+    assert len("".join(tokens[:-1])) < len(cut.text) <= len("".join(tokens))
+    with pytest.raises(openai.BadRequestError, match="logprobs.*continuous_batching"):
+        oai.completions.create(model=STATIC, prompt=PROMPTS[1], max_tokens=4, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=4, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=4, logprobs=21)
