@@ -467,6 +467,7 @@ def test_completion_logprobs_equal_generates_raw_log_softmax(oai, models):
 
 
 def test_chat_logprobs_streamed_and_not_equal_generates(oai, models):
+    """The logprobs chat of docs/gateway.md, on the continuous deployment (the docs fleet's ``llm`` is static)."""
     pipe = local_pipeline("text-generation", models[STATIC])
     prompt_ids = pipe.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
