@@ -29,7 +29,8 @@ Same model, same worker code, one fresh worker per deployment kind:
   next: by a third on the CPU, several times on a GPU.
 - each side's **CPU per thread** over its counted passes
   (:mod:`benchmarks.thread_cpu`), as a share of their wall time: where the
-  fleet's cores go beside the engine's.
+  fleet's cores go beside the engine's; and the fleet's **company** (the
+  worker's own threads, the client, redis-server) as a share and in ms per job.
 
 The model has random weights and no end-of-sequence token, so every job
 generates exactly its ``max_new_tokens``; tokens that are not readable alone
@@ -52,7 +53,8 @@ from pathlib import Path
 from collections import Counter
 
 from benchmarks.models import STATE_DIR
-from benchmarks.thread_cpu import cpu_seconds, python_thread_names, share_of_wall, subtract
+from benchmarks.thread_cpu import (NATIVE, cpu_seconds, process_cpu_seconds, python_thread_names, share_of_wall,
+                                   subtract)
 from tests.fleet import RedisServer, start_worker, write_config
 
 SIZES = {
@@ -258,6 +260,23 @@ class EngineAlone:
         return round(sum(budgets) / (time.perf_counter() - started), 1)
 
 
+def company_cpu(worker: Counter, side: Counter, runs: list[dict]) -> dict[str, dict[str, float]]:
+    """The CPU beside the engine in the fleet's passes: the worker's own threads, the client, redis-server.
+
+    For each, its share of the passes' wall time (1.0 = one core all along) and milliseconds per job. The client
+    is this process (the engine alone's thread waits meanwhile); the worker's own threads are all but the
+    engine's loop and the native threads. ``benchmarks.engine_contention`` measures what such a share of the
+    two cores costs the engine alone.
+    """
+    wall, jobs = sum(run["wall_s"] for run in runs), MIX["jobs"] * len(runs)
+    own = sum(seconds for name, seconds in worker.items()
+              if name != NATIVE and "_run_generation_loop" not in name)
+    parts = {"worker threads": own, "client": side["client"], "redis-server": side["redis"]}
+    parts["all"] = sum(parts.values())
+    return {name: {"share": round(seconds / wall, 3), "ms_per_job": round(1000 * seconds / jobs, 2)}
+            for name, seconds in parts.items()}
+
+
 def paired_ratios(fleet: list[float], engine: list[float]) -> list[float]:
     """Each fleet pass over the mean of the two engine passes beside it (``engine`` has one more pass).
 
@@ -339,10 +358,15 @@ def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
                 pid, fleet_cpu, engine_cpu = worker.worker.proc.pid, Counter(), Counter()
                 names = python_thread_names(pid)
                 own = {str(thread.native_id): thread.name for thread in threading.enumerate()}
+                redis_pid = int(server.client(0).info("server")["process_id"])
+                company = Counter()
                 for _ in range(args.rounds):
                     before = cpu_seconds(pid, names)
+                    side = {"client": process_cpu_seconds(os.getpid()), "redis": process_cpu_seconds(redis_pid)}
                     fleet_runs.append(throughput(client))
                     fleet_cpu.update(subtract(cpu_seconds(pid, names), before))
+                    company.update({"client": process_cpu_seconds(os.getpid()) - side["client"],
+                                    "redis": process_cpu_seconds(redis_pid) - side["redis"]})
                     before = cpu_seconds(os.getpid(), own)
                     engine_runs.append(engine.measure())
                     engine_cpu.update(subtract(cpu_seconds(os.getpid(), own), before))
@@ -363,6 +387,7 @@ def run_size(server: RedisServer, args: argparse.Namespace, size: str) -> dict:
         Counter(), fleet_cpu, sum(run["wall_s"] for run in fleet_runs))
     results["engine"]["thread_cpu"] = share_of_wall(
         Counter(), engine_cpu, sum(tokens / rate for rate in engine_runs[1:]))
+    results["continuous"]["company"] = company_cpu(fleet_cpu, company, fleet_runs)
     engine_median = statistics.median(engine_runs)
     paired = paired_ratios([run["tokens_per_s"] for run in fleet_runs], engine_runs)
     results["ratio"] = {"fleet_continuous_to_engine": round(statistics.median(r["tokens_per_s"] for r in fleet_runs)
@@ -427,6 +452,10 @@ def main() -> int:
         spread = "/".join(f"{x:.2f}" for x in r["ratio"]["per_round_min_median_max"])
         print(f"{size:<6} {r['continuous']['tokens_per_s']:>12} {r['ratio']['engine_tokens_per_s_median']:>13} "
               f"{r['ratio']['fleet_continuous_to_engine']:>6} {spread:>22} {r['continuous']['short_ttft_s']:>10} ({r['continuous']['first_short_ttft_s']})")
+    for size in sizes:
+        company = ", ".join(f"{name} {part['share']} ({part['ms_per_job']} ms/job)"
+                            for name, part in results[size]["continuous"]["company"].items())
+        print(f"{size:<6} company of the engine, share of a core: {company}")
     args.json.write_text(json.dumps(results, indent=2))
     return 0
 

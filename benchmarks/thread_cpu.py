@@ -44,6 +44,12 @@ def cpu_seconds(pid: int, names: dict[str, str]) -> Counter:
     return used
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, all its threads together."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def subtract(after: Counter, before: Counter) -> Counter:
     """CPU seconds each thread used between two readings."""
     return Counter({name: after[name] - before.get(name, 0.0) for name in after})
