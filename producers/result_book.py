@@ -206,10 +206,11 @@ class ResultBook:
             wait.notify()
         return new
 
-    def others_missing(self) -> bool:
-        """True while some wait, or some tracked job, still lacks its result."""
+    def missing_unsubscribed(self, subscribed: set[str]) -> bool:
+        """True when some job without its result (waited for, or tracked) is not among the ``subscribed`` channels:
+        a read may find it, since no message will bring it."""
         with self._lock:
-            return bool(self._unfinished) or any(w.first_missing() is not None for w in self._waits)
+            return any(entry.key not in subscribed for entry in self._unfinished.values())
 
     def fail_all(self, error: BaseException) -> None:
         """Finish every open wait with ``error``."""

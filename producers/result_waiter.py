@@ -305,9 +305,12 @@ class ResultWaiter:
     def _block(self, timeout: float, done: Callable[[], bool]) -> bool | None:
         """Wait for a wake-up or a message; whether to re-read the window, or None if nothing came.
 
-        A new wait, or a final result while other jobs are still missing (their
-        batch mates have likely finished too), calls for a re-read; a result that
-        leaves nothing missing, or a mere state change (STARTED), does not.
+        A new wait calls for a re-read; so does a result while some job still without its result is not
+        subscribed to (the rest of a wait for many jobs, or jobs the client holds but does not await yet):
+        batch mates have likely finished too, and one read finds them. A result while every missing job is
+        subscribed to does not: their results come as messages. Re-reading after every result cost a client
+        awaiting many single jobs of continuous batching, which end one engine step apart, an ``MGET`` of the
+        whole window per job that found nothing new.
         """
         heard = self._drain(done)
         if heard is not None:
@@ -327,7 +330,8 @@ class ResultWaiter:
         return True if woken else bool(heard)
 
     def _drain(self, done: Callable[[], bool]) -> bool | None:
-        """Handle the messages already readable (until ``done()``); None if none was a result, else whether to re-read.
+        """Handle the messages already readable (until ``done()``); None if none was a result, else whether to
+        re-read (see :meth:`_block`).
 
         Messages left over when ``done()`` holds are handled by the next leader, which drains before it selects.
         """
@@ -335,14 +339,14 @@ class ResultWaiter:
         while not done():
             message = self._pubsub.get_message(timeout=0)
             if message is None:
-                return heard
+                break
             if message["type"] != "message":  # (un)subscribe confirmations, health-check pongs
                 continue
-            if self._store([(_text(message["channel"]), message["data"])]):
-                heard = heard or self.book.others_missing()
-            elif heard is None:
-                heard = False
-        return bool(heard)
+            self._store([(_text(message["channel"]), message["data"])])
+            heard = False
+        if heard is False:
+            heard = self.book.missing_unsubscribed(self._subscribed)
+        return heard
 
     def _store(self, pairs: Iterable[tuple[str, Any]]) -> bool:
         metas = []
