@@ -7,6 +7,8 @@ output per input, as the unbatched call would:
 - a stage item of a distributed chunk pipeline runs its one step (:mod:`worker.stages`);
 - seeded items run one at a time after ``set_seed`` (:func:`run_seeded`);
 - OpenAI's frequency and presence penalties become one more logits processor (:mod:`worker.penalties`);
+- a batch whose jobs ask for ``logprobs`` keeps generate's raw logits, reduced to each token's entry before
+  the pipeline's ``postprocess`` (:mod:`worker.logprobs`);
 - items that must not share padding run in padding-free groups (:func:`worker.shapes.padding_free_groups`);
 - a batch that raises a non-memory ``RuntimeError`` (tensors of different shapes) runs again item by item;
 - a batch that runs out of memory is halved and each half runs again, down to one item, whose output is then
@@ -23,11 +25,12 @@ from typing import Any, Callable
 
 from producers.errors import OutOfMemory
 from worker.batcher import PendingItem
+from worker.logprobs import LOGPROBS_PARAM, OUTPUT_LOGITS, pop_logprobs, reduced_logits
 from worker.metrics import DeploymentMetrics
 from worker.penalties import penalty_processor, pop_penalties
 from worker.shapes import batch_outputs, padding_free_groups, trim_padding
 from worker.stages import is_stage_batch, run_stage
-from worker.streaming import with_streamer
+from worker.streaming import eos_token_ids, with_streamer
 from worker.transformers_internals import run_one_item_lists_directly, step_params
 
 logger = logging.getLogger(__name__)
@@ -165,6 +168,12 @@ class ForwardPass:
 
     def _run(self, items: list[PendingItem], payloads: list[Any], params: dict[str, Any]) -> list[Any]:
         pipe = self.pipe
+        if LOGPROBS_PARAM in params:
+            params = dict(params)
+            top_logprobs = pop_logprobs(params)
+            if top_logprobs is not None:  # the same call keeping generate's raw logits, reduced to the entries
+                with reduced_logits(pipe, top_logprobs, frozenset(eos_token_ids(pipe))):
+                    return self._run(items, payloads, {**params, **OUTPUT_LOGITS})
         if self.streams is not None and not is_stage_batch(params):
             params = with_streamer(self.streams, pipe, items, payloads, params)
         if is_stage_batch(params):

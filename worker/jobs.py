@@ -158,7 +158,7 @@ def prepare_job(runtime: Runtime, spec: Any, job_id: str) -> PreparedJob:
         call_params["pool"] = params.pop("pool")
     check_pooling(served.config.task, params)
     check_penalties(served.config.task, params)
-    check_logprobs(served.config.task, served.config.continuous_batching, params)
+    check_logprobs(served.config.task, params)
     sanitize(served, call_params)
     check_token_ids(served, call_params)
     prepared = prepare_inputs(served.config.task, inputs, policy=lambda: runtime.media_policy(served.config),

@@ -8,18 +8,20 @@ likely tokens of that step with theirs. As vLLM does by default
 logits, before any penalty, temperature, top-k or top-p; the token is the one
 the request actually took (sampled or greedy), so the list follows the text.
 
-The engine's step hands every request's row of raw logits to the fleet's
-sampler (:mod:`worker.cb_sampling`), which records an entry per step with
-:func:`step_entry`; :func:`render` turns the entries into the result's
-records. ``generate`` on the static path reports raw logits only through
-``output_logits``, which the text-generation pipeline returns whole (a
-vocabulary-sized list per token): a static deployment refuses the param by
-name rather than ship that.
+On continuous batching the engine's step hands every request's row of raw
+logits to the fleet's sampler (:mod:`worker.cb_sampling`), which records an
+entry per step with :func:`step_entry`. On the static path ``generate`` keeps
+its raw logits (``output_logits=True``) and the text-generation pipeline
+would return them whole, a vocabulary-sized list per token; for the call,
+:func:`reduced_logits` puts a step before the pipeline's ``postprocess`` that
+takes them out and keeps the entries. Either way :func:`render` writes the
+entries into the records.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from producers.errors import InvalidParams
 
@@ -33,8 +35,8 @@ Entry = tuple[int, float, list[int], list[float]]
 """One generated token: its id, its log probability, and the top ids with theirs."""
 
 
-def check_logprobs(task: str, continuous: bool, params: dict[str, Any]) -> None:
-    """Raise :class:`InvalidParams` when ``logprobs`` is not 0..20, or the deployment cannot report them."""
+def check_logprobs(task: str, params: dict[str, Any]) -> None:
+    """Raise :class:`InvalidParams` when ``logprobs`` is not 0..20, or the task cannot report them."""
     value = params.get(LOGPROBS_PARAM)
     if value is None:
         return
@@ -43,9 +45,6 @@ def check_logprobs(task: str, continuous: bool, params: dict[str, Any]) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
         raise InvalidParams(f"param {LOGPROBS_PARAM!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} "
                             f"(alternatives listed per token), got {value!r}")
-    if not continuous:
-        raise InvalidParams(f"param {LOGPROBS_PARAM!r} needs a deployment with continuous_batching = true "
-                            "(the static path's generate reports whole logits only)")
 
 
 def pop_logprobs(params: dict[str, Any]) -> int | None:
@@ -75,3 +74,42 @@ def render(tokenizer: Any, entries: list[Entry]) -> list[dict[str, Any]]:
     return [{"token": text(token), "token_id": token, "logprob": logprob,
              "top_logprobs": [{"token": text(i), "token_id": i, "logprob": v} for i, v in zip(ids, values)]}
             for token, logprob, ids, values in entries]
+
+
+OUTPUT_LOGITS = {"output_logits": True, "return_dict_in_generate": True}
+"""The generate params that make ``generate`` keep every step's raw logits (static path)."""
+
+
+@contextmanager
+def reduced_logits(pipe: Any, top: int, eos_token_ids: frozenset[int]) -> Iterator[None]:
+    """For the pipeline calls inside: each record gets its tokens' entries, and the raw logits stay behind.
+
+    Called with :data:`OUTPUT_LOGITS` among the call's params. The pipeline's ``_forward`` hands ``postprocess``
+    the logits as ``[1, sequences, steps, vocabulary]``; the entries follow each sequence's new tokens up to
+    its first end-of-sequence token (a finished row of a batch goes on with padding). Only the device thread
+    calls a pipeline, so the instance's ``postprocess`` is swapped for the calls and put back after.
+    """
+    original = pipe.postprocess
+
+    def postprocess(model_outputs: dict[str, Any], **params: Any) -> Any:
+        logits = model_outputs.pop("logits", None)
+        records = original(model_outputs, **params)
+        if logits is None:
+            return records
+        sequences = model_outputs["generated_sequence"][0]
+        input_ids = model_outputs.get("input_ids")
+        start = 0 if input_ids is None else int(input_ids.shape[-1])
+        for index, record in enumerate(records if isinstance(records, list) else [records]):
+            tokens = sequences[index, start:].tolist()[:int(logits.shape[2])]
+            ends = [position for position, token in enumerate(tokens) if token in eos_token_ids]
+            tokens = tokens[:ends[0] + 1] if ends else tokens
+            rows = logits[0, index]
+            record["logprobs"] = render(pipe.tokenizer, [step_entry(rows[step], token, top)
+                                                         for step, token in enumerate(tokens)])
+        return records
+
+    pipe.postprocess = postprocess
+    try:
+        yield
+    finally:
+        del pipe.postprocess

@@ -489,7 +489,7 @@ def test_chat_logprobs_streamed_and_not_equal_generates(oai, models):
         response.choices[0].message.content
 
 
-def test_logprobs_stop_at_a_stop_sequence_and_are_refused_where_not_served(oai):
+def test_logprobs_stop_at_a_stop_sequence_on_both_paths_and_are_refused_where_not_served(oai):
     full = oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=16, temperature=0, logprobs=0)
     text = full.choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
@@ -501,8 +501,12 @@ def test_logprobs_stop_at_a_stop_sequence_and_are_refused_where_not_served(oai):
     tokens = cut.logprobs.tokens
     assert tokens == full.choices[0].logprobs.tokens[:len(tokens)]
     assert len("".join(tokens[:-1])) < len(cut.text) <= len("".join(tokens))
-    with pytest.raises(openai.BadRequestError, match="logprobs.*continuous_batching"):
-        oai.completions.create(model=STATIC, prompt=PROMPTS[1], max_tokens=4, logprobs=1)
+    static = oai.completions.create(model=STATIC, prompt=PROMPTS[1], max_tokens=16, temperature=0, logprobs=0,
+                                    stop=[stop]).choices[0]
+    assert static.text == cut.text and static.logprobs.tokens == tokens
+    assert static.logprobs.token_logprobs == pytest.approx(cut.logprobs.token_logprobs, abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="logprobs.*text-generation"):
+        oai.chat.completions.create(model="gw-vlm", messages=CHAT, max_tokens=4, logprobs=True)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=4, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):

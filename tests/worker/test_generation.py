@@ -481,12 +481,15 @@ def logprobs_local(model, prompt, params, top):
     return tokens, entries
 
 
+@pytest.mark.parametrize("deployment", ["gen-cb", "gen-static"])
 @pytest.mark.parametrize("params", [{**GREEDY}, {"do_sample": True, "temperature": 0.7, "top_k": 8},
                                     {**GREEDY, "repetition_penalty": 1.5}],
                          ids=["greedy", "sampled", "penalised"])
-def test_logprobs_are_the_raw_log_softmax_of_each_taken_token_as_generate_reports(client, model, params):
+def test_logprobs_are_the_raw_log_softmax_of_each_taken_token_as_generate_reports(client, model, params,
+                                                                                  deployment):
     params = {**params, "max_new_tokens": 10, "seed": 23, "return_full_text": False}
-    fleet = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params={**params, "logprobs": 3}).result(timeout=120)
+    fleet = client.submit(deployment=deployment, inputs=PROMPTS[2], params={**params, "logprobs": 3}
+                          ).result(timeout=120)
     tokens, expected = logprobs_local(model, PROMPTS[2], {k: v for k, v in params.items()
                                                           if k != "return_full_text"}, 3)
     [record] = fleet
@@ -498,8 +501,31 @@ def test_logprobs_are_the_raw_log_softmax_of_each_taken_token_as_generate_report
         assert [alt["token_id"] for alt in entry["top_logprobs"]] == ids
         assert [alt["logprob"] for alt in entry["top_logprobs"]] == pytest.approx(values, abs=1e-4)
     # The text is what the same job without logprobs generates.
-    plain = client.submit(deployment="gen-cb", inputs=PROMPTS[2], params=params).result(timeout=120)
+    plain = client.submit(deployment=deployment, inputs=PROMPTS[2], params=params).result(timeout=120)
     assert plain == [{"generated_text": record["generated_text"]}]
+
+
+def test_static_logprobs_of_a_batch_follow_each_row_and_end_at_its_end_of_sequence(client, model):
+    """One job's prompts share one left-padded static batch; rows that end early pad on while others run."""
+    eos = local(model).model.generation_config.eos_token_id
+    # With EOS biased +5 these prompts end after 13, 3 and 9 new tokens; "hello" runs to the cap.
+    prompts = ["hello", "a stormy night", "where does alice live?", "the market near oslo"]
+    params = {**GREEDY, "max_new_tokens": 16, "return_full_text": False, "sequence_bias": [[[eos], 5.0]],
+              "logprobs": 2}
+    static = client.submit(deployment="gen-static", inputs=prompts, params=params).result(timeout=120)
+    continuous = client.submit(deployment="gen-cb", inputs=prompts, params=params).result(timeout=120)
+    lengths = []
+    for prompt, [record], [cb] in zip(prompts, static, continuous):
+        tokens, expected = logprobs_local(model, prompt, {k: v for k, v in params.items()
+                                                          if k not in ("return_full_text", "logprobs")}, 2)
+        ended = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        lengths.append(ended)
+        for got in (record, cb):
+            assert [entry["token_id"] for entry in got["logprobs"]] == tokens[:ended]
+            assert [entry["logprob"] for entry in got["logprobs"]] == \
+                pytest.approx([logprob for _, logprob, _, _ in expected[:ended]], abs=1e-4)
+        assert record["generated_text"] == cb["generated_text"]
+    assert len(set(lengths)) == len(prompts), f"the rows did not end apart: {lengths}"
 
 
 def test_logprobs_follow_each_sequence_and_a_stop_string(client, model):
@@ -522,7 +548,7 @@ def test_logprobs_follow_each_sequence_and_a_stop_string(client, model):
 
 
 @pytest.mark.parametrize("deployment,value,match", [
-    ("gen-static", 2, "continuous_batching"), ("gen-cb", 21, "0 to 20"), ("gen-cb", True, "0 to 20"),
+    ("gen-static", 21, "0 to 20"), ("gen-cb", 21, "0 to 20"), ("gen-cb", True, "0 to 20"),
     ("gen-cb", "3", "0 to 20")])
 def test_logprobs_refused_clearly_where_they_cannot_be_given(client, model, deployment, value, match):
     job = client.submit(deployment=deployment, inputs=PROMPTS[0], params={"max_new_tokens": 3, "logprobs": value})
