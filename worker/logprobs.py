@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from producers.errors import InvalidParams
+from worker.transformers_internals import take_generated_logits
 
 LOGPROBS_PARAM = "logprobs"
 """The fleet param: how many of each step's most likely tokens to list (0: only the chosen one's)."""
@@ -92,13 +93,11 @@ def reduced_logits(pipe: Any, top: int, eos_token_ids: frozenset[int]) -> Iterat
     original = pipe.postprocess
 
     def postprocess(model_outputs: dict[str, Any], **params: Any) -> Any:
-        logits = model_outputs.pop("logits", None)
+        taken = take_generated_logits(model_outputs)
         records = original(model_outputs, **params)
-        if logits is None:
+        if taken is None:
             return records
-        sequences = model_outputs["generated_sequence"][0]
-        input_ids = model_outputs.get("input_ids")
-        start = 0 if input_ids is None else int(input_ids.shape[-1])
+        logits, sequences, start = taken
         for index, record in enumerate(records if isinstance(records, list) else [records]):
             tokens = sequences[index, start:].tolist()[:int(logits.shape[2])]
             ends = [position for position, token in enumerate(tokens) if token in eos_token_ids]

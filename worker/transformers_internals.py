@@ -28,7 +28,11 @@ engine), so it needs what ``Pipeline.__call__`` computes before the steps:
 - a multilingual tokenizer's ``_build_translation_inputs`` (NLLB, M2M100,
   mBART...) builds a source-language prompt with its target-language token,
   as transformers 4's translation pipeline did (pipefleet's own translation
-  pipeline, transformers 5 having dropped it, does the same).
+  pipeline, transformers 5 having dropped it, does the same);
+- the text-generation pipeline's ``_forward`` hands ``postprocess`` a dict with ``generated_sequence``,
+  ``input_ids`` and, when ``generate`` kept them, the raw ``logits`` of every step, which ``postprocess``
+  would turn into lists: :func:`take_generated_logits` takes them out for the fleet's ``logprobs``
+  (:mod:`worker.logprobs`).
 
 ``tests/worker/test_transformers_internals.py`` pins them against the installed transformers.
 """
@@ -116,3 +120,15 @@ def run_one_item_lists_directly(pipe: Any) -> bool:
 
     pipe.get_iterator = types.MethodType(get_iterator, pipe)
     return True
+
+
+def take_generated_logits(model_outputs: dict[str, Any]) -> tuple[Any, Any, int] | None:
+    """From what the text-generation pipeline's ``_forward`` hands ``postprocess`` when ``generate`` ran with
+    ``output_logits=True, return_dict_in_generate=True``: take out the raw logits (``[1, sequences, steps,
+    vocabulary]``, so that ``postprocess`` does not list them) and return them with the generated sequences
+    (``[sequences, prompt + new tokens]``) and the prompt's length there; None without logits."""
+    logits = model_outputs.pop("logits", None)
+    if logits is None:
+        return None
+    input_ids = model_outputs.get("input_ids")
+    return logits, model_outputs["generated_sequence"][0], 0 if input_ids is None else int(input_ids.shape[-1])

@@ -15,7 +15,7 @@ from tests.oracle import assert_same
 from worker.transformers_internals import (generation_defaults, logits_processors, postprocess_defaults,
                                            preprocess_defaults, resolved_generation_config,
                                            run_one_item_lists_directly, sanitize_call_params, step_params,
-                                           translation_inputs_builder, with_token_tensors)
+                                           take_generated_logits, translation_inputs_builder, with_token_tensors)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,21 @@ def test_chunk_pipelines_keep_their_own_iterator(model_dir):
 
     assert not run_one_item_lists_directly(pipeline("token-classification",
                                                     model=str(model_dir("token-classification"))))
+
+
+def test_the_pipelines_forward_hands_postprocess_the_raw_logits_of_each_step(generator):
+    import torch
+
+    model_inputs = generator.preprocess("hello there")
+    model_outputs = generator.forward(model_inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)
+    logits, sequences, start = take_generated_logits(model_outputs)
+    assert "logits" not in model_outputs
+    assert start == model_inputs["input_ids"].shape[-1] and sequences.shape == (1, start + 3)
+    assert tuple(logits.shape[:3]) == (1, 1, 3)
+    expected = generator.model.generate(model_inputs["input_ids"], attention_mask=model_inputs["attention_mask"],
+                                        max_new_tokens=3, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+    torch.testing.assert_close(logits[0, 0], torch.stack(expected.logits)[:, 0])
+    assert sequences[0].tolist() == expected.sequences[0].tolist()
+    assert take_generated_logits(generator.forward(model_inputs, max_new_tokens=2, do_sample=False)) is None
