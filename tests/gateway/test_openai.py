@@ -511,3 +511,18 @@ def test_logprobs_stop_at_a_stop_sequence_on_both_paths_and_are_refused_where_no
         oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=4, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         oai.completions.create(model=CONTINUOUS, prompt=PROMPTS[1], max_tokens=4, logprobs=21)
+
+
+@pytest.mark.parametrize("deployment", [STATIC, CONTINUOUS])
+def test_each_sampled_choice_has_the_logprobs_of_its_own_tokens(oai, deployment):
+    response = oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=8, temperature=1.0, n=3,
+                                           seed=7, logprobs=True, top_logprobs=1)
+    contents = [choice.message.content for choice in response.choices]
+    assert len(set(contents)) > 1, f"the samples did not differ: {contents}"
+    assert sum(len(choice.logprobs.content) for choice in response.choices) == response.usage.completion_tokens
+    for choice in response.choices:
+        entries = choice.logprobs.content
+        if not any("\ufffd" in entry.token for entry in entries):  # a byte piece alone decodes to U+FFFD
+            assert "".join(entry.token for entry in entries) == choice.message.content
+        for entry in entries:  # the taken token is never likelier than the step's best
+            assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
