@@ -22,9 +22,9 @@ from producers.schemas import ItemError, JobSpec, PayloadRef, ResultEnvelope
 from worker.chunks import chunk_failed
 from worker.deadlines import monotonic_deadline
 from worker.inputs import prepare_inputs
+from worker.logprobs import check_logprobs
 from worker.outcome import job_error
 from worker.params import BATCH_FLEET_PARAMS, pipeline_call_params, validate_params
-from worker.logprobs import check_logprobs
 from worker.penalties import check_penalties
 from worker.pooling import check_pooling, pool_output
 from worker.runtime import Runtime, ServedDeployment

@@ -1,4 +1,4 @@
-"""Per-token log probabilities of generated text (OpenAI's ``logprobs``), on continuous batching deployments.
+"""Per-token log probabilities of generated text (OpenAI's ``logprobs``), on both generation paths.
 
 ``logprobs`` is a fleet param of text-generation jobs: ``logprobs=k`` (0 to
 :data:`MAX_TOP_LOGPROBS`) adds to each output record a ``logprobs`` list with one

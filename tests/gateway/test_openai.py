@@ -466,13 +466,14 @@ def test_completion_logprobs_equal_generates_raw_log_softmax(oai, models):
     assert response.choices[0].text == plain.choices[0].text and plain.choices[0].logprobs is None
 
 
-def test_chat_logprobs_streamed_and_not_equal_generates(oai, models):
-    """The logprobs chat of docs/gateway.md, on the continuous deployment (the docs fleet's ``llm`` is static)."""
+@pytest.mark.parametrize("deployment", [CONTINUOUS, STATIC])
+def test_chat_logprobs_streamed_and_not_equal_generates(oai, models, deployment):
+    """Logprobs of a chat, streamed and not, on both paths."""
     pipe = local_pipeline("text-generation", models[STATIC])
     prompt_ids = pipe.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
     expected = raw_logprobs(models, list(prompt_ids), 6, 2)
-    response = oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=6, temperature=0,
+    response = oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=6, temperature=0,
                                            logprobs=True, top_logprobs=2)
     content = response.choices[0].logprobs.content
     assert [entry.logprob for entry in content] == pytest.approx([lp for _, lp, _ in expected], abs=1e-4)
@@ -480,7 +481,7 @@ def test_chat_logprobs_streamed_and_not_equal_generates(oai, models):
         assert entry.token == pipe.tokenizer.decode([token])
         assert entry.bytes == list(entry.token.encode("utf-8"))
         assert {alt.token: alt.logprob for alt in entry.top_logprobs} == pytest.approx(top, abs=1e-4)
-    chunks = list(oai.chat.completions.create(model=CONTINUOUS, messages=CHAT, max_tokens=6, temperature=0,
+    chunks = list(oai.chat.completions.create(model=deployment, messages=CHAT, max_tokens=6, temperature=0,
                                               logprobs=True, top_logprobs=2, stream=True))
     streamed = [entry for chunk in chunks for choice in chunk.choices if choice.logprobs
                 for entry in choice.logprobs.content]
