@@ -24,6 +24,9 @@ class OpenAIRequest(BaseModel):
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
+    user: str | None = Field(default=None, max_length=256)
+    """OpenAI's end-user id (its abuse monitoring): accepted and not used, as vLLM does; no output depends on it."""
+
     @model_validator(mode="before")
     @classmethod
     def _drop_neutral(cls, data: Any) -> Any:
@@ -34,9 +37,7 @@ class OpenAIRequest(BaseModel):
                                                    for n in cls.NEUTRAL[key]))}
 
 
-_COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "user": (None,),
-}
+_COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {}
 
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token a request may ask for (OpenAI's chat limit; the worker's too)."""
@@ -184,7 +185,7 @@ class ChatCompletionRequest(GenerationFields):
 class EmbeddingRequest(OpenAIRequest):
     """``POST /v1/embeddings``; ``input`` is a string or a list of strings."""
 
-    NEUTRAL = {"user": (None,), "dimensions": (None,)}
+    NEUTRAL = {"dimensions": (None,)}
 
     model: str
     input: str | list[str]

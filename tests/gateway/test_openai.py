@@ -155,6 +155,17 @@ def test_neutral_values_of_unsupported_fields_pass(oai, models):
     assert response.choices[0].text == generated(models, PROMPTS[0], max_new_tokens=3)
 
 
+def test_the_user_field_is_accepted_and_changes_nothing(oai, models):
+    response = oai.completions.create(model="gw-gen", prompt=PROMPTS[0], max_tokens=3, temperature=0, user="u-42")
+    assert response.choices[0].text == generated(models, PROMPTS[0], max_new_tokens=3)
+    chat = oai.chat.completions.create(model="gw-gen", messages=CHAT, max_tokens=3, temperature=0, user="u-42")
+    assert chat.choices[0].message.content == generated(models, CHAT, max_new_tokens=3)
+    embedded = oai.embeddings.create(model="gw-emb", input=TEXTS[0], user="u-42")
+    numpy.testing.assert_allclose(embedded.data[0].embedding, pooled(models, TEXTS[0]), atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="user"):
+        oai.completions.create(model="gw-gen", prompt=PROMPTS[0], max_tokens=3, user="u" * 257)
+
+
 def test_unknown_model_and_wrong_task_are_not_found(oai):
     with pytest.raises(openai.NotFoundError, match="no-such-model"):
         oai.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
