@@ -155,7 +155,7 @@ class _FleetSamplerBody:
 
         for row, state, spec in self._step:
             live = self._live_state(state.request_id, spec, scores.device)
-            raw = scores[row].clone() if spec.logprobs is not None else None
+            raw = scores[row].clone() if spec.logprobs is not None else None  # processors may write in place
             processed = scores[row:row + 1]
             if live.processors:
                 history = torch.tensor([state.initial_tokens + state.generated_tokens], dtype=torch.long,
@@ -167,7 +167,7 @@ class _FleetSamplerBody:
                 processed = torch.full_like(processed, float("-inf"))
                 processed[0, token] = 0.0
             if raw is not None:  # the engine's argmax takes the first best token of the row, as this does
-                live.logprobs.append(step_entry(raw, int(processed[0].argmax()), spec.logprobs))
+                live.logprobs.append(step_entry(raw, processed[0].argmax(), spec.logprobs))
             scores[row] = processed[0]
         return scores
 

@@ -32,8 +32,9 @@ LOGPROBS_PARAM = "logprobs"
 MAX_TOP_LOGPROBS = 20
 """The most alternatives a job may ask for per token (OpenAI's ``top_logprobs`` limit)."""
 
-Entry = tuple[int, float, list[int], list[float]]
-"""One generated token: its id, its log probability, and the top ids with theirs."""
+Entry = tuple[Any, Any, Any, Any]
+"""One generated token as tensors on the model's device: its id, its log probability, and the top ids with
+theirs. Kept as tensors so that a step records it without waiting for the device; :func:`render` reads them."""
 
 
 def check_logprobs(task: str, params: dict[str, Any]) -> None:
@@ -53,15 +54,14 @@ def pop_logprobs(params: dict[str, Any]) -> int | None:
     return params.pop(LOGPROBS_PARAM, None)
 
 
-def step_entry(raw_scores: Any, token: int, top: int) -> Entry:
-    """The entry of one step: ``token``'s log probability under ``raw_scores`` (one row), and the ``top`` best."""
+def step_entry(raw_scores: Any, token: Any, top: int) -> Entry:
+    """The entry of one step: ``token``'s log probability under ``raw_scores`` (one row of raw logits), and the
+    ``top`` best; ``token`` is an int or a 0-d tensor on the row's device."""
     import torch
 
     logprobs = torch.log_softmax(raw_scores.float(), dim=-1)
-    if top:
-        values, ids = torch.topk(logprobs, top)
-        return token, float(logprobs[token]), ids.tolist(), values.tolist()
-    return token, float(logprobs[token]), [], []
+    values, ids = torch.topk(logprobs, top)
+    return torch.as_tensor(token, device=logprobs.device), logprobs[token], ids, values
 
 
 def render(tokenizer: Any, entries: list[Entry]) -> list[dict[str, Any]]:
@@ -69,12 +69,21 @@ def render(tokenizer: Any, entries: list[Entry]) -> list[dict[str, Any]]:
 
     ``[{"token", "token_id", "logprob", "top_logprobs": [{"token", "token_id", "logprob"}, ...]}, ...]``
     """
+    import torch
+
+    if not entries:
+        return []
+    tokens = torch.stack([entry[0] for entry in entries]).tolist()  # one transfer from the device each
+    logprobs = torch.stack([entry[1] for entry in entries]).tolist()
+    top_ids = torch.stack([entry[2] for entry in entries]).tolist()
+    top_values = torch.stack([entry[3] for entry in entries]).tolist()
+
     def text(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)
 
     return [{"token": text(token), "token_id": token, "logprob": logprob,
              "top_logprobs": [{"token": text(i), "token_id": i, "logprob": v} for i, v in zip(ids, values)]}
-            for token, logprob, ids, values in entries]
+            for token, logprob, ids, values in zip(tokens, logprobs, top_ids, top_values)]
 
 
 OUTPUT_LOGITS = {"output_logits": True, "return_dict_in_generate": True}
