@@ -1,8 +1,8 @@
 """OpenAI's ``logprobs`` of a choice, from the per-token entries a worker put in the job's records.
 
-A continuous batching worker lists, for each generated token, its text, its
-raw log probability and the most likely alternatives of its step (the fleet
-param ``logprobs``, :mod:`worker.logprobs`). Chat choices take them as
+A text-generation worker, static or continuous, lists for each generated
+token its text, its raw log probability and the most likely alternatives of
+its step (the fleet param ``logprobs``, :mod:`worker.logprobs`). Chat choices take them as
 ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``, completion
 choices as ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
 When the gateway cuts a choice's text at a stop sequence, the tokens that
@@ -30,21 +30,20 @@ def kept_entries(record: Any, text: str, stopped: bool) -> list[dict[str, Any]]:
     return kept
 
 
-def _top(token: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+def _token(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode("utf-8"))}
 
 
 def chat_logprobs(entries: list[dict[str, Any]]) -> ChatLogprobs:
     """A chat choice's ``logprobs``."""
     return ChatLogprobs(content=[
-        TokenLogprob(token=entry["token"], logprob=entry["logprob"], bytes=list(entry["token"].encode("utf-8")),
-                     top_logprobs=[_top(alt["token"], alt["logprob"]) for alt in entry["top_logprobs"]])
+        TokenLogprob(**_token(entry), top_logprobs=[TopLogprob(**_token(alt)) for alt in entry["top_logprobs"]])
         for entry in entries])
 
 
-def completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> CompletionLogprobs:
-    """A completion choice's ``logprobs``; ``text_offset`` counts from ``start`` (characters sent before)."""
-    offsets, offset = [], start
+def completion_logprobs(entries: list[dict[str, Any]]) -> CompletionLogprobs:
+    """A completion choice's ``logprobs``; ``text_offset`` counts from the start of the choice's text."""
+    offsets, offset = [], 0
     for entry in entries:
         offsets.append(offset)
         offset += len(entry["token"])

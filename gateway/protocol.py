@@ -37,8 +37,6 @@ class OpenAIRequest(BaseModel):
                                                    for n in cls.NEUTRAL[key]))}
 
 
-_COMMON_NEUTRAL: dict[str, tuple[Any, ...]] = {}
-
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token a request may ask for (OpenAI's chat limit; the worker's too)."""
 
@@ -92,7 +90,7 @@ class GenerationFields(OpenAIRequest):
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
-    NEUTRAL = {**_COMMON_NEUTRAL, "echo": (None, False), "suffix": (None,), "best_of": (None, 1)}
+    NEUTRAL = {"echo": (None, False), "suffix": (None,), "best_of": (None, 1)}
 
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
@@ -161,7 +159,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``."""
 
-    NEUTRAL = {**_COMMON_NEUTRAL, "tools": (None, []), "tool_choice": (None, "none"),
+    NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"),
                "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}),
                "store": (None, False), "metadata": (None,), "modalities": (None, ["text"])}
 
